@@ -1,0 +1,254 @@
+//! `Ctx`: what a handler can reach — `http`, `secrets`, `store`, `progress` and
+//! `background_task` — bound to the (ext, user) the call belongs to.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::extension::ParamsError;
+use crate::http::Http;
+use crate::ports::{KvStore, PortError, Secret, SecretStore};
+use crate::task::{Progress, TaskId};
+
+/// Why `ctx.progress` did not record a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProgressError {
+    /// The user cancelled the task: propagate this with `?`.
+    #[error("task cancelled by the user")]
+    Cancelled,
+    /// `pct` is not within 0–100.
+    #[error("progress pct {pct} is outside 0–100")]
+    OutOfRange { pct: i64 },
+    /// Another worker took the task over (this one's lease lapsed); stop working.
+    #[error("the task's lease was taken over by another worker")]
+    LeaseLost,
+}
+
+/// Why `ctx.background_task` did not start a task.
+#[derive(Debug, thiserror::Error)]
+pub enum BackgroundError {
+    /// No job of that name is registered on the extension.
+    #[error("no job named {0:?} is registered")]
+    UnknownJob(String),
+    /// The input does not fit the job's input type.
+    #[error("job input does not fit: {0}")]
+    InvalidInput(#[from] ParamsError),
+    /// The input is larger than a task can carry.
+    #[error("job input is {size} bytes; the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    /// The input could not be serialized.
+    #[error("job input cannot be serialized: {0}")]
+    Serialize(#[from] serde_json::Error),
+    /// The task table or the work queue failed.
+    #[error("could not enqueue the task: {0}")]
+    Port(#[from] PortError),
+}
+
+/// Options of a background task.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackgroundOptions {
+    /// Raises the cap from 180 s to 1800 s.
+    pub long_running: bool,
+    /// A human name, shown in task lists.
+    pub name: Option<String>,
+}
+
+impl BackgroundOptions {
+    /// Sets `long_running`.
+    pub fn long_running(mut self, long_running: bool) -> Self {
+        self.long_running = long_running;
+        self
+    }
+
+    /// Sets the name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+/// Where progress goes: the worker's checkpointer.
+#[async_trait]
+pub(crate) trait ProgressSink: Send + Sync {
+    async fn report(&self, progress: Progress) -> Result<(), ProgressError>;
+}
+
+/// Where `background_task` goes: intake's (or the worker's) task launcher.
+#[async_trait]
+pub(crate) trait Launcher: Send + Sync {
+    async fn launch(
+        &self,
+        job: &str,
+        input: Value,
+        options: BackgroundOptions,
+    ) -> Result<TaskId, BackgroundError>;
+}
+
+/// `ctx.secrets`: the user's secrets for this extension.
+#[derive(Clone)]
+pub struct Secrets {
+    port: Arc<dyn SecretStore>,
+    ext: String,
+    user: String,
+}
+
+impl Secrets {
+    /// The secret `name`, or `None` if the user has not connected it.
+    pub async fn get(&self, name: &str) -> Result<Option<Secret>, PortError> {
+        self.port.get(&self.ext, &self.user, name).await
+    }
+}
+
+/// `ctx.store`: key/value storage private to this (ext, user).
+#[derive(Clone)]
+pub struct Store {
+    port: Arc<dyn KvStore>,
+    ext: String,
+    user: String,
+}
+
+/// Why a `ctx.store` call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Port(#[from] PortError),
+    #[error("stored value does not fit the requested type: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+impl Store {
+    /// The value under `key`, if any.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.port.get(&self.ext, &self.user, key).await? {
+            Some(value) => Ok(Some(serde_json::from_value(value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores `value` under `key`.
+    pub async fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let value = serde_json::to_value(value)?;
+        Ok(self.port.set(&self.ext, &self.user, key, &value).await?)
+    }
+
+    /// Removes `key`.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        Ok(self.port.delete(&self.ext, &self.user, key).await?)
+    }
+}
+
+/// Who a call belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub ext: String,
+    pub user: String,
+    pub chat: String,
+}
+
+/// The handler's context.
+#[derive(Clone)]
+pub struct Ctx {
+    /// Outbound HTTP with per-call caps.
+    pub http: Http,
+    /// The user's secrets.
+    pub secrets: Secrets,
+    /// The user's key/value store.
+    pub store: Store,
+    caller: Arc<Caller>,
+    task_id: Option<TaskId>,
+    progress: Option<Arc<dyn ProgressSink>>,
+    launcher: Arc<dyn Launcher>,
+}
+
+impl Ctx {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        caller: Caller,
+        task_id: Option<TaskId>,
+        http: Http,
+        secrets: Arc<dyn SecretStore>,
+        kv: Arc<dyn KvStore>,
+        progress: Option<Arc<dyn ProgressSink>>,
+        launcher: Arc<dyn Launcher>,
+    ) -> Self {
+        Self {
+            http,
+            secrets: Secrets {
+                port: secrets,
+                ext: caller.ext.clone(),
+                user: caller.user.clone(),
+            },
+            store: Store {
+                port: kv,
+                ext: caller.ext.clone(),
+                user: caller.user.clone(),
+            },
+            caller: Arc::new(caller),
+            task_id,
+            progress,
+            launcher,
+        }
+    }
+
+    /// The extension's name.
+    pub fn ext(&self) -> &str {
+        &self.caller.ext
+    }
+
+    /// The calling user.
+    pub fn user(&self) -> &str {
+        &self.caller.user
+    }
+
+    /// The chat the call came from.
+    pub fn chat(&self) -> &str {
+        &self.caller.chat
+    }
+
+    /// The background task this handler runs as, if any.
+    pub fn task_id(&self) -> Option<&TaskId> {
+        self.task_id.as_ref()
+    }
+
+    /// Reports progress: a checkpoint, a heartbeat and the cancellation point.
+    ///
+    /// `pct` must be within 0–100; a value below the last one keeps the last one (progress in
+    /// the chat never goes backwards). Returns [`ProgressError::Cancelled`] once the user has
+    /// cancelled: propagate it with `?`. Outside a background task (Pattern A) it only checks
+    /// `pct`.
+    pub async fn progress(
+        &self,
+        pct: i64,
+        message: impl Into<String>,
+    ) -> Result<(), ProgressError> {
+        let pct = u8::try_from(pct)
+            .ok()
+            .filter(|p| *p <= 100)
+            .ok_or(ProgressError::OutOfRange { pct })?;
+        match &self.progress {
+            Some(sink) => {
+                sink.report(Progress {
+                    pct,
+                    message: message.into(),
+                })
+                .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Starts the named job as a background task bound to this (ext, user, chat) and returns
+    /// its id at once (Pattern C). The job's result is delivered to the chat when it finishes.
+    pub async fn background_task<I: Serialize + ?Sized>(
+        &self,
+        job: &str,
+        input: &I,
+        options: BackgroundOptions,
+    ) -> Result<TaskId, BackgroundError> {
+        let input = serde_json::to_value(input)?;
+        self.launcher.launch(job, input, options).await
+    }
+}

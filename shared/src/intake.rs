@@ -1,0 +1,370 @@
+//! The intake step: parse and check the event, then `call` (Pattern A inline, B enqueued with
+//! the platform's ack, C inline with `background_task`), `status`, `cancel` or `list`.
+//! Every failure is an [`IntakeError`] with its contract status; no input panics, and a
+//! refused request writes nothing.
+
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::ctx::Caller;
+use crate::outcome::{cancelled_result, panic_message};
+use crate::ports::{PortError, RequestKey};
+use crate::runtime::{Runtime, TaskSpec};
+use crate::task::{AuditItem, AuditKind, Task, TaskId, TaskKind, TaskState};
+use crate::wire::{
+    CallRequest, DeliveryMessage, IntakeError, IntakeResponse, ListRequest, MAX_EVENT_BYTES,
+    MAX_LIST_LIMIT, MAX_NAME_CHARS, MAX_PARAMS_BYTES, TaskRequest,
+};
+use crate::{ActionResult, ports::FinishGuard};
+
+/// Handles an intake event given as raw bytes.
+pub async fn handle_bytes(rt: &Runtime, event: &[u8]) -> IntakeResponse {
+    if event.len() > MAX_EVENT_BYTES {
+        return IntakeError::too_large(format!(
+            "event is {} bytes; the limit is {MAX_EVENT_BYTES}",
+            event.len()
+        ))
+        .into();
+    }
+    match serde_json::from_slice::<Value>(event) {
+        Ok(value) => handle(rt, value).await,
+        Err(err) => IntakeError::malformed(format!("event is not JSON: {err}")).into(),
+    }
+}
+
+/// Handles an intake event.
+pub async fn handle(rt: &Runtime, event: Value) -> IntakeResponse {
+    let response = match dispatch(rt, event).await {
+        Ok(response) => response,
+        Err(error) => error.into(),
+    };
+    if let Some(error) = &response.error {
+        tracing::info!(status = response.status, code = %error.code, message = %error.message, "intake refused");
+    }
+    response
+}
+
+async fn dispatch(rt: &Runtime, event: Value) -> Result<IntakeResponse, IntakeError> {
+    let size = serde_json::to_vec(&event)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > MAX_EVENT_BYTES {
+        return Err(IntakeError::too_large(format!(
+            "event is {size} bytes; the limit is {MAX_EVENT_BYTES}"
+        )));
+    }
+    let action = match event.get("action") {
+        Some(Value::String(action)) => action.clone(),
+        Some(_) => return Err(IntakeError::malformed("`action` must be a string")),
+        None if event.is_object() => return Err(IntakeError::malformed("missing field `action`")),
+        None => return Err(IntakeError::malformed("event must be a JSON object")),
+    };
+    match action.as_str() {
+        "call" => call(rt, parse(event)?).await,
+        "status" => status(rt, parse(event)?).await,
+        "cancel" => cancel(rt, parse(event)?).await,
+        "list" => list(rt, parse(event)?).await,
+        other => Err(IntakeError::malformed(format!(
+            "unknown action {:?}; expected call, status, cancel or list",
+            truncate(other)
+        ))),
+    }
+}
+
+fn parse<T: DeserializeOwned>(event: Value) -> Result<T, IntakeError> {
+    serde_path_to_error::deserialize(event).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            IntakeError::malformed(e.inner().to_string())
+        } else {
+            IntakeError::malformed(format!("{path}: {}", e.inner()))
+        }
+    })
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// Checks an identity or name field: non-empty, bounded, printable.
+fn check_name(field: &str, value: &str) -> Result<(), IntakeError> {
+    if value.is_empty() {
+        return Err(IntakeError::malformed(format!(
+            "`{field}` must not be empty"
+        )));
+    }
+    if value.chars().count() > MAX_NAME_CHARS {
+        return Err(IntakeError::malformed(format!(
+            "`{field}` is longer than {MAX_NAME_CHARS} characters"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(IntakeError::malformed(format!(
+            "`{field}` contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_identity(rt: &Runtime, ext: &str, user: &str) -> Result<(), IntakeError> {
+    check_name("ext", ext)?;
+    check_name("user", user)?;
+    if ext != rt.extension.name() {
+        return Err(IntakeError::not_found(format!(
+            "this deployment serves extension {:?}, not {:?}",
+            rt.extension.name(),
+            truncate(ext)
+        )));
+    }
+    Ok(())
+}
+
+fn port_error(err: PortError) -> IntakeError {
+    match err {
+        PortError::Transient(_) => {
+            IntakeError::unavailable(format!("{err}; retry with the same request_id"))
+        }
+        other => IntakeError::internal(other.to_string()),
+    }
+}
+
+async fn call(rt: &Runtime, req: CallRequest) -> Result<IntakeResponse, IntakeError> {
+    check_identity(rt, &req.ext, &req.user)?;
+    check_name("chat", &req.chat)?;
+    check_name("function", &req.function)?;
+    if let Some(request_id) = &req.request_id {
+        check_name("request_id", request_id)?;
+    }
+    let function = rt.extension.get_function(&req.function).ok_or_else(|| {
+        IntakeError::not_found(format!("no function named {:?}", truncate(&req.function)))
+    })?;
+    let params_size = serde_json::to_vec(&req.params)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if params_size > MAX_PARAMS_BYTES {
+        return Err(IntakeError::too_large(format!(
+            "params are {params_size} bytes; the limit is {MAX_PARAMS_BYTES}"
+        )));
+    }
+    function
+        .validate(&req.params)
+        .map_err(|e| IntakeError::invalid_params(e.to_string()))?;
+    let caller = Caller {
+        ext: req.ext,
+        user: req.user,
+        chat: req.chat,
+    };
+
+    if function.is_background() {
+        // Pattern B: the worker runs the whole handler; the ack goes back at once.
+        let request = req.request_id.clone().map(|request_id| RequestKey {
+            ext: caller.ext.clone(),
+            user: caller.user.clone(),
+            request_id,
+        });
+        let spec = TaskSpec {
+            caller,
+            function: function.name().to_owned(),
+            kind: TaskKind::Function,
+            event: function.event_name().map(str::to_owned),
+            name: None,
+            long_running: function.is_long_running(),
+            params: req.params,
+        };
+        let task = rt.new_task(spec, req.request_id);
+        let task_id = rt.enqueue(task, request).await.map_err(port_error)?;
+        return Ok(IntakeResponse::result(background_ack(
+            function.name(),
+            &task_id,
+        )));
+    }
+
+    // Patterns A and C: the handler runs here, bounded by the standard cap; whatever it
+    // launches with `background_task` is enqueued as it goes.
+    let cap = std::time::Duration::from_secs(rt.cap_seconds(false));
+    let deadline = tokio::time::Instant::now() + cap;
+    let function_name = function.name().to_owned();
+    let ctx = rt.ctx(caller, None, Some(deadline), None, req.request_id);
+    let run = AssertUnwindSafe(function.call(ctx, req.params)).catch_unwind();
+    let result = match tokio::time::timeout_at(deadline, run).await {
+        Ok(Ok(Ok(result))) => result,
+        Ok(Ok(Err(err))) => {
+            tracing::error!(function = %function_name, error = %err, "inline handler failed");
+            ActionResult::error(format!("'{function_name}' failed: {err}"), true)
+        }
+        Ok(Err(panic)) => {
+            tracing::error!(function = %function_name, panic = %panic_message(&*panic), "inline handler panicked");
+            ActionResult::error(format!("'{function_name}' failed unexpectedly."), false)
+        }
+        Err(_) => ActionResult::error(
+            format!(
+                "'{function_name}' did not finish within {} s.",
+                cap.as_secs()
+            ),
+            true,
+        ),
+    };
+    if result.wire_size() > crate::wire::MAX_RESULT_BYTES {
+        return Err(IntakeError::too_large(format!(
+            "'{function_name}' returned a result larger than {} bytes",
+            crate::wire::MAX_RESULT_BYTES
+        )));
+    }
+    Ok(IntakeResponse::result(result))
+}
+
+/// Pattern B's automatic acknowledgement.
+pub fn background_ack(function: &str, task_id: &TaskId) -> ActionResult {
+    ActionResult::success(
+        format!(
+            "Started '{function}' in background — the result will be sent to chat when it finishes."
+        ),
+        serde_json::json!({ "task_id": task_id }),
+    )
+}
+
+/// Loads a task and checks that `(ext, user)` owns it: 400, 404 or 403.
+async fn owned_task(rt: &Runtime, req: &TaskRequest) -> Result<Task, IntakeError> {
+    check_identity(rt, &req.ext, &req.user)?;
+    let task_id: TaskId = req
+        .task_id
+        .parse()
+        .map_err(|e: crate::task::InvalidTaskId| IntakeError::malformed(e.to_string()))?;
+    let task = rt
+        .services
+        .tasks
+        .get(&task_id)
+        .await
+        .map_err(port_error)?
+        .ok_or_else(|| IntakeError::not_found(format!("no task {task_id}")))?;
+    if !task.is_owned_by(&req.ext, &req.user) {
+        tracing::warn!(task_id = %task_id, ext = %req.ext, user = %req.user, "cross-user task access refused");
+        return Err(IntakeError::forbidden());
+    }
+    Ok(task)
+}
+
+async fn status(rt: &Runtime, req: TaskRequest) -> Result<IntakeResponse, IntakeError> {
+    Ok(IntakeResponse::task(owned_task(rt, &req).await?))
+}
+
+async fn cancel(rt: &Runtime, req: TaskRequest) -> Result<IntakeResponse, IntakeError> {
+    let task = owned_task(rt, &req).await?;
+    cancel_task(rt, task).await.map(IntakeResponse::task)
+}
+
+/// Cancels a task on behalf of its owner (also used by the operators' CLI).
+///
+/// A queued task ends at once with the "cancelled" result; a running one gets its cancel flag,
+/// which the worker reads at the next heartbeat or progress call; a finished one is a 409.
+pub async fn cancel_task(rt: &Runtime, task: Task) -> Result<Task, IntakeError> {
+    let tasks = &rt.services.tasks;
+    let now = rt.now();
+    match task.state {
+        state if state.is_terminal() => Err(IntakeError::conflict(format!(
+            "task {} already ended as {state}",
+            task.task_id
+        ))),
+        TaskState::Queued => {
+            let audit = AuditItem::new(
+                &task,
+                "cancelled",
+                AuditKind::Cancelled,
+                now,
+                "cancelled before start",
+            );
+            tasks.append_audit(&audit).await.map_err(port_error)?;
+            let finish = crate::ports::Finish {
+                state: TaskState::Cancelled,
+                result: cancelled_result(&task.function),
+                at: now,
+                guard: FinishGuard::Queued,
+            };
+            match tasks.finish(&task.task_id, &finish).await {
+                Ok(ended) => {
+                    rt.services
+                        .delivery
+                        .send(&DeliveryMessage::Result {
+                            task_id: ended.task_id.clone(),
+                        })
+                        .await
+                        .map_err(port_error)?;
+                    Ok(ended)
+                }
+                // A worker claimed it in the meantime: ask the running task to stop instead.
+                Err(PortError::Conflict(_)) => request_running_cancel(rt, &task).await,
+                Err(err) => Err(port_error(err)),
+            }
+        }
+        TaskState::Running => request_running_cancel(rt, &task).await,
+        _ => unreachable_state(&task),
+    }
+}
+
+fn unreachable_state(task: &Task) -> Result<Task, IntakeError> {
+    Err(IntakeError::internal(format!(
+        "task {} in unexpected state {}",
+        task.task_id, task.state
+    )))
+}
+
+async fn request_running_cancel(rt: &Runtime, task: &Task) -> Result<Task, IntakeError> {
+    let now = rt.now();
+    match rt.services.tasks.request_cancel(&task.task_id, now).await {
+        Ok(updated) => {
+            let audit = AuditItem::new(
+                &updated,
+                "cancel_requested",
+                AuditKind::CancelRequested,
+                now,
+                "",
+            );
+            rt.services
+                .tasks
+                .append_audit(&audit)
+                .await
+                .map_err(port_error)?;
+            Ok(updated)
+        }
+        Err(PortError::Conflict(_)) => {
+            // It finished (or was cancelled) between our read and our write.
+            let current = rt
+                .services
+                .tasks
+                .get(&task.task_id)
+                .await
+                .map_err(port_error)?;
+            match current {
+                Some(t) if t.state.is_terminal() => Err(IntakeError::conflict(format!(
+                    "task {} already ended as {}",
+                    t.task_id, t.state
+                ))),
+                Some(t) if t.state == TaskState::Queued => Box::pin(cancel_task(rt, t)).await,
+                _ => Err(IntakeError::unavailable(
+                    "task changed while cancelling; retry",
+                )),
+            }
+        }
+        Err(err) => Err(port_error(err)),
+    }
+}
+
+async fn list(rt: &Runtime, req: ListRequest) -> Result<IntakeResponse, IntakeError> {
+    check_identity(rt, &req.ext, &req.user)?;
+    let limit = req.limit.unwrap_or(20);
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return Err(IntakeError::malformed(format!(
+            "`limit` must be within 1–{MAX_LIST_LIMIT}"
+        )));
+    }
+    let tasks = rt
+        .services
+        .tasks
+        .list_by_user(&req.ext, &req.user, limit)
+        .await
+        .map_err(port_error)?;
+    Ok(IntakeResponse::tasks(tasks))
+}

@@ -1,0 +1,277 @@
+//! `Runtime`: the extension, the ports and the settings every pipeline step runs with, and
+//! the one place a background task is created (Pattern B's ack and Pattern C's
+//! `background_task` both go through [`Runtime::enqueue`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::ctx::{BackgroundError, BackgroundOptions, Caller, Launcher, ProgressSink};
+use crate::http::Http;
+use crate::ports::{
+    ChatApi, Clock, Created, DeliveryQueue, KvStore, PortError, RequestKey, SecretStore, TaskStore,
+    WorkQueue,
+};
+use crate::task::{AuditItem, AuditKind, Cap, Lease, Progress, Task, TaskId, TaskKind, TaskState};
+use crate::wire::{MAX_PARAMS_BYTES, WorkMessage};
+use crate::{Ctx, Extension};
+
+/// The adapters a pipeline step talks to.
+#[derive(Clone)]
+pub struct Services {
+    pub tasks: Arc<dyn TaskStore>,
+    pub work: Arc<dyn WorkQueue>,
+    pub delivery: Arc<dyn DeliveryQueue>,
+    pub secrets: Arc<dyn SecretStore>,
+    pub kv: Arc<dyn KvStore>,
+    pub chat: Arc<dyn ChatApi>,
+    pub clock: Arc<dyn Clock>,
+    /// The HTTP client behind `ctx.http`, built once per cold start.
+    pub http: reqwest::Client,
+}
+
+/// Timing and retry settings. The defaults are the production values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a lease lasts without renewal.
+    pub lease: Duration,
+    /// How often a running task's lease is renewed and its cancel flag read.
+    pub heartbeat: Duration,
+    /// The least time between two progress writes; bursts in between are coalesced.
+    pub progress_interval: Duration,
+    /// How long a cancelled handler may take to notice before it is dropped.
+    pub cancel_grace: Duration,
+    /// How long a queued task may wait for a worker before the sweeper re-sends its message.
+    pub queue_grace: Duration,
+    /// How many times a task may be claimed before it is ended as failed.
+    pub max_attempts: u32,
+    /// How long before the Lambda deadline the worker stops and hands the task on.
+    pub deadline_margin: Duration,
+    /// Replaces both task caps (180 s / 1800 s); for tests and local demos only.
+    pub cap_override: Option<Duration>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(5),
+            progress_interval: Duration::from_secs(1),
+            cancel_grace: Duration::from_secs(2),
+            queue_grace: Duration::from_secs(300),
+            max_attempts: 3,
+            deadline_margin: Duration::from_secs(10),
+            cap_override: None,
+        }
+    }
+}
+
+/// The extension with its ports and settings: what intake, worker, delivery and sweeper
+/// share. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    pub extension: Arc<Extension>,
+    pub services: Services,
+    pub settings: Arc<Settings>,
+}
+
+impl Runtime {
+    /// A runtime for `extension`.
+    pub fn new(extension: Extension, services: Services, settings: Settings) -> Self {
+        Self {
+            extension: Arc::new(extension),
+            services,
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// Now, by the runtime's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.services.clock.now()
+    }
+
+    /// The cap in seconds for a `long_running` flag (or the override).
+    pub fn cap_seconds(&self, long_running: bool) -> u64 {
+        match self.settings.cap_override {
+            Some(cap) => cap.as_secs().max(1),
+            None => Cap::for_long_running(long_running).seconds(),
+        }
+    }
+
+    /// The lease a queued task carries: when it lapses, the sweeper re-sends the work message.
+    pub(crate) fn queue_lease(&self, now: DateTime<Utc>) -> Lease {
+        Lease {
+            owner: QUEUE_OWNER.to_owned(),
+            until: now + to_chrono(self.settings.queue_grace),
+        }
+    }
+
+    /// A fresh queued task.
+    pub(crate) fn new_task(&self, spec: TaskSpec, request_id: Option<String>) -> Task {
+        let now = self.now();
+        Task {
+            task_id: TaskId::generate(now),
+            ext: spec.caller.ext,
+            user: spec.caller.user,
+            chat: spec.caller.chat,
+            function: spec.function,
+            kind: spec.kind,
+            event: spec.event,
+            name: spec.name,
+            state: TaskState::Queued,
+            progress: Progress::default(),
+            progress_seq: 0,
+            attempt: 0,
+            cap_s: self.cap_seconds(spec.long_running),
+            cancel_requested: false,
+            created_at: now,
+            started_at: None,
+            heartbeat_at: None,
+            finished_at: None,
+            delivered_at: None,
+            result: None,
+            params: spec.params,
+            lease: Some(self.queue_lease(now)),
+            request_id,
+        }
+    }
+
+    /// Writes the task record and sends its work message concurrently, so the ack costs one
+    /// round trip. With a request key, a repeated request returns the first task's id.
+    pub async fn enqueue(
+        &self,
+        task: Task,
+        request: Option<RequestKey>,
+    ) -> Result<TaskId, PortError> {
+        let message = WorkMessage::for_task(&task);
+        let (created, sent) = tokio::join!(
+            self.services.tasks.create(&task, request.as_ref()),
+            self.services.work.send(&message)
+        );
+        match created? {
+            Created::New => {
+                sent?;
+                let audit =
+                    AuditItem::new(&task, "created", AuditKind::Created, task.created_at, "");
+                if let Err(err) = self.services.tasks.append_audit(&audit).await {
+                    tracing::warn!(task_id = %task.task_id, error = %err, "created audit item not written");
+                }
+                tracing::info!(task_id = %task.task_id, ext = %task.ext, user = %task.user, function = %task.function, "task enqueued");
+                Ok(task.task_id)
+            }
+            Created::Duplicate(existing) => {
+                // The message just sent names a task that was never written; the worker drops
+                // it (its request key names `existing`). If the first attempt's message was
+                // lost, the existing queued task gets a fresh one.
+                if let Some(first) = self.services.tasks.get(&existing).await?
+                    && first.state == TaskState::Queued
+                {
+                    self.services
+                        .work
+                        .send(&WorkMessage::for_task(&first))
+                        .await?;
+                }
+                Ok(existing)
+            }
+        }
+    }
+
+    /// The handler context for `caller`, optionally running as `task`.
+    pub(crate) fn ctx(
+        &self,
+        caller: Caller,
+        task_id: Option<TaskId>,
+        http_deadline: Option<tokio::time::Instant>,
+        progress: Option<Arc<dyn ProgressSink>>,
+        request_id: Option<String>,
+    ) -> Ctx {
+        let launcher = Arc::new(TaskLauncher {
+            runtime: self.clone(),
+            caller: caller.clone(),
+            request_id,
+            launched: AtomicU32::new(0),
+        });
+        Ctx::new(
+            caller,
+            task_id,
+            Http::new(self.services.http.clone(), http_deadline),
+            Arc::clone(&self.services.secrets),
+            Arc::clone(&self.services.kv),
+            progress,
+            launcher,
+        )
+    }
+}
+
+/// The lease owner of a task waiting in the queue.
+pub(crate) const QUEUE_OWNER: &str = "queue";
+
+/// What a new task runs and for whom.
+pub(crate) struct TaskSpec {
+    pub caller: Caller,
+    pub function: String,
+    pub kind: TaskKind,
+    pub event: Option<String>,
+    pub name: Option<String>,
+    pub long_running: bool,
+    pub params: Value,
+}
+
+pub(crate) fn to_chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// `ctx.background_task` for one handler run. The n-th task a run launches gets the request
+/// key `{request_id}#{n}`, so a retried request re-launches none.
+struct TaskLauncher {
+    runtime: Runtime,
+    caller: Caller,
+    request_id: Option<String>,
+    launched: AtomicU32,
+}
+
+#[async_trait]
+impl Launcher for TaskLauncher {
+    async fn launch(
+        &self,
+        job_name: &str,
+        input: Value,
+        options: BackgroundOptions,
+    ) -> Result<TaskId, BackgroundError> {
+        let job = self
+            .runtime
+            .extension
+            .get_job(job_name)
+            .ok_or_else(|| BackgroundError::UnknownJob(job_name.to_owned()))?;
+        job.validate(&input)?;
+        let size = serde_json::to_vec(&input)?.len();
+        if size > MAX_PARAMS_BYTES {
+            return Err(BackgroundError::TooLarge {
+                size,
+                limit: MAX_PARAMS_BYTES,
+            });
+        }
+        let n = self.launched.fetch_add(1, Ordering::SeqCst);
+        let request_id = self.request_id.as_ref().map(|r| format!("{r}#{n}"));
+        let request = request_id.clone().map(|request_id| RequestKey {
+            ext: self.caller.ext.clone(),
+            user: self.caller.user.clone(),
+            request_id,
+        });
+        let spec = TaskSpec {
+            caller: self.caller.clone(),
+            function: job.name().to_owned(),
+            kind: TaskKind::Job,
+            event: job.event_name().map(str::to_owned),
+            name: options.name,
+            long_running: options.long_running,
+            params: input,
+        };
+        let task = self.runtime.new_task(spec, request_id);
+        Ok(self.runtime.enqueue(task, request).await?)
+    }
+}

@@ -1,0 +1,123 @@
+//! `MemoryStack`: the whole pipeline on in-memory adapters, with the queue pumping done by
+//! hand. Unit tests and the end-to-end pipeline tests drive it; it is the shortest way to see
+//! a task go from ack to progress to chat message.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::memory::{MemoryChat, MemoryKv, MemoryQueue, MemorySecrets, MemoryTaskStore};
+use crate::ports::{Clock, SystemClock};
+use crate::runtime::{Runtime, Services, Settings};
+use crate::wire::{DeliveryMessage, IntakeResponse, WorkMessage};
+use crate::worker::QueueRecord;
+use crate::{Extension, delivery, intake, worker};
+
+/// The pipeline wired to in-memory adapters.
+#[derive(Clone)]
+pub struct MemoryStack {
+    pub rt: Runtime,
+    pub tasks: Arc<MemoryTaskStore>,
+    pub work: Arc<MemoryQueue<WorkMessage>>,
+    pub delivery: Arc<MemoryQueue<DeliveryMessage>>,
+    pub secrets: Arc<MemorySecrets>,
+    pub kv: Arc<MemoryKv>,
+    pub chat: Arc<MemoryChat>,
+}
+
+impl MemoryStack {
+    /// A stack for `extension` with the system clock.
+    pub fn new(extension: Extension, settings: Settings) -> Self {
+        Self::with_clock(extension, settings, Arc::new(SystemClock))
+    }
+
+    /// A stack for `extension` with the given clock.
+    pub fn with_clock(extension: Extension, settings: Settings, clock: Arc<dyn Clock>) -> Self {
+        let tasks = Arc::new(MemoryTaskStore::default());
+        let work = Arc::new(MemoryQueue::default());
+        let delivery = Arc::new(MemoryQueue::default());
+        let secrets = Arc::new(MemorySecrets::default());
+        let kv = Arc::new(MemoryKv::default());
+        let chat = Arc::new(MemoryChat::default());
+        let services = Services {
+            tasks: tasks.clone(),
+            work: work.clone(),
+            delivery: delivery.clone(),
+            secrets: secrets.clone(),
+            kv: kv.clone(),
+            chat: chat.clone(),
+            clock,
+            http: reqwest::Client::new(),
+        };
+        Self {
+            rt: Runtime::new(extension, services, settings),
+            tasks,
+            work,
+            delivery,
+            secrets,
+            kv,
+            chat,
+        }
+    }
+
+    /// Invokes intake.
+    pub async fn intake(&self, event: Value) -> IntakeResponse {
+        intake::handle(&self.rt, event).await
+    }
+
+    /// Runs one worker invocation over up to 10 waiting work messages. Failed messages go
+    /// back to the queue. Returns how many messages it took.
+    pub async fn work_once(&self) -> usize {
+        let batch = self.work.take(10);
+        let n = batch.len();
+        let records = records(&batch);
+        let failed = worker::handle_batch(&self.rt, records.clone(), None).await;
+        requeue_failed(&self.work, &batch, &records, &failed);
+        n
+    }
+
+    /// Runs one delivery invocation over up to 10 waiting delivery messages.
+    pub async fn deliver_once(&self) -> usize {
+        let batch = self.delivery.take(10);
+        let n = batch.len();
+        let records = records(&batch);
+        let failed = delivery::handle_batch(&self.rt, records.clone()).await;
+        requeue_failed(&self.delivery, &batch, &records, &failed);
+        n
+    }
+
+    /// Pumps both queues until they are empty (at most `rounds` rounds).
+    pub async fn drain(&self, rounds: usize) {
+        for _ in 0..rounds {
+            let worked = self.work_once().await;
+            let delivered = self.deliver_once().await;
+            if worked == 0 && delivered == 0 {
+                return;
+            }
+        }
+    }
+}
+
+fn records<M: serde::Serialize>(batch: &[M]) -> Vec<QueueRecord> {
+    batch
+        .iter()
+        .enumerate()
+        .map(|(i, m)| QueueRecord {
+            message_id: format!("m{i}"),
+            body: serde_json::to_string(m).unwrap_or_default(),
+        })
+        .collect()
+}
+
+fn requeue_failed<M: Clone>(
+    queue: &MemoryQueue<M>,
+    batch: &[M],
+    records: &[QueueRecord],
+    failed: &[String],
+) {
+    for (message, record) in batch.iter().zip(records) {
+        if failed.contains(&record.message_id) {
+            queue.push(message.clone());
+        }
+    }
+}

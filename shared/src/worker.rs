@@ -1,0 +1,505 @@
+//! The worker step: claim a task's lease, run its handler under the task cap with a
+//! heartbeat beside it, and end it — whatever happens — in a terminal state with a delivery
+//! message. Duplicate messages for a live lease are dropped; a finished task only re-sends its
+//! delivery.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{Mutex, Notify};
+use tokio::time::Instant;
+
+use crate::ctx::{Caller, ProgressError, ProgressSink};
+use crate::outcome::{Outcome, panic_message};
+use crate::ports::{Claim, Finish, FinishGuard, PortError, RequestKey, Requeue};
+use crate::runtime::{Runtime, to_chrono};
+use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskState};
+use crate::wire::{DeliveryMessage, MAX_RESULT_BYTES, WorkMessage};
+
+/// How many messages of one batch run at once.
+pub const BATCH_CONCURRENCY: usize = 10;
+
+/// One SQS record: its message id and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRecord {
+    pub message_id: String,
+    pub body: String,
+}
+
+/// Works a batch of work messages; returns the ids of those to be redelivered (the partial
+/// batch response). `deadline` is the Lambda invocation's deadline, if any.
+pub async fn handle_batch(
+    rt: &Runtime,
+    records: Vec<QueueRecord>,
+    deadline: Option<Instant>,
+) -> Vec<String> {
+    futures::stream::iter(records)
+        .map(|record| async move {
+            match handle_message(rt, &record.body, deadline).await {
+                Ok(()) => None,
+                Err(err) => {
+                    tracing::warn!(message_id = %record.message_id, error = %err, "work message will be retried");
+                    Some(record.message_id)
+                }
+            }
+        })
+        .buffer_unordered(BATCH_CONCURRENCY)
+        .filter_map(|failed| async move { failed })
+        .collect()
+        .await
+}
+
+/// Works one work message. `Err` means "redeliver it later".
+pub async fn handle_message(
+    rt: &Runtime,
+    body: &str,
+    deadline: Option<Instant>,
+) -> Result<(), PortError> {
+    let message: WorkMessage = match serde_json::from_str(body) {
+        Ok(message) => message,
+        Err(err) => {
+            // Nothing names a task we could end; redelivery would not help either.
+            tracing::error!(error = %err, "malformed work message dropped");
+            return Ok(());
+        }
+    };
+    let task_id = message.task_id.clone();
+    let owner = ulid::Ulid::new().to_string();
+    let now = rt.now();
+    let lease = Lease {
+        owner,
+        until: now + to_chrono(rt.settings.lease),
+    };
+    let mut claim = rt.services.tasks.claim(&task_id, &lease, now).await?;
+    if claim == Claim::Missing {
+        if !recover_missing(rt, &message).await? {
+            return Ok(());
+        }
+        claim = rt.services.tasks.claim(&task_id, &lease, now).await?;
+    }
+    match claim {
+        Claim::Claimed(task) => run(rt, task, lease, deadline).await,
+        Claim::Busy(_) => {
+            tracing::info!(%task_id, "duplicate work message for a live lease dropped");
+            Ok(())
+        }
+        Claim::Finished(task) => {
+            if task.delivered_at.is_none() {
+                send_result(rt, &task).await?;
+            }
+            Ok(())
+        }
+        Claim::Missing => Ok(()),
+    }
+}
+
+/// The task record was never written (intake's write failed after its message went out):
+/// write it from the message, unless its request key names another task. Returns whether
+/// the task now exists.
+async fn recover_missing(rt: &Runtime, message: &WorkMessage) -> Result<bool, PortError> {
+    let request = message.request_id.as_ref().map(|request_id| RequestKey {
+        ext: message.ext.clone(),
+        user: message.user.clone(),
+        request_id: request_id.clone(),
+    });
+    if let Some(request) = &request
+        && let Some(existing) = rt.services.tasks.find_request(request).await?
+        && existing != message.task_id
+    {
+        tracing::info!(task_id = %message.task_id, %existing, "work message of a duplicate request dropped");
+        return Ok(false);
+    }
+    if rt.extension.name() != message.ext {
+        tracing::error!(task_id = %message.task_id, ext = %message.ext, "work message for another extension dropped");
+        return Ok(false);
+    }
+    let mut task = message.to_task();
+    task.lease = Some(rt.queue_lease(rt.now()));
+    rt.services.tasks.create(&task, request.as_ref()).await?;
+    tracing::warn!(task_id = %task.task_id, "task record recovered from its work message");
+    Ok(true)
+}
+
+/// How the race between handler, cap, heartbeat and Lambda deadline ended.
+enum Ending {
+    Done(Outcome),
+    /// Another worker holds the task now; leave it alone.
+    LeaseLost,
+    /// The invocation is about to end: hand the task to a fresh one.
+    Continue,
+}
+
+async fn run(
+    rt: &Runtime,
+    task: Task,
+    lease: Lease,
+    deadline: Option<Instant>,
+) -> Result<(), PortError> {
+    let now = rt.now();
+    if task.attempt > 1 {
+        let audit = AuditItem::new(
+            &task,
+            format!("reclaimed#{}", task.attempt),
+            AuditKind::Reclaimed,
+            now,
+            format!("attempt {}", task.attempt),
+        );
+        rt.services.tasks.append_audit(&audit).await?;
+    }
+    let ending = if task.attempt > rt.settings.max_attempts {
+        Ending::Done(Outcome::failed(
+            &task.function,
+            "attempts_exhausted",
+            format!(
+                "the worker stopped on each of {} attempts",
+                rt.settings.max_attempts
+            ),
+            false,
+        ))
+    } else if task.cancel_requested {
+        Ending::Done(Outcome::cancelled(&task.function))
+    } else {
+        let remaining = task
+            .cap_deadline()
+            .map(|d| (d - now).to_std().unwrap_or(Duration::ZERO))
+            .unwrap_or(Duration::ZERO);
+        if remaining.is_zero() {
+            Ending::Done(Outcome::timed_out(&task.function, task.cap_s))
+        } else {
+            execute(rt, &task, &lease, Instant::now() + remaining, deadline).await
+        }
+    };
+    match ending {
+        Ending::Done(outcome) => {
+            end(rt, &task, FinishGuard::Owner(lease.owner.clone()), outcome).await
+        }
+        Ending::LeaseLost => {
+            tracing::warn!(task_id = %task.task_id, "lease lost; another worker carries on");
+            Ok(())
+        }
+        Ending::Continue => {
+            let guard = Requeue::Owner(lease.owner.clone());
+            rt.services
+                .tasks
+                .requeue(&task.task_id, &guard, &rt.queue_lease(rt.now()))
+                .await?;
+            rt.services.work.send(&WorkMessage::for_task(&task)).await?;
+            tracing::info!(task_id = %task.task_id, "handed on to a fresh invocation before the Lambda deadline");
+            Ok(())
+        }
+    }
+}
+
+async fn execute(
+    rt: &Runtime,
+    task: &Task,
+    lease: &Lease,
+    cap_deadline: Instant,
+    lambda_deadline: Option<Instant>,
+) -> Ending {
+    let Some(handler) = rt.extension.handler(task.kind, &task.function) else {
+        return Ending::Done(Outcome::failed(
+            &task.function,
+            "unknown_function",
+            format!("{:?} is not registered in this deployment", task.function),
+            false,
+        ));
+    };
+
+    let checkpoint = Arc::new(Checkpoint::new(rt.clone(), task, lease.clone()));
+    let caller = Caller {
+        ext: task.ext.clone(),
+        user: task.user.clone(),
+        chat: task.chat.clone(),
+    };
+    let ctx = rt.ctx(
+        caller,
+        Some(task.task_id.clone()),
+        Some(cap_deadline),
+        Some(Arc::clone(&checkpoint) as Arc<dyn ProgressSink>),
+        Some(format!("task:{}", task.task_id)),
+    );
+    let work = AssertUnwindSafe(handler(ctx, task.params.clone())).catch_unwind();
+    tokio::pin!(work);
+    let yield_at = lambda_deadline
+        .map(|d| d.checked_sub(rt.settings.deadline_margin).unwrap_or(d))
+        .filter(|d| *d < cap_deadline);
+
+    let first = tokio::select! {
+        finished = &mut work => Some(finished),
+        _ = tokio::time::sleep_until(cap_deadline) => {
+            return Ending::Done(Outcome::timed_out(&task.function, task.cap_s));
+        }
+        _ = sleep_until_opt(yield_at) => return Ending::Continue,
+        stop = checkpoint.heartbeat() => match stop {
+            Stop::LeaseLost => return Ending::LeaseLost,
+            Stop::Cancelled => None,
+        },
+    };
+    let finished = match first {
+        Some(finished) => finished,
+        // Cancelled: give the handler a moment to notice at a progress call, then drop it —
+        // which aborts whatever it awaits, an HTTP call included.
+        None => match tokio::time::timeout(rt.settings.cancel_grace, &mut work).await {
+            Ok(finished) => finished,
+            Err(_) => {
+                tracing::info!(task_id = %task.task_id, "cancelled handler dropped after the grace period");
+                return Ending::Done(Outcome::cancelled(&task.function));
+            }
+        },
+    };
+    checkpoint.flush().await;
+    if checkpoint.is_lease_lost() {
+        return Ending::LeaseLost;
+    }
+    Ending::Done(match finished {
+        Ok(Ok(result)) if result.wire_size() > MAX_RESULT_BYTES => Outcome::failed(
+            &task.function,
+            "result_too_large",
+            format!(
+                "result is {} bytes; the limit is {MAX_RESULT_BYTES}",
+                result.wire_size()
+            ),
+            false,
+        ),
+        Ok(Ok(result)) => Outcome::returned(result),
+        Ok(Err(err)) if err.is_cancelled() => Outcome::cancelled(&task.function),
+        Ok(Err(err))
+            if matches!(
+                err.downcast_ref::<ProgressError>(),
+                Some(ProgressError::LeaseLost)
+            ) =>
+        {
+            return Ending::LeaseLost;
+        }
+        Ok(Err(err)) => Outcome::failed(&task.function, "handler_error", err.to_string(), true),
+        Err(panic) => Outcome::failed(
+            &task.function,
+            "handler_panic",
+            format!("handler panicked: {}", panic_message(&*panic)),
+            false,
+        ),
+    })
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes the terminal state (audit first, so a crash in between leaves the trail complete
+/// on redelivery), then sends the delivery message.
+pub(crate) async fn end(
+    rt: &Runtime,
+    task: &Task,
+    guard: FinishGuard,
+    outcome: Outcome,
+) -> Result<(), PortError> {
+    let now = rt.now();
+    if let Some(critical) = &outcome.critical {
+        tracing::error!(task_id = %task.task_id, ext = %task.ext, user = %task.user, reason = critical.reason, detail = %critical.detail, "critical: task failed");
+        let audit = AuditItem::new(
+            task,
+            format!("critical#{}", critical.reason),
+            AuditKind::Critical,
+            now,
+            critical.detail.clone(),
+        );
+        rt.services.tasks.append_audit(&audit).await?;
+    }
+    if outcome.state == TaskState::Cancelled {
+        let audit = AuditItem::new(task, "cancelled", AuditKind::Cancelled, now, "");
+        rt.services.tasks.append_audit(&audit).await?;
+    }
+    let finish = Finish {
+        state: outcome.state,
+        result: outcome.result,
+        at: now,
+        guard,
+    };
+    match rt.services.tasks.finish(&task.task_id, &finish).await {
+        Ok(ended) => {
+            tracing::info!(task_id = %ended.task_id, state = %ended.state, "task ended");
+            send_result(rt, &ended).await
+        }
+        Err(PortError::Conflict(reason)) => {
+            tracing::warn!(task_id = %task.task_id, %reason, "task was ended elsewhere");
+            Ok(())
+        }
+        Err(err) => Err(err),
+    }
+}
+
+pub(crate) async fn send_result(rt: &Runtime, task: &Task) -> Result<(), PortError> {
+    rt.services
+        .delivery
+        .send(&DeliveryMessage::Result {
+            task_id: task.task_id.clone(),
+        })
+        .await
+}
+
+/// Why the heartbeat stopped the handler.
+enum Stop {
+    Cancelled,
+    LeaseLost,
+}
+
+struct Written {
+    /// The last progress the handler reported.
+    reported: Progress,
+    /// The last progress written to the table.
+    written: Progress,
+    /// When the last write (progress or heartbeat) happened.
+    at: Instant,
+}
+
+/// The running task's checkpoint writer: the single place progress, heartbeats, lease renewal
+/// and the cancel flag meet. Progress bursts are coalesced to one write per
+/// `progress_interval`; the last value is written by the next heartbeat or at the end.
+struct Checkpoint {
+    rt: Runtime,
+    task: Task,
+    lease: Lease,
+    state: Mutex<Written>,
+    cancelled: AtomicBool,
+    lease_lost: AtomicBool,
+    stopped: Notify,
+}
+
+impl Checkpoint {
+    fn new(rt: Runtime, task: &Task, lease: Lease) -> Self {
+        Self {
+            task: task.clone(),
+            lease,
+            state: Mutex::new(Written {
+                reported: task.progress.clone(),
+                written: task.progress.clone(),
+                // The first progress call writes at once.
+                at: Instant::now()
+                    .checked_sub(rt.settings.progress_interval)
+                    .unwrap_or_else(Instant::now),
+            }),
+            cancelled: AtomicBool::new(false),
+            lease_lost: AtomicBool::new(false),
+            stopped: Notify::new(),
+            rt,
+        }
+    }
+
+    fn is_lease_lost(&self) -> bool {
+        self.lease_lost.load(Ordering::SeqCst)
+    }
+
+    fn check(&self) -> Result<(), ProgressError> {
+        if self.is_lease_lost() {
+            Err(ProgressError::LeaseLost)
+        } else if self.cancelled.load(Ordering::SeqCst) {
+            Err(ProgressError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// One conditional write: lease, heartbeat, and the checkpoint if it changed.
+    async fn write(&self, state: &mut Written) {
+        let now = self.rt.now();
+        let lease = Lease {
+            owner: self.lease.owner.clone(),
+            until: now + to_chrono(self.rt.settings.lease),
+        };
+        let progress = (state.reported != state.written).then(|| state.reported.clone());
+        match self
+            .rt
+            .services
+            .tasks
+            .beat(&self.task.task_id, &lease, progress.as_ref(), now)
+            .await
+        {
+            Ok(beat) => {
+                state.at = Instant::now();
+                if let Some(progress) = progress {
+                    state.written = progress.clone();
+                    let message = DeliveryMessage::Progress {
+                        task_id: self.task.task_id.clone(),
+                        seq: beat.progress_seq,
+                        progress,
+                    };
+                    if let Err(err) = self.rt.services.delivery.send(&message).await {
+                        // The record holds the checkpoint; the chat misses one update.
+                        tracing::warn!(task_id = %self.task.task_id, error = %err, "progress message not sent");
+                    }
+                }
+                if beat.cancel_requested && !self.cancelled.swap(true, Ordering::SeqCst) {
+                    tracing::info!(task_id = %self.task.task_id, "cancel observed");
+                    self.stopped.notify_waiters();
+                }
+            }
+            Err(PortError::Conflict(reason)) => {
+                tracing::warn!(task_id = %self.task.task_id, %reason, "lease lost");
+                self.lease_lost.store(true, Ordering::SeqCst);
+                self.stopped.notify_waiters();
+            }
+            Err(err) => {
+                // The lease outlives several heartbeats; the next one tries again.
+                tracing::warn!(task_id = %self.task.task_id, error = %err, "heartbeat failed");
+            }
+        }
+    }
+
+    /// Renews the lease every `heartbeat` until the task is cancelled or the lease is lost.
+    async fn heartbeat(&self) -> Stop {
+        let every = self.rt.settings.heartbeat;
+        loop {
+            let stopped = self.stopped.notified();
+            tokio::pin!(stopped);
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {
+                    let mut state = self.state.lock().await;
+                    if state.reported != state.written || state.at.elapsed() >= every {
+                        self.write(&mut state).await;
+                    }
+                }
+                _ = &mut stopped => {}
+            }
+            if self.is_lease_lost() {
+                return Stop::LeaseLost;
+            }
+            if self.cancelled.load(Ordering::SeqCst) {
+                return Stop::Cancelled;
+            }
+        }
+    }
+
+    /// Writes the last reported progress if it was coalesced away.
+    async fn flush(&self) {
+        let mut state = self.state.lock().await;
+        if state.reported != state.written && !self.is_lease_lost() {
+            self.write(&mut state).await;
+        }
+    }
+}
+
+#[async_trait]
+impl ProgressSink for Checkpoint {
+    async fn report(&self, mut progress: Progress) -> Result<(), ProgressError> {
+        self.check()?;
+        let mut state = self.state.lock().await;
+        // Progress in the chat never goes backwards.
+        progress.pct = progress.pct.max(state.reported.pct);
+        state.reported = progress;
+        if state.at.elapsed() >= self.rt.settings.progress_interval
+            && state.reported != state.written
+        {
+            self.write(&mut state).await;
+        }
+        drop(state);
+        self.check()
+    }
+}
