@@ -7,6 +7,8 @@
 //! each Lambda is a thin `main` around one of them.
 
 pub mod action;
+pub mod aws;
+pub mod config;
 pub mod ctx;
 pub mod delivery;
 pub mod error;
