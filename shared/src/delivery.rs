@@ -146,3 +146,133 @@ async fn delivered(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::ports::{ChatApi, TaskStore};
+    use crate::task::{AuditKind, TaskState};
+    use crate::testkit::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_result_message_three_times_posts_once() {
+        // GIVEN a finished task
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
+        stack.drain(20).await;
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        // WHEN its result message arrives three more times, once in a single batch
+        let message = DeliveryMessage::Result { task_id: task_id.clone() };
+        for _ in 0..3 {
+            stack.delivery.push(message.clone());
+        }
+        stack.drain(20).await;
+        // THEN the chat still holds one result and the audit one `delivered#result`
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert_eq!(audit.iter().filter(|(_, id)| id == "delivered#result").count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_after_posting_is_repaired_by_the_idempotency_key() {
+        // GIVEN the result was posted but delivered_at was never written (crash in between)
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
+        stack.work_once().await;
+        stack.work_once().await;
+        let message = DeliveryMessage::Result { task_id: task_id.clone() };
+        let task = stack.tasks.get(&task_id).await.unwrap().unwrap();
+        let body = ChatMessage::Result {
+            user: task.user.clone(),
+            ext: task.ext.clone(),
+            task_id: task_id.clone(),
+            function: task.function.clone(),
+            event: task.event.clone(),
+            result: task.result.clone().unwrap(),
+        };
+        stack.chat.post(&task.chat, &message.idempotency_key(), &body).await;
+        // WHEN the message is redelivered
+        stack.drain(20).await;
+        // THEN the chat holds one result and the task is marked delivered
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert!(stack.tasks.get(&task_id).await.unwrap().unwrap().delivered_at.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn user_and_chat_come_from_the_stored_task_only() {
+        // GIVEN alice's finished task
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("launch", "alice", json!({}))).await);
+        stack.drain(20).await;
+        // WHEN a forged progress message for it names nothing but the task
+        let records = vec![QueueRecord {
+            message_id: "x".into(),
+            body: json!({"kind":"result","task_id":task_id,"user":"mallory","chat":"chat-mallory"}).to_string(),
+        }];
+        handle_batch(&stack.rt, records).await;
+        // THEN nothing ever lands in mallory's chat
+        assert!(stack.chat.in_chat("chat-mallory").is_empty());
+        assert!(stack.chat.posted().iter().all(|p| p.chat == "chat-alice"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_5xx_is_retried_and_delivers_once() {
+        let (stack, _) = stack();
+        stack.chat.script([
+            ChatOutcome::Unavailable { reason: "503".into() },
+            ChatOutcome::Unavailable { reason: "timeout".into() },
+        ]);
+        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
+        stack.work_once().await;
+        stack.work_once().await;
+        stack.drain(20).await;
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert!(stack.chat.attempts() >= 3);
+        assert!(stack.tasks.get(&task_id).await.unwrap().unwrap().delivered_at.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_4xx_is_permanent_critical_and_dead_lettered() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
+        stack.work_once().await;
+        stack.work_once().await;
+        stack.chat.script([ChatOutcome::Rejected { status: 400 }]);
+        stack.drain(20).await;
+        assert!(results_in(&stack, "chat-u1").is_empty());
+        assert_eq!(stack.delivery.dead_letters(), vec![DeliveryMessage::Result { task_id: task_id.clone() }]);
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert!(audit.contains(&(AuditKind::Critical, "critical#delivered#result".into())));
+        assert_eq!(count(&audit, AuditKind::Delivered), 0);
+        assert_eq!(stack.tasks.get(&task_id).await.unwrap().unwrap().state, TaskState::Succeeded);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_progress_after_the_result_is_not_posted() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
+        stack.drain(20).await;
+        let before = stack.chat.posted().len();
+        stack.delivery.push(DeliveryMessage::Progress {
+            task_id,
+            seq: 1,
+            progress: crate::task::Progress { pct: 10, message: "late".into() },
+        });
+        stack.drain(20).await;
+        assert_eq!(stack.chat.posted().len(), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn malformed_and_unknown_messages_are_dropped_without_panic() {
+        let (stack, _) = stack();
+        let records = vec![
+            QueueRecord { message_id: "a".into(), body: "][".into() },
+            QueueRecord { message_id: "b".into(), body: json!({"kind":"result","task_id":"01JDZQ6V4E1YQ7K3ZC6M4T9H8P"}).to_string() },
+            QueueRecord { message_id: "c".into(), body: json!({"kind":"gossip"}).to_string() },
+        ];
+        assert!(handle_batch(&stack.rt, records).await.is_empty());
+        assert!(stack.chat.posted().is_empty());
+    }
+}

@@ -22,6 +22,8 @@ pub mod runtime;
 pub mod stack;
 pub mod sweeper;
 pub mod task;
+#[cfg(test)]
+pub(crate) mod testkit;
 pub mod wire;
 pub mod worker;
 

@@ -206,6 +206,10 @@ impl TaskStore for MemoryTaskStore {
         if !allowed {
             return Err(conflict(task_id, "requeue guard does not hold"));
         }
+        if matches!(guard, Requeue::Owner(_)) {
+            // A hand-off to a fresh invocation is not a failed attempt.
+            task.attempt = task.attempt.saturating_sub(1);
+        }
         task.state = TaskState::Queued;
         task.lease = Some(lease.clone());
         let requeued = task.clone();

@@ -141,7 +141,8 @@ pub trait TaskStore: Send + Sync {
     async fn finish(&self, task_id: &TaskId, finish: &Finish) -> PortResult<Task>;
 
     /// Puts a task back to `queued` with the queue lease `lease`, if `guard` holds: a worker
-    /// handing its task to a fresh invocation, or the sweeper reviving an expired lease.
+    /// handing its task to a fresh invocation (which gives back its attempt: a hand-off is not
+    /// a failure), or the sweeper reviving an expired lease.
     async fn requeue(&self, task_id: &TaskId, guard: &Requeue, lease: &Lease) -> PortResult<Task>;
 
     /// Sets the cancel flag on a `running` task. `Conflict` if it is not running.

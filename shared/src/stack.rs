@@ -86,17 +86,35 @@ impl MemoryStack {
         n
     }
 
-    /// Pumps both queues until they are empty (at most `rounds` rounds).
+    /// Pumps both queues until they are empty (at most `rounds` rounds). Delivery runs
+    /// beside the worker, as the delivery Lambda does, so progress reaches the chat while the
+    /// task runs.
     pub async fn drain(&self, rounds: usize) {
         for _ in 0..rounds {
-            let worked = self.work_once().await;
-            let delivered = self.deliver_once().await;
+            let work = self.work_once();
+            tokio::pin!(work);
+            let worked = loop {
+                tokio::select! {
+                    worked = &mut work => break worked,
+                    _ = tokio::time::sleep(DELIVERY_POLL) => { self.deliver_once().await; }
+                }
+            };
+            let mut delivered = 0;
+            for _ in 0..rounds {
+                match self.deliver_once().await {
+                    0 => break,
+                    n => delivered += n,
+                }
+            }
             if worked == 0 && delivered == 0 {
                 return;
             }
         }
     }
 }
+
+/// How often the in-memory delivery pump looks for messages while a worker runs.
+const DELIVERY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn records<M: serde::Serialize>(batch: &[M]) -> Vec<QueueRecord> {
     batch

@@ -75,7 +75,8 @@ async fn revive(rt: &Runtime, task: &Task) -> Result<bool, PortError> {
     if task.state == TaskState::Running {
         let audit = AuditItem::new(
             task,
-            format!("reclaimed#{}", task.attempt),
+            // The same id the claiming worker writes: one item per reclaim.
+            format!("reclaimed#{}", task.attempt + 1),
             AuditKind::Reclaimed,
             now,
             format!(
@@ -114,4 +115,99 @@ pub async fn work_dead_lettered(rt: &Runtime, body: &str) -> Result<(), PortErro
         false,
     );
     end(rt, &task, FinishGuard::NotTerminal, outcome).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::ports::{Claim, TaskStore};
+    use crate::task::{AuditKind, Lease};
+    use crate::testkit::*;
+
+    /// Claims the task as a worker that then dies (never beats, never finishes).
+    async fn claim_and_die(stack: &crate::stack::MemoryStack, task_id: &crate::TaskId) {
+        stack.work.take(10);
+        let now = stack.rt.now();
+        let lease = Lease { owner: "dead-worker".into(), until: now + chrono::Duration::seconds(60) };
+        assert!(matches!(stack.tasks.claim(task_id, &lease, now).await.unwrap(), Claim::Claimed(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_workers_task_is_requeued_and_finishes_once() {
+        // GIVEN a task whose worker died mid-run
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        claim_and_die(&stack, &task_id).await;
+        // WHEN the lease lapses and the sweeper runs
+        assert_eq!(sweep(&stack.rt).await.unwrap(), SweepReport::default());
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap(), SweepReport { requeued: 1, ended: 0 });
+        // THEN a fresh worker runs it to one result, and the audit says it was reclaimed
+        stack.drain(20).await;
+        assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert_eq!(count(&audit, AuditKind::Reclaimed), 1, "{audit:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_whose_worker_dies_every_time_ends_with_a_fallback() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        for _ in 0..stack.rt.settings.max_attempts {
+            claim_and_die(&stack, &task_id).await;
+            tokio::time::sleep(Duration::from_secs(61)).await;
+            sweep(&stack.rt).await.unwrap();
+        }
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Failed);
+        let results = results_in(&stack, "chat-u1");
+        assert_eq!(results.len(), 1);
+        assert!(!results[0].ok);
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert!(audit.contains(&(AuditKind::Critical, "critical#attempts_exhausted".into())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_task_whose_worker_died_ends_cancelled() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        claim_and_die(&stack, &task_id).await;
+        let status = stack.intake(json!({"action":"cancel","ext":EXT,"user":"u1","task_id":task_id})).await.status;
+        assert_eq!(status, 200);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().ended, 1);
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_task_whose_message_was_lost_is_sent_again() {
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        stack.work.take(10); // the message is lost
+        tokio::time::sleep(stack.rt.settings.queue_grace + Duration::from_secs(1)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().requeued, 1);
+        stack.drain(20).await;
+        assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_lettered_work_message_ends_its_task() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let message = stack.work.take(1).remove(0);
+        work_dead_lettered(&stack.rt, &serde_json::to_string(&message).unwrap()).await.unwrap();
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Failed);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert!(audit_kinds(&stack, &task_id).await.contains(&(AuditKind::Critical, "critical#work_dead_lettered".into())));
+    }
 }

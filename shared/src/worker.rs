@@ -503,3 +503,265 @@ impl ProgressSink for Checkpoint {
         self.check()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering as AtomicOrdering;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::ports::TaskStore;
+    use crate::task::TaskId;
+    use crate::testkit::*;
+    use crate::{ActionResult, Settings};
+    use crate::wire::ChatMessage;
+
+    async fn cancel(stack: &crate::stack::MemoryStack, user: &str, task_id: &TaskId) -> u16 {
+        stack
+            .intake(json!({"action":"cancel","ext":EXT,"user":user,"task_id":task_id}))
+            .await
+            .status
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pattern_b_runs_reports_progress_and_delivers_once() {
+        // GIVEN a background call
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({"input": "hi"}))).await);
+        // WHEN the queues are worked
+        stack.drain(20).await;
+        // THEN the chat shows progress in order, then one result
+        assert_eq!(progress_in(&stack, "chat-u1"), vec![10, 50]);
+        assert_eq!(results_in(&stack, "chat-u1"), vec![ActionResult::success("Background done", json!({"echo": "hi"}))]);
+        let posted = stack.chat.posted();
+        assert!(matches!(posted.last().unwrap().message, ChatMessage::Result { ref event, .. } if event.as_deref() == Some("bg_done")));
+        // AND the record and the audit trail tell the story
+        let task = task(&stack, &task_id).await;
+        assert_eq!(task.state, TaskState::Succeeded);
+        assert_eq!(task.attempt, 1);
+        assert_eq!(task.progress.pct, 50);
+        assert!(task.started_at.is_some() && task.finished_at.is_some() && task.delivered_at.is_some());
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert!(audit.contains(&(AuditKind::Delivered, "delivered#result".into())));
+        assert_eq!(count(&audit, AuditKind::Delivered), 3, "two progress messages and the result");
+        assert_eq!(count(&audit, AuditKind::Critical), 0);
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pattern_c_job_result_reaches_the_same_chat() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({"input": "doc"}))).await);
+        stack.drain(20).await;
+        assert_eq!(results_in(&stack, "chat-u1"), vec![ActionResult::success("Job done", json!({"echo": "doc"}))]);
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_work_message_three_times_runs_once() {
+        // GIVEN a task whose work message arrives three times in one batch
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let message = stack.work.pending()[0].clone();
+        stack.work.push(message.clone());
+        stack.work.push(message.clone());
+        stack.drain(20).await;
+        // AND once more after it finished
+        stack.work.push(message);
+        stack.drain(20).await;
+        // THEN the handler ran once and the chat got one result
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 1);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert_eq!(task(&stack, &task_id).await.attempt, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exceeding_the_cap_times_out_with_a_fallback_and_a_critical_audit() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("sleepy", "u1", json!({}))).await);
+        let started = Instant::now();
+        stack.drain(20).await;
+        // The 180 s cap, on tokio's paused clock.
+        assert_eq!(started.elapsed().as_secs(), 180);
+        let task = task(&stack, &task_id).await;
+        assert_eq!(task.state, TaskState::TimedOut);
+        let results = results_in(&stack, "chat-u1");
+        assert_eq!(results.len(), 1);
+        assert!(!results[0].ok);
+        assert!(results[0].summary.contains("180 s"), "{}", results[0].summary);
+        assert!(audit_kinds(&stack, &task_id).await.contains(&(AuditKind::Critical, "critical#cap_exceeded".into())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_returned_error_or_a_panic_delivers_a_fallback_and_a_critical_audit() {
+        for (function, reason) in [("fails", "critical#handler_error"), ("panics", "critical#handler_panic")] {
+            let (stack, _) = stack();
+            let task_id = task_id_of(&stack.intake(call_event(function, "u1", json!({}))).await);
+            stack.drain(20).await;
+            let task = task(&stack, &task_id).await;
+            assert_eq!(task.state, TaskState::Failed, "{function}");
+            let results = results_in(&stack, "chat-u1");
+            assert_eq!(results.len(), 1, "{function}");
+            assert!(!results[0].ok);
+            assert!(results[0].summary.contains(&format!("'{function}' failed")));
+            // The user sees no internals; the operator's audit item has them.
+            assert!(!results[0].summary.contains("exploded") && !results[0].summary.contains("bug"));
+            let trail = stack.tasks.audit_trail(&task_id).await.unwrap();
+            let critical = trail.iter().find(|a| a.audit_id == reason).unwrap_or_else(|| panic!("{reason}"));
+            assert!(critical.detail.contains(if function == "fails" { "upstream exploded" } else { "handler bug" }));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_result_too_large_for_the_table_fails_clearly() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("huge", "u1", json!({}))).await);
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Failed);
+        assert!(audit_kinds(&stack, &task_id).await.contains(&(AuditKind::Critical, "critical#result_too_large".into())));
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_outside_0_to_100_is_a_typed_error_to_the_handler() {
+        for pct in [101, -1, 1000] {
+            let (stack, _) = stack();
+            stack.intake(call_event("bad_progress", "u1", json!({"pct": pct}))).await;
+            stack.drain(20).await;
+            let results = results_in(&stack, "chat-u1");
+            assert_eq!(results[0].summary, format!("progress pct {pct} is outside 0–100"));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_before_start_ends_the_task_without_running_it() {
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
+        stack.drain(20).await;
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 0);
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
+        assert_eq!(results_in(&stack, "chat-u1"), vec![ActionResult::error("'bg' was cancelled.", false)]);
+        assert_eq!(count(&audit_kinds(&stack, &task_id).await, AuditKind::Cancelled), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_is_seen_at_the_next_progress_call() {
+        // GIVEN a handler that reports progress every second
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("ticker", "u1", json!({}))).await);
+        let worker = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // WHEN the user cancels
+        let cancelled_at = Instant::now();
+        assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
+        worker.await.unwrap();
+        // THEN it stops within a heartbeat, and the chat gets one "cancelled" result
+        assert!(cancelled_at.elapsed() <= Settings::default().heartbeat);
+        stack.drain(20).await;
+        let task = task(&stack, &task_id).await;
+        assert_eq!(task.state, TaskState::Cancelled);
+        assert!(task.progress.pct < 20);
+        assert_eq!(results_in(&stack, "chat-u1"), vec![ActionResult::error("'ticker' was cancelled.", false)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_during_a_slow_http_call_drops_the_handler_and_the_connection() {
+        // GIVEN a handler waiting on an AI server that never answers (120 s timeout)
+        let (url, dropped) = hanging_server().await;
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("http", "u1", json!({"url": url}))).await);
+        let worker = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        // WHEN the user cancels
+        let cancelled_at = Instant::now();
+        assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
+        worker.await.unwrap();
+        // THEN the handler is dropped within a heartbeat plus the grace period
+        let settings = Settings::default();
+        assert!(cancelled_at.elapsed() <= settings.heartbeat + settings.cancel_grace);
+        // AND the in-flight request was aborted: the server saw the connection close
+        for _ in 0..100 {
+            if dropped.load(AtomicOrdering::SeqCst) {
+                break;
+            }
+            tokio::task::yield_now().await;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(dropped.load(AtomicOrdering::SeqCst), "connection still open");
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_bursts_are_coalesced_and_the_last_value_kept() {
+        // GIVEN a handler that reports progress 10 000 times without pausing
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("burst", "u1", json!({"n": 10_000}))).await);
+        let before = stack.tasks.writes();
+        stack.drain(20).await;
+        // THEN a handful of writes, not 10 000, and the record holds the last value
+        let writes = stack.tasks.writes() - before;
+        assert!(writes < 20, "{writes} writes");
+        let task = task(&stack, &task_id).await;
+        assert_eq!(task.progress.pct, 100);
+        assert_eq!(task.progress.message, "burst done");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_task_record_is_rebuilt_from_its_work_message() {
+        // GIVEN a work message whose task record was never written
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let message = stack.work.take(1).remove(0);
+        let (stack2, runs2) = stack_with(Settings::default());
+        stack2.work.push(message);
+        // WHEN a worker takes it
+        stack2.drain(20).await;
+        // THEN the task runs and its result reaches the chat
+        assert_eq!(runs2.started.load(AtomicOrdering::SeqCst), 1);
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 0);
+        assert_eq!(task(&stack2, &task_id).await.state, TaskState::Succeeded);
+        assert_eq!(results_in(&stack2, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_malformed_work_message_is_dropped_without_panic() {
+        let (stack, _) = stack();
+        let records = vec![
+            QueueRecord { message_id: "a".into(), body: "{".into() },
+            QueueRecord { message_id: "b".into(), body: "{\"task_id\":\"nope\"}".into() },
+            QueueRecord { message_id: "c".into(), body: "null".into() },
+        ];
+        assert!(handle_batch(&stack.rt, records, None).await.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn near_the_lambda_deadline_the_task_is_handed_on() {
+        // GIVEN an invocation with 60 s left and a task that needs 100 s
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("ticker", "u1", json!({}))).await);
+        let batch = stack.work.take(10);
+        let records = batch.iter().map(|m| QueueRecord { message_id: "m".into(), body: serde_json::to_string(m).unwrap() }).collect();
+        let failed = handle_batch(&stack.rt, records, Some(Instant::now() + Duration::from_secs(60))).await;
+        // THEN the invocation ends cleanly with the task queued again
+        assert!(failed.is_empty());
+        let task = task(&stack, &task_id).await;
+        assert_eq!(task.state, TaskState::Queued);
+        assert_eq!(stack.work.pending().len(), 1);
+        // AND a fresh invocation carries it to the end, progress never going backwards
+        stack.drain(20).await;
+        assert_eq!(crate::testkit::task(&stack, &task_id).await.state, TaskState::Succeeded);
+        let pcts = progress_in(&stack, "chat-u1");
+        assert!(pcts.windows(2).all(|w| w[0] <= w[1]), "{pcts:?}");
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+}
