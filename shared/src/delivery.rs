@@ -17,13 +17,13 @@ use crate::worker::{BATCH_CONCURRENCY, QueueRecord};
 /// Messages about one task are posted in order (progress by sequence, the result last), and
 /// tasks run concurrently.
 pub async fn handle_batch(rt: &Runtime, records: Vec<QueueRecord>) -> Vec<String> {
-    let mut by_task: BTreeMap<String, Vec<(String, DeliveryMessage)>> = BTreeMap::new();
+    let mut by_task: BTreeMap<String, Vec<(String, u32, DeliveryMessage)>> = BTreeMap::new();
     for record in records {
         match serde_json::from_str::<DeliveryMessage>(&record.body) {
             Ok(message) => by_task
                 .entry(message.task_id().to_string())
                 .or_default()
-                .push((record.message_id, message)),
+                .push((record.message_id, record.receive_count, message)),
             Err(err) => {
                 tracing::error!(message_id = %record.message_id, error = %err, "malformed delivery message dropped")
             }
@@ -31,14 +31,17 @@ pub async fn handle_batch(rt: &Runtime, records: Vec<QueueRecord>) -> Vec<String
     }
     futures::stream::iter(by_task.into_values())
         .map(|mut messages| async move {
-            messages.sort_by_key(|(_, m)| match m {
+            messages.sort_by_key(|(_, _, m)| match m {
                 DeliveryMessage::Progress { seq, .. } => *seq,
                 DeliveryMessage::Result { .. } => u64::MAX,
             });
             let mut failed = Vec::new();
-            for (message_id, message) in messages {
+            for (message_id, receive_count, message) in messages {
                 if let Err(err) = handle_message(rt, &message).await {
                     tracing::warn!(%message_id, task_id = %message.task_id(), error = %err, "delivery will be retried");
+                    if receive_count >= rt.settings.max_receives {
+                        undeliverable(rt, &message, &err).await;
+                    }
                     failed.push(message_id);
                 }
             }
@@ -48,6 +51,27 @@ pub async fn handle_batch(rt: &Runtime, records: Vec<QueueRecord>) -> Vec<String
         .flat_map(futures::stream::iter)
         .collect()
         .await
+}
+
+/// The last receive failed: the queue moves the message to its dead-letter queue, where
+/// `longrun dlq redrive` can send it again once the chat API is back. Leave a critical audit
+/// item so operators see it.
+async fn undeliverable(rt: &Runtime, message: &DeliveryMessage, err: &PortError) {
+    let Ok(Some(task)) = rt.services.tasks.get(message.task_id()).await else {
+        return;
+    };
+    let key = message.idempotency_key();
+    tracing::error!(task_id = %task.task_id, %key, error = %err, "critical: message dead-lettered after its last retry");
+    let audit = AuditItem::new(
+        &task,
+        format!("critical#undeliverable#{key}"),
+        AuditKind::Critical,
+        rt.now(),
+        format!("{key} dead-lettered after {} attempts: {err}", rt.settings.max_receives),
+    );
+    if let Err(err) = rt.services.tasks.append_audit(&audit).await {
+        tracing::error!(task_id = %task.task_id, error = %err, "critical audit item not written");
+    }
 }
 
 /// Delivers one message. `Err` means "redeliver it later".
@@ -207,10 +231,10 @@ mod tests {
         let task_id = task_id_of(&stack.intake(call_event("launch", "alice", json!({}))).await);
         stack.drain(20).await;
         // WHEN a forged progress message for it names nothing but the task
-        let records = vec![QueueRecord {
-            message_id: "x".into(),
-            body: json!({"kind":"result","task_id":task_id,"user":"mallory","chat":"chat-mallory"}).to_string(),
-        }];
+        let records = vec![QueueRecord::new(
+            "x",
+            json!({"kind":"result","task_id":task_id,"user":"mallory","chat":"chat-mallory"}).to_string(),
+        )];
         handle_batch(&stack.rt, records).await;
         // THEN nothing ever lands in mallory's chat
         assert!(stack.chat.in_chat("chat-mallory").is_empty());
@@ -250,6 +274,26 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_last_retry_leaves_a_critical_audit_before_the_dead_letter_queue() {
+        // GIVEN a finished task and a chat API that stays down
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
+        stack.work_once().await;
+        stack.work_once().await;
+        stack.delivery.take(10);
+        let body = serde_json::to_string(&DeliveryMessage::Result { task_id: task_id.clone() }).unwrap();
+        for receive_count in 1..=stack.rt.settings.max_receives {
+            stack.chat.script([ChatOutcome::Unavailable { reason: "503".into() }]);
+            let record = QueueRecord { receive_count, ..QueueRecord::new("m", body.clone()) };
+            // THEN every receive asks for a retry…
+            assert_eq!(handle_batch(&stack.rt, vec![record]).await, vec!["m".to_owned()]);
+            let critical = count(&audit_kinds(&stack, &task_id).await, AuditKind::Critical);
+            // …and only the last one, bound for the dead-letter queue, is recorded as critical
+            assert_eq!(critical, usize::from(receive_count == stack.rt.settings.max_receives));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn stale_progress_after_the_result_is_not_posted() {
         let (stack, _) = stack();
         let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
@@ -268,9 +312,9 @@ mod tests {
     async fn malformed_and_unknown_messages_are_dropped_without_panic() {
         let (stack, _) = stack();
         let records = vec![
-            QueueRecord { message_id: "a".into(), body: "][".into() },
-            QueueRecord { message_id: "b".into(), body: json!({"kind":"result","task_id":"01JDZQ6V4E1YQ7K3ZC6M4T9H8P"}).to_string() },
-            QueueRecord { message_id: "c".into(), body: json!({"kind":"gossip"}).to_string() },
+            QueueRecord::new("a", "]["),
+            QueueRecord::new("b", json!({"kind":"result","task_id":"01JDZQ6V4E1YQ7K3ZC6M4T9H8P"}).to_string()),
+            QueueRecord::new("c", json!({"kind":"gossip"}).to_string()),
         ];
         assert!(handle_batch(&stack.rt, records).await.is_empty());
         assert!(stack.chat.posted().is_empty());

@@ -49,6 +49,8 @@ pub struct Settings {
     pub queue_grace: Duration,
     /// How many times a task may be claimed before it is ended as failed.
     pub max_attempts: u32,
+    /// The queues' `maxReceiveCount`: the receive after which a message is dead-lettered.
+    pub max_receives: u32,
     /// How long before the Lambda deadline the worker stops and hands the task on.
     pub deadline_margin: Duration,
     /// Replaces both task caps (180 s / 1800 s); for tests and local demos only.
@@ -64,6 +66,7 @@ impl Default for Settings {
             cancel_grace: Duration::from_secs(2),
             queue_grace: Duration::from_secs(300),
             max_attempts: 3,
+            max_receives: 5,
             deadline_margin: Duration::from_secs(10),
             cap_override: None,
         }

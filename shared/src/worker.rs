@@ -28,6 +28,19 @@ pub const BATCH_CONCURRENCY: usize = 10;
 pub struct QueueRecord {
     pub message_id: String,
     pub body: String,
+    /// How many times the queue has handed this message out (`ApproximateReceiveCount`).
+    pub receive_count: u32,
+}
+
+impl QueueRecord {
+    /// A record received for the first time.
+    pub fn new(message_id: impl Into<String>, body: impl Into<String>) -> Self {
+        Self {
+            message_id: message_id.into(),
+            body: body.into(),
+            receive_count: 1,
+        }
+    }
 }
 
 /// Works a batch of work messages; returns the ids of those to be redelivered (the partial
@@ -737,9 +750,9 @@ mod tests {
     async fn a_malformed_work_message_is_dropped_without_panic() {
         let (stack, _) = stack();
         let records = vec![
-            QueueRecord { message_id: "a".into(), body: "{".into() },
-            QueueRecord { message_id: "b".into(), body: "{\"task_id\":\"nope\"}".into() },
-            QueueRecord { message_id: "c".into(), body: "null".into() },
+            QueueRecord::new("a", "{"),
+            QueueRecord::new("b", "{\"task_id\":\"nope\"}"),
+            QueueRecord::new("c", "null"),
         ];
         assert!(handle_batch(&stack.rt, records, None).await.is_empty());
     }
@@ -750,7 +763,7 @@ mod tests {
         let (stack, _) = stack();
         let task_id = task_id_of(&stack.intake(call_event("ticker", "u1", json!({}))).await);
         let batch = stack.work.take(10);
-        let records = batch.iter().map(|m| QueueRecord { message_id: "m".into(), body: serde_json::to_string(m).unwrap() }).collect();
+        let records = batch.iter().map(|m| QueueRecord::new("m", serde_json::to_string(m).unwrap())).collect();
         let failed = handle_batch(&stack.rt, records, Some(Instant::now() + Duration::from_secs(60))).await;
         // THEN the invocation ends cleanly with the task queued again
         assert!(failed.is_empty());
