@@ -15,6 +15,7 @@ pub mod error;
 pub mod extension;
 pub mod http;
 pub mod intake;
+pub mod lambda;
 pub mod memory;
 pub mod outcome;
 pub mod ports;

@@ -69,3 +69,110 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// The AWS clients, built once per cold start from one `SdkConfig` ("SdkConfig is
+/// expensive, clients are cheap").
+#[derive(Clone, Debug)]
+pub struct AwsClients {
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    pub sqs: aws_sdk_sqs::Client,
+    pub secrets: aws_sdk_secretsmanager::Client,
+}
+
+impl AwsClients {
+    /// Clients for `sdk` (region, credentials and `AWS_ENDPOINT_URL*` as the SDK resolves them).
+    pub fn new(sdk: &aws_config::SdkConfig) -> Self {
+        Self {
+            dynamodb: aws_sdk_dynamodb::Client::new(sdk),
+            sqs: aws_sdk_sqs::Client::new(sdk),
+            secrets: aws_sdk_secretsmanager::Client::new(sdk),
+        }
+    }
+
+    /// Clients from the environment: the standard AWS variables and profile files.
+    pub async fn from_env() -> Self {
+        Self::new(&aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await)
+    }
+}
+
+/// The pipeline's ports on AWS, for `config`. `chat` is the chat API adapter (delivery's);
+/// functions that never post pass `None`.
+pub fn services(
+    clients: &AwsClients,
+    config: &crate::config::Config,
+    chat: Option<std::sync::Arc<dyn crate::ports::ChatApi>>,
+) -> crate::Services {
+    use std::sync::Arc;
+    crate::Services {
+        tasks: Arc::new(dynamodb::DynamoTaskStore::new(
+            clients.dynamodb.clone(),
+            &config.table,
+            config.task_ttl,
+        )),
+        kv: Arc::new(dynamodb::DynamoKv::new(clients.dynamodb.clone(), &config.table)),
+        work: Arc::new(sqs::SqsWorkQueue::new(clients.sqs.clone(), &config.work_queue_url)),
+        delivery: Arc::new(sqs::SqsDeliveryQueue::new(
+            clients.sqs.clone(),
+            &config.delivery_queue_url,
+            config.delivery_dlq_url.clone(),
+        )),
+        secrets: Arc::new(secrets::SecretsManagerStore::new(
+            clients.secrets.clone(),
+            &config.secrets_prefix,
+        )),
+        chat: chat.unwrap_or_else(|| Arc::new(NoChat)),
+        clock: Arc::new(crate::ports::SystemClock),
+        http: reqwest::Client::new(),
+    }
+}
+
+/// The chat adapter of a function that never posts: any use is a configuration error.
+struct NoChat;
+
+#[async_trait::async_trait]
+impl crate::ports::ChatApi for NoChat {
+    async fn post(&self, _: &str, _: &str, _: &crate::wire::ChatMessage) -> crate::ports::ChatOutcome {
+        crate::ports::ChatOutcome::Unavailable {
+            reason: format!("{} is not set in this function", crate::config::vars::CHAT_API_URL),
+        }
+    }
+}
+
+/// The chat adapter for `config`: the HTTP API with the bearer token read once from
+/// `LONGRUN_CHAT_TOKEN_SECRET` when that is set.
+pub async fn chat_from_config(
+    clients: &AwsClients,
+    config: &crate::config::Config,
+    http: reqwest::Client,
+) -> Result<chat::HttpChat, InitError> {
+    let url = config.require_chat_api_url()?;
+    let token = match &config.chat_token_secret {
+        Some(name) => Some(
+            secrets::get_plain(&clients.secrets, name)
+                .await?
+                .ok_or_else(|| InitError::ChatToken(name.clone()))?,
+        ),
+        None => None,
+    };
+    Ok(chat::HttpChat::new(http, url, token))
+}
+
+/// Why a function could not start.
+#[derive(thiserror::Error)]
+pub enum InitError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("the chat token secret {0:?} does not exist")]
+    ChatToken(String),
+    #[error(transparent)]
+    Port(#[from] PortError),
+    #[error(transparent)]
+    Extension(#[from] crate::extension::DuplicateName),
+}
+
+/// `main` prints its error with `Debug`: make that the readable message.
+impl std::fmt::Debug for InitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
