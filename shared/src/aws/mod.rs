@@ -23,7 +23,6 @@ const TRANSIENT_CODES: &[&str] = &[
     "InternalFailure",
     "InternalServiceError",
     "ServiceUnavailable",
-    "LimitExceededException",
     "TransactionInProgressException",
     "KMSThrottlingException",
     "AWS.SimpleQueueService.ServiceUnavailable",
@@ -109,8 +108,14 @@ pub fn services(
             &config.table,
             config.task_ttl,
         )),
-        kv: Arc::new(dynamodb::DynamoKv::new(clients.dynamodb.clone(), &config.table)),
-        work: Arc::new(sqs::SqsWorkQueue::new(clients.sqs.clone(), &config.work_queue_url)),
+        kv: Arc::new(dynamodb::DynamoKv::new(
+            clients.dynamodb.clone(),
+            &config.table,
+        )),
+        work: Arc::new(sqs::SqsWorkQueue::new(
+            clients.sqs.clone(),
+            &config.work_queue_url,
+        )),
         delivery: Arc::new(sqs::SqsDeliveryQueue::new(
             clients.sqs.clone(),
             &config.delivery_queue_url,
@@ -131,9 +136,17 @@ struct NoChat;
 
 #[async_trait::async_trait]
 impl crate::ports::ChatApi for NoChat {
-    async fn post(&self, _: &str, _: &str, _: &crate::wire::ChatMessage) -> crate::ports::ChatOutcome {
+    async fn post(
+        &self,
+        _: &str,
+        _: &str,
+        _: &crate::wire::ChatMessage,
+    ) -> crate::ports::ChatOutcome {
         crate::ports::ChatOutcome::Unavailable {
-            reason: format!("{} is not set in this function", crate::config::vars::CHAT_API_URL),
+            reason: format!(
+                "{} is not set in this function",
+                crate::config::vars::CHAT_API_URL
+            ),
         }
     }
 }

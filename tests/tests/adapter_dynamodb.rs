@@ -1,0 +1,913 @@
+//! The DynamoDB adapter against the dynoxide emulator (in-process, always available): every
+//! conditional write of `TaskStore` and `KvStore` behaves as the in-memory store does, and the
+//! items are laid out as `docs/task-records.md` tells operators.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::AttributeValue;
+use chrono::{DateTime, Utc};
+use longrun::ActionResult;
+use longrun::aws::dynamodb::{
+    DynamoKv, DynamoTaskStore, GSI_BY_LEASE, GSI_BY_USER, TTL_ATTRIBUTE, ensure_table,
+};
+use longrun::ports::{
+    Claim, Created, Finish, FinishGuard, KvStore, PortError, RequestKey, Requeue, TaskStore,
+};
+use longrun::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskKind, TaskState};
+use longrun_tests::dynamo::Dynoxide;
+use serde_json::json;
+
+const TTL: Duration = Duration::from_secs(30 * 86_400);
+
+struct Fixture {
+    _server: Dynoxide,
+    client: Client,
+    table: String,
+    store: DynamoTaskStore,
+}
+
+async fn fixture() -> Fixture {
+    let server = Dynoxide::start().await.expect("dynoxide starts");
+    let client = server.client().await;
+    let table = format!("longrun-{}", TaskId::generate(Utc::now()));
+    assert!(
+        ensure_table(&client, &table).await.expect("table created"),
+        "a fresh table is created"
+    );
+    let store = DynamoTaskStore::new(client.clone(), &table, TTL);
+    Fixture {
+        _server: server,
+        client,
+        table,
+        store,
+    }
+}
+
+impl Fixture {
+    /// The raw item, as an operator's `get-item` shows it.
+    async fn raw(&self, pk: &str, sk: &str) -> Option<HashMap<String, AttributeValue>> {
+        self.client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(pk.to_owned()))
+            .key("sk", AttributeValue::S(sk.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .expect("get-item")
+            .item
+    }
+
+    /// Every item under one partition key, as an operator's `query` shows it.
+    async fn partition(&self, pk: &str) -> Vec<HashMap<String, AttributeValue>> {
+        self.client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", AttributeValue::S(pk.to_owned()))
+            .send()
+            .await
+            .expect("query")
+            .items
+            .unwrap_or_default()
+    }
+
+    async fn queued(&self, ext: &str, user: &str, at: DateTime<Utc>) -> Task {
+        let task = queued_task(ext, user, at);
+        assert_eq!(self.store.create(&task, None).await.unwrap(), Created::New);
+        task
+    }
+
+    /// A task claimed by `owner` at `at` with a lease until `at + 60 s`.
+    async fn running(&self, owner: &str, at: DateTime<Utc>) -> (Task, Lease) {
+        let task = self.queued("text-tools", "u1", at).await;
+        let lease = lease(owner, at + secs(60));
+        match self.store.claim(&task.task_id, &lease, at).await.unwrap() {
+            Claim::Claimed(task) => (task, lease),
+            other => panic!("expected Claimed, got {other:?}"),
+        }
+    }
+}
+
+fn t0() -> DateTime<Utc> {
+    "2030-05-01T12:00:00.123Z".parse().unwrap()
+}
+
+fn secs(n: i64) -> chrono::Duration {
+    chrono::Duration::seconds(n)
+}
+
+fn lease(owner: &str, until: DateTime<Utc>) -> Lease {
+    Lease {
+        owner: owner.to_owned(),
+        until,
+    }
+}
+
+fn queued_task(ext: &str, user: &str, at: DateTime<Utc>) -> Task {
+    Task {
+        task_id: TaskId::generate(at),
+        ext: ext.to_owned(),
+        user: user.to_owned(),
+        chat: "c1".to_owned(),
+        function: "refine_output".to_owned(),
+        kind: TaskKind::Function,
+        event: None,
+        name: None,
+        state: TaskState::Queued,
+        progress: Progress::default(),
+        progress_seq: 0,
+        attempt: 0,
+        cap_s: 180,
+        cancel_requested: false,
+        created_at: at,
+        started_at: None,
+        heartbeat_at: None,
+        finished_at: None,
+        delivered_at: None,
+        result: None,
+        params: json!({"input": "hello"}),
+        lease: Some(lease("queue", at + secs(30))),
+        request_id: None,
+    }
+}
+
+fn request(id: &str) -> RequestKey {
+    RequestKey {
+        ext: "text-tools".to_owned(),
+        user: "u1".to_owned(),
+        request_id: id.to_owned(),
+    }
+}
+
+fn finish(state: TaskState, at: DateTime<Utc>, guard: FinishGuard) -> Finish {
+    Finish {
+        state,
+        result: ActionResult::success("Refined output ready! 🎉", json!({"text": "done"})),
+        at,
+        guard,
+    }
+}
+
+fn is_conflict<T: std::fmt::Debug>(result: Result<T, PortError>) -> bool {
+    matches!(result, Err(PortError::Conflict(_)))
+}
+
+fn is_not_found<T: std::fmt::Debug>(result: Result<T, PortError>) -> bool {
+    matches!(result, Err(PortError::NotFound(_)))
+}
+
+#[tokio::test]
+async fn every_task_field_round_trips() {
+    // GIVEN a task with every optional field set, nested params and unicode
+    let f = fixture().await;
+    let at = t0();
+    let task = Task {
+        event: Some("refined".to_owned()),
+        name: Some("Résumé 📄".to_owned()),
+        state: TaskState::Running,
+        progress: Progress {
+            pct: 42,
+            message: "halfway — almost 🚀".to_owned(),
+        },
+        progress_seq: 7,
+        attempt: 2,
+        cap_s: 1800,
+        kind: TaskKind::Job,
+        cancel_requested: true,
+        started_at: Some(at + secs(1)),
+        heartbeat_at: Some(at + secs(2)),
+        finished_at: Some(at + secs(3)),
+        delivered_at: Some(at + secs(4)),
+        result: Some(ActionResult::success(
+            "Fertig ✅",
+            json!({"text": "日本語", "scores": [1, 2.5, -3], "nested": {"ok": true, "none": null}}),
+        )),
+        params: json!({"input": "ünïcödé", "n": 12, "list": ["a", {"b": []}], "empty": {}}),
+        lease: Some(lease("worker-1", at + secs(60))),
+        request_id: Some("req#1".to_owned()),
+        ..queued_task("text#tools", "user%1", at)
+    };
+    // WHEN it is created and read back
+    assert_eq!(f.store.create(&task, None).await.unwrap(), Created::New);
+    let read = f.store.get(&task.task_id).await.unwrap();
+    // THEN every field is as written
+    assert_eq!(read.as_ref(), Some(&task));
+
+    // AND the record is laid out for operators: native maps, snake_case state, ISO times
+    let pk = format!("TASK#{}", task.task_id);
+    let raw = f.raw(&pk, "TASK").await.expect("task item");
+    assert_eq!(raw["state"], AttributeValue::S("running".to_owned()));
+    assert_eq!(
+        raw["created_at"],
+        AttributeValue::S("2030-05-01T12:00:00.123Z".to_owned())
+    );
+    assert!(matches!(&raw["params"], AttributeValue::M(m) if m.contains_key("input")));
+    assert!(matches!(&raw["result"], AttributeValue::M(m) if m.contains_key("summary")));
+    assert_eq!(raw["progress_pct"], AttributeValue::N("42".to_owned()));
+    assert_eq!(
+        raw["gsi1pk"],
+        AttributeValue::S("USER#text%23tools#user%251".to_owned())
+    );
+    assert_eq!(raw["gsi2pk"], AttributeValue::S("LEASE".to_owned()));
+    assert_eq!(
+        raw["gsi2sk"],
+        AttributeValue::S(format!("2030-05-01T12:01:00.123Z#{}", task.task_id))
+    );
+
+    // AND a task with no optional fields leaves them absent and reads back equal
+    let bare = Task {
+        lease: None,
+        params: serde_json::Value::Null,
+        ..queued_task("text-tools", "u1", at)
+    };
+    f.store.create(&bare, None).await.unwrap();
+    assert_eq!(
+        f.store.get(&bare.task_id).await.unwrap(),
+        Some(bare.clone())
+    );
+    let raw = f
+        .raw(&format!("TASK#{}", bare.task_id), "TASK")
+        .await
+        .unwrap();
+    for absent in [
+        "event",
+        "name",
+        "started_at",
+        "result",
+        "lease_owner",
+        "gsi2pk",
+    ] {
+        assert!(!raw.contains_key(absent), "{absent} must be absent");
+    }
+
+    // AND an unknown task is None
+    let unknown = TaskId::generate(at);
+    assert_eq!(f.store.get(&unknown).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_repeated_request_key_names_the_first_task() {
+    // GIVEN a task created under request key r1
+    let f = fixture().await;
+    let first = queued_task("text-tools", "u1", t0());
+    let key = request("r1");
+    assert_eq!(
+        f.store.create(&first, Some(&key)).await.unwrap(),
+        Created::New
+    );
+    // WHEN a second task is created under the same key
+    let second = queued_task("text-tools", "u1", t0() + secs(1));
+    let created = f.store.create(&second, Some(&key)).await.unwrap();
+    // THEN it is a duplicate of the first, and nothing was written for the second
+    assert_eq!(created, Created::Duplicate(first.task_id.clone()));
+    assert_eq!(f.store.get(&second.task_id).await.unwrap(), None);
+    assert_eq!(
+        f.store.find_request(&key).await.unwrap(),
+        Some(first.task_id.clone())
+    );
+    // AND the same task under the same key again is simply New
+    assert_eq!(
+        f.store.create(&first, Some(&key)).await.unwrap(),
+        Created::New
+    );
+    // AND the key is scoped to its user: another user's r1 is free
+    let other_user = RequestKey {
+        user: "u2".to_owned(),
+        ..key.clone()
+    };
+    assert_eq!(f.store.find_request(&other_user).await.unwrap(), None);
+    let third = queued_task("text-tools", "u2", t0() + secs(2));
+    assert_eq!(
+        f.store.create(&third, Some(&other_user)).await.unwrap(),
+        Created::New
+    );
+    // AND the request item expires a day after the task was created
+    let raw = f
+        .raw("REQ#text-tools#u1#r1", "REQ")
+        .await
+        .expect("request item");
+    let expected = (t0() + secs(86_400)).timestamp().to_string();
+    assert_eq!(raw[TTL_ATTRIBUTE], AttributeValue::N(expected));
+}
+
+#[tokio::test]
+async fn creating_an_existing_task_is_new_and_keeps_the_record() {
+    // GIVEN a task a worker already recovered from its work message and then claimed
+    let f = fixture().await;
+    let (task, _) = f.running("w1", t0()).await;
+    // WHEN intake's (late) create of the same id arrives, with and without a request key
+    let late = queued_task("text-tools", "u1", t0());
+    let late = Task {
+        task_id: task.task_id.clone(),
+        ..late
+    };
+    let key = request("r-late");
+    // THEN both answer New and the stored record is untouched
+    assert_eq!(f.store.create(&late, None).await.unwrap(), Created::New);
+    assert_eq!(
+        f.store.create(&late, Some(&key)).await.unwrap(),
+        Created::New
+    );
+    assert_eq!(
+        f.store.get(&task.task_id).await.unwrap(),
+        Some(task.clone())
+    );
+    // AND the request key now names the task
+    assert_eq!(
+        f.store.find_request(&key).await.unwrap(),
+        Some(task.task_id.clone())
+    );
+}
+
+#[tokio::test]
+async fn two_concurrent_claims_yield_one_claimed_and_one_busy() {
+    // GIVEN a queued task
+    let f = fixture().await;
+    let task = f.queued("text-tools", "u1", t0()).await;
+    let (a, b) = (lease("w-a", t0() + secs(60)), lease("w-b", t0() + secs(60)));
+    // WHEN two workers claim it at the same moment
+    let (ra, rb) = tokio::join!(
+        f.store.claim(&task.task_id, &a, t0()),
+        f.store.claim(&task.task_id, &b, t0())
+    );
+    let outcomes = [ra.unwrap(), rb.unwrap()];
+    // THEN exactly one holds it and the other is told it is busy
+    let claimed: Vec<&Task> = outcomes
+        .iter()
+        .filter_map(|c| match c {
+            Claim::Claimed(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    let busy = outcomes
+        .iter()
+        .filter(|c| matches!(c, Claim::Busy(_)))
+        .count();
+    assert_eq!((claimed.len(), busy), (1, 1), "{outcomes:?}");
+    let winner = claimed[0];
+    assert_eq!(winner.state, TaskState::Running);
+    assert_eq!(winner.attempt, 1);
+    assert_eq!(winner.started_at, Some(t0()));
+    assert_eq!(winner.heartbeat_at, Some(t0()));
+    assert_eq!(
+        f.store.get(&task.task_id).await.unwrap().as_ref(),
+        Some(winner)
+    );
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_is_reclaimed_with_the_next_attempt() {
+    // GIVEN a task claimed at t0 with a lease until t0+60s
+    let f = fixture().await;
+    let (task, _) = f.running("w1", t0()).await;
+    let next = lease("w2", t0() + secs(200));
+    // WHEN another worker claims it before the lease lapses
+    let early = f.store.claim(&task.task_id, &next, t0() + secs(59)).await;
+    // THEN it is busy
+    assert!(matches!(early.unwrap(), Claim::Busy(t) if t.lease.as_ref().unwrap().owner == "w1"));
+    // WHEN it claims after the lapse
+    let late = f.store.claim(&task.task_id, &next, t0() + secs(61)).await;
+    // THEN it holds the task, attempt 2, and the first start is kept
+    let Claim::Claimed(reclaimed) = late.unwrap() else {
+        panic!("expected Claimed")
+    };
+    assert_eq!(reclaimed.attempt, 2);
+    assert_eq!(reclaimed.lease, Some(next));
+    assert_eq!(reclaimed.started_at, Some(t0()));
+    assert_eq!(reclaimed.heartbeat_at, Some(t0() + secs(61)));
+}
+
+#[tokio::test]
+async fn claims_of_finished_and_missing_tasks_say_so() {
+    // GIVEN a task that ended
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    let at = t0() + secs(5);
+    f.store
+        .finish(
+            &task.task_id,
+            &finish(TaskState::Succeeded, at, FinishGuard::Owner(held.owner)),
+        )
+        .await
+        .unwrap();
+    // WHEN a duplicate work message claims it
+    let claim = f
+        .store
+        .claim(&task.task_id, &lease("w2", at + secs(60)), at)
+        .await;
+    // THEN it is told the task finished, with the stored result
+    let Claim::Finished(done) = claim.unwrap() else {
+        panic!("expected Finished")
+    };
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert!(done.result.is_some());
+    // AND a claim of a task that does not exist is Missing, and writes nothing
+    let ghost = TaskId::generate(t0());
+    let claim = f.store.claim(&ghost, &lease("w2", at), at).await.unwrap();
+    assert_eq!(claim, Claim::Missing);
+    assert_eq!(f.raw(&format!("TASK#{ghost}"), "TASK").await, None);
+}
+
+#[tokio::test]
+async fn the_lease_holder_beats_and_a_stranger_conflicts() {
+    // GIVEN a running task held by w1
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    // WHEN w1 beats with progress twice
+    let renewed = lease("w1", t0() + secs(120));
+    let progress = Progress {
+        pct: 30,
+        message: "reading 📖".to_owned(),
+    };
+    let beat = f
+        .store
+        .beat(&task.task_id, &renewed, Some(&progress), t0() + secs(10))
+        .await
+        .unwrap();
+    assert_eq!(beat.progress_seq, 1);
+    assert!(!beat.cancel_requested);
+    let beat = f
+        .store
+        .beat(&task.task_id, &renewed, Some(&progress), t0() + secs(11))
+        .await
+        .unwrap();
+    // THEN the sequence is bumped and the lease, heartbeat and checkpoint recorded
+    assert_eq!(beat.progress_seq, 2);
+    let stored = f.store.get(&task.task_id).await.unwrap().unwrap();
+    assert_eq!(stored.lease, Some(renewed.clone()));
+    assert_eq!(stored.heartbeat_at, Some(t0() + secs(11)));
+    assert_eq!(stored.progress, progress);
+    // AND the sweeper's index follows the renewed lease
+    let raw = f
+        .raw(&format!("TASK#{}", task.task_id), "TASK")
+        .await
+        .unwrap();
+    assert_eq!(
+        raw["gsi2sk"],
+        AttributeValue::S(format!("2030-05-01T12:02:00.123Z#{}", task.task_id))
+    );
+    // AND a heartbeat without progress leaves the sequence alone
+    let beat = f
+        .store
+        .beat(&task.task_id, &renewed, None, t0() + secs(12))
+        .await
+        .unwrap();
+    assert_eq!(beat.progress_seq, 2);
+
+    // WHEN a stranger beats
+    let stranger = f
+        .store
+        .beat(
+            &task.task_id,
+            &lease("w2", t0() + secs(500)),
+            None,
+            t0() + secs(13),
+        )
+        .await;
+    // THEN it conflicts and changes nothing
+    assert!(is_conflict(stranger));
+    assert_eq!(
+        f.store.get(&task.task_id).await.unwrap().unwrap().lease,
+        Some(renewed)
+    );
+    // AND a beat on a task that does not exist is NotFound
+    let ghost = TaskId::generate(t0());
+    assert!(is_not_found(f.store.beat(&ghost, &held, None, t0()).await));
+}
+
+#[tokio::test]
+async fn a_cancel_request_reaches_the_next_beat() {
+    // GIVEN a running task
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    // WHEN the user asks to cancel
+    let cancelled = f
+        .store
+        .request_cancel(&task.task_id, t0() + secs(1))
+        .await
+        .unwrap();
+    assert!(cancelled.cancel_requested);
+    // THEN the worker's next beat says so
+    let beat = f
+        .store
+        .beat(&task.task_id, &held, None, t0() + secs(2))
+        .await
+        .unwrap();
+    assert!(beat.cancel_requested);
+    // AND a cancel request on a queued task conflicts, on a missing one is NotFound
+    let queued = f.queued("text-tools", "u1", t0()).await;
+    assert!(is_conflict(
+        f.store.request_cancel(&queued.task_id, t0()).await
+    ));
+    let ghost = TaskId::generate(t0());
+    assert!(is_not_found(f.store.request_cancel(&ghost, t0()).await));
+}
+
+#[tokio::test]
+async fn only_the_guard_holder_finishes_a_task() {
+    // GIVEN a task held by w1 until t0+60s
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    let id = &task.task_id;
+    // WHEN a stranger finishes it
+    let stranger = finish(
+        TaskState::Succeeded,
+        t0() + secs(5),
+        FinishGuard::Owner("w2".into()),
+    );
+    // THEN it conflicts
+    assert!(is_conflict(f.store.finish(id, &stranger).await));
+    // AND the sweeper cannot end it while the lease is live
+    let early = finish(
+        TaskState::Failed,
+        t0() + secs(59),
+        FinishGuard::ExpiredLease,
+    );
+    assert!(is_conflict(f.store.finish(id, &early).await));
+    // AND the Queued guard does not apply to a running task
+    let queued_only = finish(TaskState::Cancelled, t0() + secs(5), FinishGuard::Queued);
+    assert!(is_conflict(f.store.finish(id, &queued_only).await));
+    // WHEN the owner finishes it
+    let done = f
+        .store
+        .finish(
+            id,
+            &finish(
+                TaskState::Succeeded,
+                t0() + secs(6),
+                FinishGuard::Owner(held.owner.clone()),
+            ),
+        )
+        .await
+        .unwrap();
+    // THEN it succeeded, with its result, and the lease is gone
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert_eq!(done.finished_at, Some(t0() + secs(6)));
+    assert_eq!(done.lease, None);
+    assert_eq!(
+        done.result.as_ref().unwrap().summary,
+        "Refined output ready! 🎉"
+    );
+    // AND nobody can finish it again
+    let again = finish(TaskState::Failed, t0() + secs(7), FinishGuard::NotTerminal);
+    assert!(is_conflict(f.store.finish(id, &again).await));
+    // AND finishing a task that does not exist is NotFound
+    let ghost = TaskId::generate(t0());
+    assert!(is_not_found(f.store.finish(&ghost, &again).await));
+}
+
+#[tokio::test]
+async fn the_sweeper_finishes_only_after_the_lease_lapsed() {
+    // GIVEN a running task whose lease ends at t0+60s
+    let f = fixture().await;
+    let (task, _) = f.running("w1", t0()).await;
+    // WHEN the sweeper ends it at t0+60s exactly
+    let at_edge = finish(
+        TaskState::Failed,
+        t0() + secs(60),
+        FinishGuard::ExpiredLease,
+    );
+    // THEN the lease has not lapsed yet
+    assert!(is_conflict(f.store.finish(&task.task_id, &at_edge).await));
+    // WHEN it ends it after the lapse
+    let lapsed = finish(
+        TaskState::Failed,
+        t0() + secs(61),
+        FinishGuard::ExpiredLease,
+    );
+    let ended = f.store.finish(&task.task_id, &lapsed).await.unwrap();
+    // THEN the task failed
+    assert_eq!(ended.state, TaskState::Failed);
+
+    // GIVEN a queued task
+    let queued = f.queued("text-tools", "u1", t0()).await;
+    // WHEN it is "succeeded" under the Queued guard (queued → succeeded is illegal)
+    let illegal = finish(TaskState::Succeeded, t0(), FinishGuard::Queued);
+    // THEN it conflicts; a cancel under the same guard succeeds
+    assert!(is_conflict(f.store.finish(&queued.task_id, &illegal).await));
+    let cancel = finish(TaskState::Cancelled, t0(), FinishGuard::Queued);
+    let cancelled = f.store.finish(&queued.task_id, &cancel).await.unwrap();
+    assert_eq!(cancelled.state, TaskState::Cancelled);
+}
+
+#[tokio::test]
+async fn finish_sets_the_ttl_and_leaves_the_sweeper_index() {
+    // GIVEN a running task, in the sweeper's index
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    let pk = format!("TASK#{}", task.task_id);
+    let raw = f.raw(&pk, "TASK").await.unwrap();
+    assert!(raw.contains_key("gsi2pk") && !raw.contains_key(TTL_ATTRIBUTE));
+    // WHEN it finishes
+    let at = t0() + secs(9);
+    f.store
+        .finish(
+            &task.task_id,
+            &finish(TaskState::Succeeded, at, FinishGuard::Owner(held.owner)),
+        )
+        .await
+        .unwrap();
+    // THEN it expires `ttl` after it finished, and left the index with its lease
+    let raw = f.raw(&pk, "TASK").await.unwrap();
+    let expected = at.timestamp() + TTL.as_secs() as i64;
+    assert_eq!(raw[TTL_ATTRIBUTE], AttributeValue::N(expected.to_string()));
+    for gone in ["gsi2pk", "gsi2sk", "lease_owner", "lease_until"] {
+        assert!(!raw.contains_key(gone), "{gone} must be removed");
+    }
+    assert_eq!(
+        raw["finished_at"],
+        AttributeValue::S("2030-05-01T12:00:09.123Z".into())
+    );
+}
+
+#[tokio::test]
+async fn a_result_is_marked_delivered_once() {
+    // GIVEN a finished task
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    f.store
+        .finish(
+            &task.task_id,
+            &finish(TaskState::Succeeded, t0(), FinishGuard::Owner(held.owner)),
+        )
+        .await
+        .unwrap();
+    // WHEN delivery marks it twice
+    let first = f
+        .store
+        .mark_delivered(&task.task_id, t0() + secs(1))
+        .await
+        .unwrap();
+    let second = f
+        .store
+        .mark_delivered(&task.task_id, t0() + secs(2))
+        .await
+        .unwrap();
+    // THEN only the first counts, and its time is kept
+    assert!(first);
+    assert!(!second);
+    let stored = f.store.get(&task.task_id).await.unwrap().unwrap();
+    assert_eq!(stored.delivered_at, Some(t0() + secs(1)));
+    // AND marking a task that does not exist is NotFound (and creates nothing)
+    let ghost = TaskId::generate(t0());
+    assert!(is_not_found(f.store.mark_delivered(&ghost, t0()).await));
+    assert_eq!(f.raw(&format!("TASK#{ghost}"), "TASK").await, None);
+}
+
+#[tokio::test]
+async fn audit_items_are_written_once_and_read_oldest_first() {
+    // GIVEN a task
+    let f = fixture().await;
+    let task = f.queued("text-tools", "u1", t0()).await;
+    let item = |id: &str, kind, at| AuditItem::new(&task, id, kind, at, format!("{id} ✓"));
+    let created = item("created", AuditKind::Created, t0());
+    let delivered = item("delivered#result", AuditKind::Delivered, t0() + secs(20));
+    let progress = item(
+        "delivered#progress#1",
+        AuditKind::Delivered,
+        t0() + secs(10),
+    );
+    let critical = item("critical#cap", AuditKind::Critical, t0() + secs(10));
+    // WHEN they are appended out of order, one of them twice
+    for audit in [&delivered, &created, &progress, &delivered, &critical] {
+        f.store.append_audit(audit).await.unwrap();
+    }
+    // THEN the trail holds each once, oldest first (ties by audit id)
+    let trail = f.store.audit_trail(&task.task_id).await.unwrap();
+    assert_eq!(trail, vec![created, critical, progress, delivered.clone()]);
+    // AND one Query on the task's partition shows the record and its trail
+    let partition = f.partition(&format!("TASK#{}", task.task_id)).await;
+    assert_eq!(partition.len(), 5);
+    // AND audit items expire with the task
+    let raw = f
+        .raw(&format!("TASK#{}", task.task_id), "AUDIT#delivered#result")
+        .await
+        .unwrap();
+    let expected = delivered.at.timestamp() + TTL.as_secs() as i64;
+    assert_eq!(raw[TTL_ATTRIBUTE], AttributeValue::N(expected.to_string()));
+    assert_eq!(raw["kind"], AttributeValue::S("delivered".into()));
+    // AND a task without audit items has an empty trail
+    let other = f.queued("text-tools", "u1", t0()).await;
+    assert!(
+        f.store
+            .audit_trail(&other.task_id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_users_tasks_are_listed_newest_first() {
+    // GIVEN three tasks of u1, one of u2, and one of a look-alike (ext, user) pair
+    let f = fixture().await;
+    let mut mine = Vec::new();
+    for i in 0..3 {
+        mine.push(f.queued("text-tools", "u1", t0() + secs(i)).await);
+    }
+    f.queued("text-tools", "u2", t0() + secs(10)).await;
+    f.queued("other-ext", "u1", t0() + secs(11)).await;
+    let tricky_a = f.queued("a#b", "c", t0() + secs(12)).await;
+    let tricky_b = f.queued("a", "b#c", t0() + secs(13)).await;
+    // WHEN u1 lists two
+    let listed = f.store.list_by_user("text-tools", "u1", 2).await.unwrap();
+    // THEN the two newest of theirs come back, newest first
+    let ids: Vec<&TaskId> = listed.iter().map(|t| &t.task_id).collect();
+    assert_eq!(ids, vec![&mine[2].task_id, &mine[1].task_id]);
+    // AND a larger limit returns all three and nothing else
+    let all = f.store.list_by_user("text-tools", "u1", 50).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(all.iter().all(|t| t.is_owned_by("text-tools", "u1")));
+    // AND `#` in ext or user cannot mix two users' lists
+    let a = f.store.list_by_user("a#b", "c", 10).await.unwrap();
+    let b = f.store.list_by_user("a", "b#c", 10).await.unwrap();
+    assert_eq!(a, vec![tricky_a]);
+    assert_eq!(b, vec![tricky_b]);
+    // AND a limit of zero lists nothing
+    assert!(
+        f.store
+            .list_by_user("text-tools", "u1", 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // AND the index is the one the design names
+    let described = f
+        .client
+        .describe_table()
+        .table_name(&f.table)
+        .send()
+        .await
+        .unwrap();
+    let mut names: Vec<&str> = described
+        .table()
+        .unwrap()
+        .global_secondary_indexes()
+        .iter()
+        .filter_map(|i| i.index_name())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, vec![GSI_BY_LEASE, GSI_BY_USER]);
+}
+
+#[tokio::test]
+async fn expired_leases_are_only_lapsed_live_tasks() {
+    // GIVEN a queued task whose queue lease lapses at t0+30s, a running one lapsing at
+    // t0+60s, a running one with a live lease, and a finished one
+    let f = fixture().await;
+    let queued = f.queued("text-tools", "u1", t0()).await;
+    let (stale, _) = f.running("w1", t0()).await;
+    let (live, _) = f.running("w2", t0() + secs(100)).await;
+    let (done, held) = f.running("w3", t0()).await;
+    f.store
+        .finish(
+            &done.task_id,
+            &finish(TaskState::Succeeded, t0(), FinishGuard::Owner(held.owner)),
+        )
+        .await
+        .unwrap();
+    // WHEN the sweeper looks at t0+90s
+    let now = t0() + secs(90);
+    let expired = f.store.expired_leases(now, 10).await.unwrap();
+    // THEN it sees the lapsed queued and running tasks, oldest lease first
+    let ids: Vec<&TaskId> = expired.iter().map(|t| &t.task_id).collect();
+    assert_eq!(ids, vec![&queued.task_id, &stale.task_id]);
+    assert!(!ids.contains(&&live.task_id));
+    // AND the limit holds
+    let one = f.store.expired_leases(now, 1).await.unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].task_id, queued.task_id);
+    // AND before anything lapsed there is nothing to do
+    assert!(
+        f.store
+            .expired_leases(t0() + secs(1), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn requeue_is_guarded_by_owner_or_lapse() {
+    // GIVEN a running task held by w1 until t0+60s
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    let id = &task.task_id;
+    let held_attempt = f.store.get(id).await.unwrap().unwrap().attempt;
+    let queue_lease = lease("queue", t0() + secs(300));
+    // WHEN a stranger hands it back to the queue
+    let stranger = f
+        .store
+        .requeue(id, &Requeue::Owner("w2".into()), &queue_lease)
+        .await;
+    // THEN it conflicts; so does the sweeper before the lease lapsed
+    assert!(is_conflict(stranger));
+    let early = f
+        .store
+        .requeue(id, &Requeue::Expired(t0() + secs(30)), &queue_lease)
+        .await;
+    assert!(is_conflict(early));
+    // WHEN the owner hands it back
+    let requeued = f
+        .store
+        .requeue(id, &Requeue::Owner(held.owner.clone()), &queue_lease)
+        .await
+        .unwrap();
+    // THEN it is queued under the queue lease, in the sweeper's index at that lease, and the
+    // hand-off gave its attempt back
+    assert_eq!(requeued.state, TaskState::Queued);
+    assert_eq!(requeued.lease, Some(queue_lease.clone()));
+    assert_eq!(requeued.attempt, held_attempt - 1);
+    let raw = f.raw(&format!("TASK#{id}"), "TASK").await.unwrap();
+    assert_eq!(
+        raw["gsi2sk"],
+        AttributeValue::S(format!("2030-05-01T12:05:00.123Z#{id}"))
+    );
+    // AND the former owner can no longer requeue it
+    let again = f
+        .store
+        .requeue(id, &Requeue::Owner(held.owner), &queue_lease)
+        .await;
+    assert!(is_conflict(again));
+    // AND the sweeper can revive it once the queue lease lapsed
+    let revived_lease = lease("queue", t0() + secs(900));
+    let revived = f
+        .store
+        .requeue(id, &Requeue::Expired(t0() + secs(301)), &revived_lease)
+        .await
+        .unwrap();
+    assert_eq!(revived.lease, Some(revived_lease.clone()));
+    assert_eq!(
+        revived.attempt,
+        held_attempt - 1,
+        "a revival counts no attempt by itself"
+    );
+    // AND requeueing a task that does not exist is NotFound
+    let ghost = TaskId::generate(t0());
+    assert!(is_not_found(
+        f.store
+            .requeue(&ghost, &Requeue::Expired(t0()), &revived_lease)
+            .await
+    ));
+}
+
+#[tokio::test]
+async fn ensure_table_is_idempotent() {
+    // GIVEN a table ensure_table created
+    let f = fixture().await;
+    // WHEN it runs again
+    let created = ensure_table(&f.client, &f.table).await.unwrap();
+    // THEN it reports the table already existed, and the table still works
+    assert!(!created);
+    f.queued("text-tools", "u1", t0()).await;
+}
+
+#[tokio::test]
+async fn the_store_is_private_to_each_ext_and_user() {
+    // GIVEN values set by u1 of two extensions
+    let f = fixture().await;
+    let kv = DynamoKv::new(f.client.clone(), &f.table);
+    let value = json!({"draft": "ünïcödé ✍️", "n": 3, "tags": ["a"], "none": null});
+    kv.set("text-tools", "u1", "draft", &value).await.unwrap();
+    kv.set("other", "u1", "draft", &json!("theirs"))
+        .await
+        .unwrap();
+    // WHEN u1 of text-tools and u2 read the key
+    // THEN each sees only its own value
+    assert_eq!(
+        kv.get("text-tools", "u1", "draft").await.unwrap(),
+        Some(value)
+    );
+    assert_eq!(kv.get("text-tools", "u2", "draft").await.unwrap(), None);
+    assert_eq!(
+        kv.get("other", "u1", "draft").await.unwrap(),
+        Some(json!("theirs"))
+    );
+    // WHEN the value is overwritten, then deleted
+    kv.set("text-tools", "u1", "draft", &json!(42))
+        .await
+        .unwrap();
+    assert_eq!(
+        kv.get("text-tools", "u1", "draft").await.unwrap(),
+        Some(json!(42))
+    );
+    kv.delete("text-tools", "u1", "draft").await.unwrap();
+    // THEN it is gone for u1 of text-tools only, and deleting again is fine
+    assert_eq!(kv.get("text-tools", "u1", "draft").await.unwrap(), None);
+    assert_eq!(
+        kv.get("other", "u1", "draft").await.unwrap(),
+        Some(json!("theirs"))
+    );
+    kv.delete("text-tools", "u1", "draft").await.unwrap();
+    // AND a stored null reads back as null, not as absent
+    kv.set("text-tools", "u1", "nothing", &serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(
+        kv.get("text-tools", "u1", "nothing").await.unwrap(),
+        Some(serde_json::Value::Null)
+    );
+}
