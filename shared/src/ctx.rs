@@ -117,11 +117,25 @@ pub enum StoreError {
     Port(#[from] PortError),
     #[error("stored value does not fit the requested type: {0}")]
     Decode(#[from] serde_json::Error),
+    /// Keys are 1 to 1024 bytes (DynamoDB's sort key limit).
+    #[error("store key must be 1 to {MAX_STORE_KEY_BYTES} bytes, got {0}")]
+    InvalidKey(usize),
+}
+
+/// The longest `ctx.store` key, in bytes.
+pub const MAX_STORE_KEY_BYTES: usize = 1024;
+
+fn check_key(key: &str) -> Result<(), StoreError> {
+    if key.is_empty() || key.len() > MAX_STORE_KEY_BYTES {
+        return Err(StoreError::InvalidKey(key.len()));
+    }
+    Ok(())
 }
 
 impl Store {
     /// The value under `key`, if any.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        check_key(key)?;
         match self.port.get(&self.ext, &self.user, key).await? {
             Some(value) => Ok(Some(serde_json::from_value(value)?)),
             None => Ok(None),
@@ -130,12 +144,14 @@ impl Store {
 
     /// Stores `value` under `key`.
     pub async fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        check_key(key)?;
         let value = serde_json::to_value(value)?;
         Ok(self.port.set(&self.ext, &self.user, key, &value).await?)
     }
 
     /// Removes `key`.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        check_key(key)?;
         Ok(self.port.delete(&self.ext, &self.user, key).await?)
     }
 }
@@ -250,5 +266,51 @@ impl Ctx {
     ) -> Result<TaskId, BackgroundError> {
         let input = serde_json::to_value(input)?;
         self.launcher.launch(job, input, options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::memory::MemoryKv;
+
+    fn store() -> Store {
+        Store {
+            port: Arc::new(MemoryKv::default()),
+            ext: "e".into(),
+            user: "u".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn store_round_trips_typed_values() {
+        let store = store();
+        store.set("last", &vec![1, 2]).await.unwrap();
+        assert_eq!(
+            store.get::<Vec<u8>>("last").await.unwrap(),
+            Some(vec![1, 2])
+        );
+        assert!(matches!(
+            store.get::<String>("last").await,
+            Err(StoreError::Decode(_))
+        ));
+        store.delete("last").await.unwrap();
+        assert_eq!(store.get::<Vec<u8>>("last").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn empty_and_oversized_keys_are_refused() {
+        let store = store();
+        assert!(matches!(
+            store.set("", &1).await,
+            Err(StoreError::InvalidKey(0))
+        ));
+        let long = "k".repeat(MAX_STORE_KEY_BYTES + 1);
+        assert!(matches!(
+            store.get::<u8>(&long).await,
+            Err(StoreError::InvalidKey(1025))
+        ));
     }
 }

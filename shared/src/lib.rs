@@ -40,4 +40,5 @@ pub use task::{Task, TaskId, TaskState};
 /// Re-exports for extension crates, so they need not depend on `schemars` and `serde`
 /// versions of their own.
 pub use schemars;
+pub use serde;
 pub use serde_json;

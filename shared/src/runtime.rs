@@ -183,6 +183,26 @@ impl Runtime {
         }
     }
 
+    /// Queues a finished task's work again as a new task: same owner, chat, function and
+    /// params (`longrun tasks retry`).
+    pub async fn resubmit(&self, task: &Task) -> Result<TaskId, PortError> {
+        let spec = TaskSpec {
+            caller: Caller {
+                ext: task.ext.clone(),
+                user: task.user.clone(),
+                chat: task.chat.clone(),
+            },
+            function: task.function.clone(),
+            kind: task.kind,
+            event: task.event.clone(),
+            name: task.name.clone(),
+            long_running: task.cap_s > Cap::Standard.seconds(),
+            params: task.params.clone(),
+        };
+        let retry = self.new_task(spec, None);
+        self.enqueue(retry, None).await
+    }
+
     /// The handler context for `caller`, optionally running as `task`.
     pub(crate) fn ctx(
         &self,
