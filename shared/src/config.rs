@@ -59,12 +59,15 @@ impl Config {
         let optional = |name: &'static str| lookup(name).filter(|v| !v.trim().is_empty());
         let required = |name: &'static str| optional(name).ok_or(ConfigError::Missing(name));
         let ttl_days = match optional(vars::TASK_TTL_DAYS) {
-            Some(v) => v.trim().parse::<u64>().ok().filter(|d| *d > 0).ok_or_else(|| {
-                ConfigError::Invalid {
+            Some(v) => v
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|d| *d > 0)
+                .ok_or_else(|| ConfigError::Invalid {
                     name: vars::TASK_TTL_DAYS,
                     reason: format!("{v:?} is not a positive number of days"),
-                }
-            })?,
+                })?,
             None => 30,
         };
         Ok(Self {
@@ -94,14 +97,20 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| map.get(k).cloned()
     }
 
     #[test]
     fn a_missing_variable_is_named() {
         let err = Config::from_lookup(env(&[(vars::TABLE, "t")])).unwrap_err();
-        assert_eq!(err.to_string(), "environment variable LONGRUN_WORK_QUEUE_URL is not set");
+        assert_eq!(
+            err.to_string(),
+            "environment variable LONGRUN_WORK_QUEUE_URL is not set"
+        );
     }
 
     #[test]
@@ -114,7 +123,10 @@ mod tests {
         .unwrap();
         assert_eq!(config.secrets_prefix, "longrun");
         assert_eq!(config.task_ttl, Duration::from_secs(30 * 86_400));
-        assert_eq!(config.require_chat_api_url().unwrap_err(), ConfigError::Missing(vars::CHAT_API_URL));
+        assert_eq!(
+            config.require_chat_api_url().unwrap_err(),
+            ConfigError::Missing(vars::CHAT_API_URL)
+        );
     }
 
     #[test]

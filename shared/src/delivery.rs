@@ -67,7 +67,10 @@ async fn undeliverable(rt: &Runtime, message: &DeliveryMessage, err: &PortError)
         format!("critical#undeliverable#{key}"),
         AuditKind::Critical,
         rt.now(),
-        format!("{key} dead-lettered after {} attempts: {err}", rt.settings.max_receives),
+        format!(
+            "{key} dead-lettered after {} attempts: {err}",
+            rt.settings.max_receives
+        ),
     );
     if let Err(err) = rt.services.tasks.append_audit(&audit).await {
         tracing::error!(task_id = %task.task_id, error = %err, "critical audit item not written");
@@ -188,7 +191,9 @@ mod tests {
         stack.drain(20).await;
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
         // WHEN its result message arrives three more times, once in a single batch
-        let message = DeliveryMessage::Result { task_id: task_id.clone() };
+        let message = DeliveryMessage::Result {
+            task_id: task_id.clone(),
+        };
         for _ in 0..3 {
             stack.delivery.push(message.clone());
         }
@@ -196,7 +201,13 @@ mod tests {
         // THEN the chat still holds one result and the audit one `delivered#result`
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
         let audit = audit_kinds(&stack, &task_id).await;
-        assert_eq!(audit.iter().filter(|(_, id)| id == "delivered#result").count(), 1);
+        assert_eq!(
+            audit
+                .iter()
+                .filter(|(_, id)| id == "delivered#result")
+                .count(),
+            1
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -206,7 +217,9 @@ mod tests {
         let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
         stack.work_once().await;
         stack.work_once().await;
-        let message = DeliveryMessage::Result { task_id: task_id.clone() };
+        let message = DeliveryMessage::Result {
+            task_id: task_id.clone(),
+        };
         let task = stack.tasks.get(&task_id).await.unwrap().unwrap();
         let body = ChatMessage::Result {
             user: task.user.clone(),
@@ -216,12 +229,24 @@ mod tests {
             event: task.event.clone(),
             result: task.result.clone().unwrap(),
         };
-        stack.chat.post(&task.chat, &message.idempotency_key(), &body).await;
+        stack
+            .chat
+            .post(&task.chat, &message.idempotency_key(), &body)
+            .await;
         // WHEN the message is redelivered
         stack.drain(20).await;
         // THEN the chat holds one result and the task is marked delivered
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
-        assert!(stack.tasks.get(&task_id).await.unwrap().unwrap().delivered_at.is_some());
+        assert!(
+            stack
+                .tasks
+                .get(&task_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .delivered_at
+                .is_some()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -233,7 +258,8 @@ mod tests {
         // WHEN a forged progress message for it names nothing but the task
         let records = vec![QueueRecord::new(
             "x",
-            json!({"kind":"result","task_id":task_id,"user":"mallory","chat":"chat-mallory"}).to_string(),
+            json!({"kind":"result","task_id":task_id,"user":"mallory","chat":"chat-mallory"})
+                .to_string(),
         )];
         handle_batch(&stack.rt, records).await;
         // THEN nothing ever lands in mallory's chat
@@ -245,8 +271,12 @@ mod tests {
     async fn a_5xx_is_retried_and_delivers_once() {
         let (stack, _) = stack();
         stack.chat.script([
-            ChatOutcome::Unavailable { reason: "503".into() },
-            ChatOutcome::Unavailable { reason: "timeout".into() },
+            ChatOutcome::Unavailable {
+                reason: "503".into(),
+            },
+            ChatOutcome::Unavailable {
+                reason: "timeout".into(),
+            },
         ]);
         let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
         stack.work_once().await;
@@ -254,7 +284,16 @@ mod tests {
         stack.drain(20).await;
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
         assert!(stack.chat.attempts() >= 3);
-        assert!(stack.tasks.get(&task_id).await.unwrap().unwrap().delivered_at.is_some());
+        assert!(
+            stack
+                .tasks
+                .get(&task_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .delivered_at
+                .is_some()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -266,11 +305,19 @@ mod tests {
         stack.chat.script([ChatOutcome::Rejected { status: 400 }]);
         stack.drain(20).await;
         assert!(results_in(&stack, "chat-u1").is_empty());
-        assert_eq!(stack.delivery.dead_letters(), vec![DeliveryMessage::Result { task_id: task_id.clone() }]);
+        assert_eq!(
+            stack.delivery.dead_letters(),
+            vec![DeliveryMessage::Result {
+                task_id: task_id.clone()
+            }]
+        );
         let audit = audit_kinds(&stack, &task_id).await;
         assert!(audit.contains(&(AuditKind::Critical, "critical#delivered#result".into())));
         assert_eq!(count(&audit, AuditKind::Delivered), 0);
-        assert_eq!(stack.tasks.get(&task_id).await.unwrap().unwrap().state, TaskState::Succeeded);
+        assert_eq!(
+            stack.tasks.get(&task_id).await.unwrap().unwrap().state,
+            TaskState::Succeeded
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -281,15 +328,29 @@ mod tests {
         stack.work_once().await;
         stack.work_once().await;
         stack.delivery.take(10);
-        let body = serde_json::to_string(&DeliveryMessage::Result { task_id: task_id.clone() }).unwrap();
+        let body = serde_json::to_string(&DeliveryMessage::Result {
+            task_id: task_id.clone(),
+        })
+        .unwrap();
         for receive_count in 1..=stack.rt.settings.max_receives {
-            stack.chat.script([ChatOutcome::Unavailable { reason: "503".into() }]);
-            let record = QueueRecord { receive_count, ..QueueRecord::new("m", body.clone()) };
+            stack.chat.script([ChatOutcome::Unavailable {
+                reason: "503".into(),
+            }]);
+            let record = QueueRecord {
+                receive_count,
+                ..QueueRecord::new("m", body.clone())
+            };
             // THEN every receive asks for a retry…
-            assert_eq!(handle_batch(&stack.rt, vec![record]).await, vec!["m".to_owned()]);
+            assert_eq!(
+                handle_batch(&stack.rt, vec![record]).await,
+                vec!["m".to_owned()]
+            );
             let critical = count(&audit_kinds(&stack, &task_id).await, AuditKind::Critical);
             // …and only the last one, bound for the dead-letter queue, is recorded as critical
-            assert_eq!(critical, usize::from(receive_count == stack.rt.settings.max_receives));
+            assert_eq!(
+                critical,
+                usize::from(receive_count == stack.rt.settings.max_receives)
+            );
         }
     }
 
@@ -302,7 +363,10 @@ mod tests {
         stack.delivery.push(DeliveryMessage::Progress {
             task_id,
             seq: 1,
-            progress: crate::task::Progress { pct: 10, message: "late".into() },
+            progress: crate::task::Progress {
+                pct: 10,
+                message: "late".into(),
+            },
         });
         stack.drain(20).await;
         assert_eq!(stack.chat.posted().len(), before);
@@ -313,7 +377,10 @@ mod tests {
         let (stack, _) = stack();
         let records = vec![
             QueueRecord::new("a", "]["),
-            QueueRecord::new("b", json!({"kind":"result","task_id":"01JDZQ6V4E1YQ7K3ZC6M4T9H8P"}).to_string()),
+            QueueRecord::new(
+                "b",
+                json!({"kind":"result","task_id":"01JDZQ6V4E1YQ7K3ZC6M4T9H8P"}).to_string(),
+            ),
             QueueRecord::new("c", json!({"kind":"gossip"}).to_string()),
         ];
         assert!(handle_batch(&stack.rt, records).await.is_empty());

@@ -381,10 +381,15 @@ mod tests {
         // GIVEN a synchronous function
         let (stack, _) = stack();
         // WHEN it is called
-        let response = stack.intake(call_event("sync", "u1", json!({"input": "hi"}))).await;
+        let response = stack
+            .intake(call_event("sync", "u1", json!({"input": "hi"})))
+            .await;
         // THEN the result comes back in the response and nothing was enqueued
         assert_eq!(response.status, 200);
-        assert_eq!(response.result.unwrap(), ActionResult::success("done inline", json!({"echo": "hi"})));
+        assert_eq!(
+            response.result.unwrap(),
+            ActionResult::success("done inline", json!({"echo": "hi"}))
+        );
         assert!(stack.tasks.all().is_empty());
         assert!(stack.work.pending().is_empty());
     }
@@ -392,7 +397,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pattern_b_acks_at_once_with_the_task_id() {
         let (stack, runs) = stack();
-        let response = stack.intake(call_event("bg", "u1", json!({"input": "hi"}))).await;
+        let response = stack
+            .intake(call_event("bg", "u1", json!({"input": "hi"})))
+            .await;
         assert_eq!(response.status, 200);
         let result = response.result.clone().unwrap();
         let task_id = task_id_of(&response);
@@ -407,14 +414,22 @@ mod tests {
         assert_eq!(task.state, TaskState::Queued);
         assert_eq!(task.cap_s, 180);
         assert_eq!(stack.work.pending().len(), 1);
-        assert_eq!(count(&audit_kinds(&stack, &task_id).await, AuditKind::Created), 1);
+        assert_eq!(
+            count(&audit_kinds(&stack, &task_id).await, AuditKind::Created),
+            1
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn pattern_c_returns_the_custom_ack_and_enqueues_the_job() {
         let (stack, _) = stack();
-        let response = stack.intake(call_event("launch", "u1", json!({"input": "doc"}))).await;
-        assert_eq!(response.result.as_ref().unwrap().summary, "Got it — working on it.");
+        let response = stack
+            .intake(call_event("launch", "u1", json!({"input": "doc"})))
+            .await;
+        assert_eq!(
+            response.result.as_ref().unwrap().summary,
+            "Got it — working on it."
+        );
         let task = task(&stack, &task_id_of(&response)).await;
         assert_eq!(task.kind, TaskKind::Job);
         assert_eq!(task.function, "job");
@@ -426,10 +441,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn background_task_checks_the_job_input() {
         let (stack, _) = stack();
-        let response = stack.intake(call_event("launch_bad", "u1", json!({}))).await;
+        let response = stack
+            .intake(call_event("launch_bad", "u1", json!({})))
+            .await;
         let result = response.result.unwrap();
         assert!(!result.ok);
-        assert!(result.summary.contains("params.input: invalid type"), "{}", result.summary);
+        assert!(
+            result.summary.contains("params.input: invalid type"),
+            "{}",
+            result.summary
+        );
         assert!(stack.tasks.all().is_empty());
     }
 
@@ -465,7 +486,11 @@ mod tests {
     async fn cross_user_access_is_forbidden_and_leaks_nothing() {
         // GIVEN user A's task
         let (stack, _) = stack();
-        let task_id = task_id_of(&stack.intake(call_event("bg", "alice", json!({"input": "secret plan"}))).await);
+        let task_id = task_id_of(
+            &stack
+                .intake(call_event("bg", "alice", json!({"input": "secret plan"})))
+                .await,
+        );
         for action in ["status", "cancel"] {
             // WHEN user B asks about it
             let response = stack
@@ -474,9 +499,15 @@ mod tests {
             // THEN 403, and no task data in the answer
             assert_eq!(response.status, 403, "{action}");
             assert!(response.task.is_none());
-            assert!(!serde_json::to_string(&response).unwrap().contains("secret plan"));
+            assert!(
+                !serde_json::to_string(&response)
+                    .unwrap()
+                    .contains("secret plan")
+            );
         }
-        let list = stack.intake(json!({"action": "list", "ext": EXT, "user": "bob"})).await;
+        let list = stack
+            .intake(json!({"action": "list", "ext": EXT, "user": "bob"}))
+            .await;
         assert_eq!(list.tasks.unwrap(), vec![]);
         // AND A's task was not cancelled
         assert_eq!(task(&stack, &task_id).await.state, TaskState::Queued);
@@ -488,8 +519,15 @@ mod tests {
         let first = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         let second = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
-        let response = stack.intake(json!({"action":"list","ext":EXT,"user":"u1","limit":20})).await;
-        let ids: Vec<TaskId> = response.tasks.unwrap().into_iter().map(|t| t.task_id).collect();
+        let response = stack
+            .intake(json!({"action":"list","ext":EXT,"user":"u1","limit":20}))
+            .await;
+        let ids: Vec<TaskId> = response
+            .tasks
+            .unwrap()
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect();
         assert_eq!(ids, vec![second, first]);
     }
 
@@ -513,29 +551,121 @@ mod tests {
             (json!([1, 2]), 400, "JSON object"),
             (json!({}), 400, "missing field `action`"),
             (json!({"action": 7}), 400, "`action` must be a string"),
-            (json!({"action": "explode", "ext": EXT}), 400, "unknown action"),
-            (json!({"action":"call","user":"u","chat":"c","function":"bg"}), 400, "missing field `ext`"),
-            (json!({"action":"call","ext":EXT,"chat":"c","function":"bg"}), 400, "missing field `user`"),
-            (json!({"action":"call","ext":EXT,"user":"u","function":"bg"}), 400, "missing field `chat`"),
-            (json!({"action":"call","ext":EXT,"user":"u","chat":"c"}), 400, "missing field `function`"),
-            (json!({"action":"call","ext":EXT,"user":5,"chat":"c","function":"bg"}), 400, "user: invalid type"),
-            (json!({"action":"call","ext":EXT,"user":"","chat":"c","function":"bg"}), 400, "`user` must not be empty"),
-            (json!({"action":"call","ext":EXT,"user":"u\u{0}","chat":"c","function":"bg"}), 400, "control characters"),
-            (json!({"action":"call","ext":EXT,"user":"u","chat":"c\n","function":"bg"}), 400, "control characters"),
-            (json!({"action":"call","ext":EXT,"user":"u".repeat(200),"chat":"c","function":"bg"}), 400, "longer than"),
-            (json!({"action":"call","ext":EXT,"user":"u","chat":"c","function":"nope"}), 404, "no function named"),
-            (json!({"action":"call","ext":"other-ext","user":"u","chat":"c","function":"bg"}), 404, "serves extension"),
-            (json!({"action":"call","ext":EXT,"user":"u","chat":"c","function":"bg","params":{"input":5}}), 422, "params.input"),
-            (json!({"action":"call","ext":EXT,"user":"u","chat":"c","function":"bg","params":[1]}), 422, "params"),
-            (json!({"action":"call","ext":EXT,"user":"u","chat":"c","function":"bg","params":{"input":big}}), 413, "limit"),
-            (json!({"action":"status","ext":EXT,"user":"u","task_id":"not-a-ulid"}), 400, "not a ULID"),
-            (json!({"action":"status","ext":EXT,"user":"u","task_id":"../../etc/passwd"}), 400, "not a ULID"),
-            (json!({"action":"status","ext":EXT,"user":"u","task_id":"01JDZQ6V4E1YQ7K3ZC6M4T9H8P"}), 404, "no task"),
-            (json!({"action":"cancel","ext":EXT,"user":"u","task_id":"01JDZQ6V4E1YQ7K3ZC6M4T9H8P"}), 404, "no task"),
-            (json!({"action":"status","ext":EXT,"user":"u"}), 400, "missing field `task_id`"),
-            (json!({"action":"list","ext":EXT,"user":"u","limit":0}), 400, "`limit`"),
-            (json!({"action":"list","ext":EXT,"user":"u","limit":100000}), 400, "`limit`"),
-            (json!({"action":"list","ext":EXT,"user":"u","limit":-1}), 400, "limit"),
+            (
+                json!({"action": "explode", "ext": EXT}),
+                400,
+                "unknown action",
+            ),
+            (
+                json!({"action":"call","user":"u","chat":"c","function":"bg"}),
+                400,
+                "missing field `ext`",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"chat":"c","function":"bg"}),
+                400,
+                "missing field `user`",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"user":"u","function":"bg"}),
+                400,
+                "missing field `chat`",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"user":"u","chat":"c"}),
+                400,
+                "missing field `function`",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"user":5,"chat":"c","function":"bg"}),
+                400,
+                "user: invalid type",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"user":"","chat":"c","function":"bg"}),
+                400,
+                "`user` must not be empty",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"user":"u\u{0}","chat":"c","function":"bg"}),
+                400,
+                "control characters",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"user":"u","chat":"c\n","function":"bg"}),
+                400,
+                "control characters",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"user":"u".repeat(200),"chat":"c","function":"bg"}),
+                400,
+                "longer than",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"user":"u","chat":"c","function":"nope"}),
+                404,
+                "no function named",
+            ),
+            (
+                json!({"action":"call","ext":"other-ext","user":"u","chat":"c","function":"bg"}),
+                404,
+                "serves extension",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"user":"u","chat":"c","function":"bg","params":{"input":5}}),
+                422,
+                "params.input",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"user":"u","chat":"c","function":"bg","params":[1]}),
+                422,
+                "params",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"user":"u","chat":"c","function":"bg","params":{"input":big}}),
+                413,
+                "limit",
+            ),
+            (
+                json!({"action":"status","ext":EXT,"user":"u","task_id":"not-a-ulid"}),
+                400,
+                "not a ULID",
+            ),
+            (
+                json!({"action":"status","ext":EXT,"user":"u","task_id":"../../etc/passwd"}),
+                400,
+                "not a ULID",
+            ),
+            (
+                json!({"action":"status","ext":EXT,"user":"u","task_id":"01JDZQ6V4E1YQ7K3ZC6M4T9H8P"}),
+                404,
+                "no task",
+            ),
+            (
+                json!({"action":"cancel","ext":EXT,"user":"u","task_id":"01JDZQ6V4E1YQ7K3ZC6M4T9H8P"}),
+                404,
+                "no task",
+            ),
+            (
+                json!({"action":"status","ext":EXT,"user":"u"}),
+                400,
+                "missing field `task_id`",
+            ),
+            (
+                json!({"action":"list","ext":EXT,"user":"u","limit":0}),
+                400,
+                "`limit`",
+            ),
+            (
+                json!({"action":"list","ext":EXT,"user":"u","limit":100000}),
+                400,
+                "`limit`",
+            ),
+            (
+                json!({"action":"list","ext":EXT,"user":"u","limit":-1}),
+                400,
+                "limit",
+            ),
         ]
     }
 
@@ -544,9 +674,16 @@ mod tests {
         let (stack, _) = stack();
         for (event, status, words) in bad_inputs() {
             let response = stack.intake(event.clone()).await;
-            let error = response.error.clone().unwrap_or_else(|| panic!("{event} was accepted"));
+            let error = response
+                .error
+                .clone()
+                .unwrap_or_else(|| panic!("{event} was accepted"));
             assert_eq!(response.status, status, "{event}: {error:?}");
-            assert!(error.message.contains(words), "{event}: {:?} lacks {words:?}", error.message);
+            assert!(
+                error.message.contains(words),
+                "{event}: {:?} lacks {words:?}",
+                error.message
+            );
         }
         assert_eq!(stack.tasks.writes(), 0);
         assert!(stack.work.pending().is_empty());

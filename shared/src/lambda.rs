@@ -53,12 +53,22 @@ pub async fn init(extension: Extension, role: Role) -> Result<Function, InitErro
     let clients = AwsClients::from_env().await;
     let http = reqwest::Client::new();
     let chat: Option<std::sync::Arc<dyn crate::ports::ChatApi>> = match role {
-        Role::Delivery => Some(std::sync::Arc::new(chat_from_config(&clients, &config, http).await?)),
+        Role::Delivery => Some(std::sync::Arc::new(
+            chat_from_config(&clients, &config, http).await?,
+        )),
         _ => None,
     };
-    let rt = Runtime::new(extension, services(&clients, &config, chat), Settings::default());
+    let rt = Runtime::new(
+        extension,
+        services(&clients, &config, chat),
+        Settings::default(),
+    );
     tracing::info!(ext = rt.extension.name(), ?role, table = %config.table, "cold start");
-    Ok(Function { rt, clients, config })
+    Ok(Function {
+        rt,
+        clients,
+        config,
+    })
 }
 
 /// The invocation's deadline on tokio's clock.
@@ -68,7 +78,9 @@ fn deadline(context: &lambda_runtime::Context) -> Option<Instant> {
     if context.deadline == 0 {
         return None;
     }
-    let left = deadline.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    let left = deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
     Some(Instant::now() + left)
 }
 
@@ -109,14 +121,24 @@ pub async fn intake(rt: &Runtime, event: LambdaEvent<Value>) -> Result<Value, Di
 }
 
 /// Worker: a batch of work messages; failures are reported per message.
-pub async fn worker(rt: &Runtime, event: LambdaEvent<SqsEvent>) -> Result<SqsBatchResponse, Diagnostic> {
+pub async fn worker(
+    rt: &Runtime,
+    event: LambdaEvent<SqsEvent>,
+) -> Result<SqsBatchResponse, Diagnostic> {
     let deadline = deadline(&event.context);
-    Ok(batch_response(worker::handle_batch(rt, records(event.payload), deadline).await))
+    Ok(batch_response(
+        worker::handle_batch(rt, records(event.payload), deadline).await,
+    ))
 }
 
 /// Delivery: a batch of delivery messages; failures are reported per message.
-pub async fn delivery(rt: &Runtime, event: LambdaEvent<SqsEvent>) -> Result<SqsBatchResponse, Diagnostic> {
-    Ok(batch_response(delivery::handle_batch(rt, records(event.payload)).await))
+pub async fn delivery(
+    rt: &Runtime,
+    event: LambdaEvent<SqsEvent>,
+) -> Result<SqsBatchResponse, Diagnostic> {
+    Ok(batch_response(
+        delivery::handle_batch(rt, records(event.payload)).await,
+    ))
 }
 
 /// What one scheduled sweep did.
@@ -128,19 +150,28 @@ pub struct SweepSummary {
 }
 
 /// Sweeper: revive expired leases, then end the tasks of dead-lettered work messages.
-pub async fn sweeper(function: &Function, _event: LambdaEvent<Value>) -> Result<SweepSummary, Diagnostic> {
+pub async fn sweeper(
+    function: &Function,
+    _event: LambdaEvent<Value>,
+) -> Result<SweepSummary, Diagnostic> {
     let report = sweeper::sweep(&function.rt).await.map_err(diagnostic)?;
     let mut dead_letters_ended = 0;
     if let Some(dlq) = &function.config.work_dlq_url {
         let sqs = &function.clients.sqs;
         loop {
-            let messages = crate::aws::sqs::receive(sqs, dlq, 10, 0, Some(60)).await.map_err(diagnostic)?;
+            let messages = crate::aws::sqs::receive(sqs, dlq, 10, 0, Some(60))
+                .await
+                .map_err(diagnostic)?;
             if messages.is_empty() {
                 break;
             }
             for message in messages {
-                sweeper::work_dead_lettered(&function.rt, &message.body).await.map_err(diagnostic)?;
-                crate::aws::sqs::delete(sqs, dlq, &message.receipt_handle).await.map_err(diagnostic)?;
+                sweeper::work_dead_lettered(&function.rt, &message.body)
+                    .await
+                    .map_err(diagnostic)?;
+                crate::aws::sqs::delete(sqs, dlq, &message.receipt_handle)
+                    .await
+                    .map_err(diagnostic)?;
                 dead_letters_ended += 1;
             }
         }
@@ -177,7 +208,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn intake_answers_an_invoke_payload() {
         let (stack, _) = stack();
-        let event = LambdaEvent::new(call_event("sync", "u1", json!({"input": "x"})), Context::default());
+        let event = LambdaEvent::new(
+            call_event("sync", "u1", json!({"input": "x"})),
+            Context::default(),
+        );
         let answer = intake(&stack.rt, event).await.unwrap();
         assert_eq!(answer["status"], 200);
         assert_eq!(answer["result"]["summary"], "done inline");
@@ -195,7 +229,9 @@ mod tests {
         ]}))
         .unwrap();
         // WHEN the worker handles it
-        let response = worker(&stack.rt, LambdaEvent::new(event, Context::default())).await.unwrap();
+        let response = worker(&stack.rt, LambdaEvent::new(event, Context::default()))
+            .await
+            .unwrap();
         // THEN nothing is reported failed (the junk is dropped, not retried forever)
         assert!(response.batch_item_failures.is_empty());
         // AND delivery, fed the delivery queue's messages, posts the result
@@ -207,7 +243,9 @@ mod tests {
             .map(|(i, m)| json!({"messageId": format!("d{i}"), "body": serde_json::to_string(m).unwrap(), "attributes": {}, "messageAttributes": {}}))
             .collect();
         let event: SqsEvent = serde_json::from_value(json!({ "Records": bodies })).unwrap();
-        let response = delivery(&stack.rt, LambdaEvent::new(event, Context::default())).await.unwrap();
+        let response = delivery(&stack.rt, LambdaEvent::new(event, Context::default()))
+            .await
+            .unwrap();
         assert!(response.batch_item_failures.is_empty());
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
     }
@@ -219,14 +257,23 @@ mod tests {
         stack.work_once().await;
         stack.work_once().await;
         stack.delivery.take(10);
-        stack.chat.script([crate::ports::ChatOutcome::Unavailable { reason: "503".into() }]);
-        let body = serde_json::to_string(&crate::wire::DeliveryMessage::Result { task_id }).unwrap();
+        stack.chat.script([crate::ports::ChatOutcome::Unavailable {
+            reason: "503".into(),
+        }]);
+        let body =
+            serde_json::to_string(&crate::wire::DeliveryMessage::Result { task_id }).unwrap();
         let event: SqsEvent = serde_json::from_value(json!({"Records": [
             {"messageId": "m-1", "body": body, "attributes": {"ApproximateReceiveCount": "2"}, "messageAttributes": {}}
         ]}))
         .unwrap();
-        let response = delivery(&stack.rt, LambdaEvent::new(event, Context::default())).await.unwrap();
-        let failed: Vec<_> = response.batch_item_failures.iter().map(|f| f.item_identifier.clone()).collect();
+        let response = delivery(&stack.rt, LambdaEvent::new(event, Context::default()))
+            .await
+            .unwrap();
+        let failed: Vec<_> = response
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.clone())
+            .collect();
         assert_eq!(failed, vec!["m-1".to_owned()]);
     }
 }

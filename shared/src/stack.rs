@@ -120,7 +120,12 @@ fn records<M: serde::Serialize>(batch: &[M]) -> Vec<QueueRecord> {
     batch
         .iter()
         .enumerate()
-        .map(|(i, m)| QueueRecord::new(format!("m{i}"), serde_json::to_string(m).unwrap_or_default()))
+        .map(|(i, m)| {
+            QueueRecord::new(
+                format!("m{i}"),
+                serde_json::to_string(m).unwrap_or_default(),
+            )
+        })
         .collect()
 }
 

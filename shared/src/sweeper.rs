@@ -132,8 +132,14 @@ mod tests {
     async fn claim_and_die(stack: &crate::stack::MemoryStack, task_id: &crate::TaskId) {
         stack.work.take(10);
         let now = stack.rt.now();
-        let lease = Lease { owner: "dead-worker".into(), until: now + chrono::Duration::seconds(60) };
-        assert!(matches!(stack.tasks.claim(task_id, &lease, now).await.unwrap(), Claim::Claimed(_)));
+        let lease = Lease {
+            owner: "dead-worker".into(),
+            until: now + chrono::Duration::seconds(60),
+        };
+        assert!(matches!(
+            stack.tasks.claim(task_id, &lease, now).await.unwrap(),
+            Claim::Claimed(_)
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -145,7 +151,13 @@ mod tests {
         // WHEN the lease lapses and the sweeper runs
         assert_eq!(sweep(&stack.rt).await.unwrap(), SweepReport::default());
         tokio::time::sleep(Duration::from_secs(61)).await;
-        assert_eq!(sweep(&stack.rt).await.unwrap(), SweepReport { requeued: 1, ended: 0 });
+        assert_eq!(
+            sweep(&stack.rt).await.unwrap(),
+            SweepReport {
+                requeued: 1,
+                ended: 0
+            }
+        );
         // THEN a fresh worker runs it to one result, and the audit says it was reclaimed
         stack.drain(20).await;
         assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -178,7 +190,10 @@ mod tests {
         let (stack, _) = stack();
         let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
         claim_and_die(&stack, &task_id).await;
-        let status = stack.intake(json!({"action":"cancel","ext":EXT,"user":"u1","task_id":task_id})).await.status;
+        let status = stack
+            .intake(json!({"action":"cancel","ext":EXT,"user":"u1","task_id":task_id}))
+            .await
+            .status;
         assert_eq!(status, 200);
         tokio::time::sleep(Duration::from_secs(61)).await;
         assert_eq!(sweep(&stack.rt).await.unwrap().ended, 1);
@@ -204,10 +219,16 @@ mod tests {
         let (stack, _) = stack();
         let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
         let message = stack.work.take(1).remove(0);
-        work_dead_lettered(&stack.rt, &serde_json::to_string(&message).unwrap()).await.unwrap();
+        work_dead_lettered(&stack.rt, &serde_json::to_string(&message).unwrap())
+            .await
+            .unwrap();
         stack.drain(20).await;
         assert_eq!(task(&stack, &task_id).await.state, TaskState::Failed);
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
-        assert!(audit_kinds(&stack, &task_id).await.contains(&(AuditKind::Critical, "critical#work_dead_lettered".into())));
+        assert!(
+            audit_kinds(&stack, &task_id)
+                .await
+                .contains(&(AuditKind::Critical, "critical#work_dead_lettered".into()))
+        );
     }
 }

@@ -39,9 +39,15 @@ pub struct Runs {
 pub fn extension(runs: Arc<Runs>) -> Extension {
     let r = Arc::clone(&runs);
     Extension::new(EXT)
-        .function(ChatFunction::new("sync", |_ctx: Ctx, p: Params| async move {
-            Ok(ActionResult::success("done inline", json!({"echo": p.input})))
-        }))
+        .function(ChatFunction::new(
+            "sync",
+            |_ctx: Ctx, p: Params| async move {
+                Ok(ActionResult::success(
+                    "done inline",
+                    json!({"echo": p.input}),
+                ))
+            },
+        ))
         .function(
             ChatFunction::new("bg", move |ctx: Ctx, p: Params| {
                 let r = Arc::clone(&r);
@@ -51,7 +57,10 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
                     tokio::time::sleep(Duration::from_secs(3)).await;
                     ctx.progress(50, "Generating").await?;
                     tokio::time::sleep(Duration::from_secs(3)).await;
-                    Ok(ActionResult::success("Background done", json!({"echo": p.input})))
+                    Ok(ActionResult::success(
+                        "Background done",
+                        json!({"echo": p.input}),
+                    ))
                 }
             })
             .event("bg_done")
@@ -78,7 +87,8 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
         .function(
             ChatFunction::new("burst", |ctx: Ctx, p: Params| async move {
                 for i in 0..p.n {
-                    ctx.progress(i64::from(i % 101), format!("burst {i}")).await?;
+                    ctx.progress(i64::from(i % 101), format!("burst {i}"))
+                        .await?;
                 }
                 ctx.progress(100, "burst done").await?;
                 Ok(ActionResult::success("burst", ()))
@@ -88,8 +98,16 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
         .function(
             ChatFunction::new("http", |ctx: Ctx, p: Params| async move {
                 ctx.progress(5, "Calling the AI").await?;
-                let response = ctx.http.post(&p.url).timeout(Duration::from_secs(120)).send().await?;
-                Ok(ActionResult::success(format!("AI said {}", response.status()), ()))
+                let response = ctx
+                    .http
+                    .post(&p.url)
+                    .timeout(Duration::from_secs(120))
+                    .send()
+                    .await?;
+                Ok(ActionResult::success(
+                    format!("AI said {}", response.status()),
+                    (),
+                ))
             })
             .background(true),
         )
@@ -119,25 +137,41 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
         )
         .function(
             ChatFunction::new("huge", |_ctx: Ctx, _p: Params| async move {
-                Ok(ActionResult::success("huge", json!({"blob": "x".repeat(200 * 1024)})))
+                Ok(ActionResult::success(
+                    "huge",
+                    json!({"blob": "x".repeat(200 * 1024)}),
+                ))
             })
             .background(true),
         )
         .function(
             ChatFunction::new("launch", |ctx: Ctx, p: Params| async move {
                 let task_id = ctx
-                    .background_task("job", &json!({"input": p.input}), BackgroundOptions::default().name("the job"))
+                    .background_task(
+                        "job",
+                        &json!({"input": p.input}),
+                        BackgroundOptions::default().name("the job"),
+                    )
                     .await?;
-                Ok(ActionResult::success("Got it — working on it.", json!({"task_id": task_id})))
+                Ok(ActionResult::success(
+                    "Got it — working on it.",
+                    json!({"task_id": task_id}),
+                ))
             })
             .event("launched"),
         )
-        .function(ChatFunction::new("launch_bad", |ctx: Ctx, _p: Params| async move {
-            match ctx.background_task("job", &json!({"input": 5}), BackgroundOptions::default()).await {
-                Err(err) => Ok(ActionResult::error(err.to_string(), false)),
-                Ok(id) => Ok(ActionResult::success("launched", json!({"task_id": id}))),
-            }
-        }))
+        .function(ChatFunction::new(
+            "launch_bad",
+            |ctx: Ctx, _p: Params| async move {
+                match ctx
+                    .background_task("job", &json!({"input": 5}), BackgroundOptions::default())
+                    .await
+                {
+                    Err(err) => Ok(ActionResult::error(err.to_string(), false)),
+                    Ok(id) => Ok(ActionResult::success("launched", json!({"task_id": id}))),
+                }
+            },
+        ))
         .job(
             Job::new("job", |ctx: Ctx, p: Params| async move {
                 ctx.progress(50, "Job halfway").await?;
@@ -157,8 +191,15 @@ pub fn stack() -> (MemoryStack, Arc<Runs>) {
 
 pub fn stack_with(settings: Settings) -> (MemoryStack, Arc<Runs>) {
     let runs = Arc::new(Runs::default());
-    let clock = TokioClock::starting_at(chrono::Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap());
-    (MemoryStack::with_clock(extension(Arc::clone(&runs)), settings, Arc::new(clock)), runs)
+    let clock = TokioClock::starting_at(
+        chrono::Utc
+            .with_ymd_and_hms(2026, 11, 25, 12, 0, 0)
+            .unwrap(),
+    );
+    (
+        MemoryStack::with_clock(extension(Arc::clone(&runs)), settings, Arc::new(clock)),
+        runs,
+    )
 }
 
 pub fn call_event(function: &str, user: &str, params: Value) -> Value {
@@ -167,7 +208,8 @@ pub fn call_event(function: &str, user: &str, params: Value) -> Value {
 
 pub fn task_id_of(response: &IntakeResponse) -> TaskId {
     let result = response.result.as_ref().expect("a result");
-    serde_json::from_value(result.data.as_ref().expect("data")["task_id"].clone()).expect("a task id")
+    serde_json::from_value(result.data.as_ref().expect("data")["task_id"].clone())
+        .expect("a task id")
 }
 
 pub async fn task(stack: &MemoryStack, id: &TaskId) -> Task {
@@ -201,7 +243,14 @@ pub fn progress_in(stack: &MemoryStack, chat: &str) -> Vec<u8> {
 
 pub async fn audit_kinds(stack: &MemoryStack, id: &TaskId) -> Vec<(AuditKind, String)> {
     use crate::ports::TaskStore;
-    stack.tasks.audit_trail(id).await.unwrap().into_iter().map(|a| (a.kind, a.audit_id)).collect()
+    stack
+        .tasks
+        .audit_trail(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.kind, a.audit_id))
+        .collect()
 }
 
 pub fn count(kinds: &[(AuditKind, String)], kind: AuditKind) -> usize {
@@ -213,7 +262,10 @@ pub fn count(kinds: &[(AuditKind, String)], kind: AuditKind) -> usize {
 pub async fn hanging_server() -> (String, Arc<AtomicBool>) {
     use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/v1/chat/completions", listener.local_addr().unwrap());
+    let url = format!(
+        "http://{}/v1/chat/completions",
+        listener.local_addr().unwrap()
+    );
     let dropped = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&dropped);
     tokio::spawn(async move {

@@ -527,8 +527,8 @@ mod tests {
     use crate::ports::TaskStore;
     use crate::task::TaskId;
     use crate::testkit::*;
-    use crate::{ActionResult, Settings};
     use crate::wire::ChatMessage;
+    use crate::{ActionResult, Settings};
 
     async fn cancel(stack: &crate::stack::MemoryStack, user: &str, task_id: &TaskId) -> u16 {
         stack
@@ -541,23 +541,41 @@ mod tests {
     async fn pattern_b_runs_reports_progress_and_delivers_once() {
         // GIVEN a background call
         let (stack, runs) = stack();
-        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({"input": "hi"}))).await);
+        let task_id = task_id_of(
+            &stack
+                .intake(call_event("bg", "u1", json!({"input": "hi"})))
+                .await,
+        );
         // WHEN the queues are worked
         stack.drain(20).await;
         // THEN the chat shows progress in order, then one result
         assert_eq!(progress_in(&stack, "chat-u1"), vec![10, 50]);
-        assert_eq!(results_in(&stack, "chat-u1"), vec![ActionResult::success("Background done", json!({"echo": "hi"}))]);
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::success(
+                "Background done",
+                json!({"echo": "hi"})
+            )]
+        );
         let posted = stack.chat.posted();
-        assert!(matches!(posted.last().unwrap().message, ChatMessage::Result { ref event, .. } if event.as_deref() == Some("bg_done")));
+        assert!(
+            matches!(posted.last().unwrap().message, ChatMessage::Result { ref event, .. } if event.as_deref() == Some("bg_done"))
+        );
         // AND the record and the audit trail tell the story
         let task = task(&stack, &task_id).await;
         assert_eq!(task.state, TaskState::Succeeded);
         assert_eq!(task.attempt, 1);
         assert_eq!(task.progress.pct, 50);
-        assert!(task.started_at.is_some() && task.finished_at.is_some() && task.delivered_at.is_some());
+        assert!(
+            task.started_at.is_some() && task.finished_at.is_some() && task.delivered_at.is_some()
+        );
         let audit = audit_kinds(&stack, &task_id).await;
         assert!(audit.contains(&(AuditKind::Delivered, "delivered#result".into())));
-        assert_eq!(count(&audit, AuditKind::Delivered), 3, "two progress messages and the result");
+        assert_eq!(
+            count(&audit, AuditKind::Delivered),
+            3,
+            "two progress messages and the result"
+        );
         assert_eq!(count(&audit, AuditKind::Critical), 0);
         assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 1);
     }
@@ -565,9 +583,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pattern_c_job_result_reaches_the_same_chat() {
         let (stack, _) = stack();
-        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({"input": "doc"}))).await);
+        let task_id = task_id_of(
+            &stack
+                .intake(call_event("launch", "u1", json!({"input": "doc"})))
+                .await,
+        );
         stack.drain(20).await;
-        assert_eq!(results_in(&stack, "chat-u1"), vec![ActionResult::success("Job done", json!({"echo": "doc"}))]);
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::success("Job done", json!({"echo": "doc"}))]
+        );
         assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
     }
 
@@ -602,13 +627,24 @@ mod tests {
         let results = results_in(&stack, "chat-u1");
         assert_eq!(results.len(), 1);
         assert!(!results[0].ok);
-        assert!(results[0].summary.contains("180 s"), "{}", results[0].summary);
-        assert!(audit_kinds(&stack, &task_id).await.contains(&(AuditKind::Critical, "critical#cap_exceeded".into())));
+        assert!(
+            results[0].summary.contains("180 s"),
+            "{}",
+            results[0].summary
+        );
+        assert!(
+            audit_kinds(&stack, &task_id)
+                .await
+                .contains(&(AuditKind::Critical, "critical#cap_exceeded".into()))
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_returned_error_or_a_panic_delivers_a_fallback_and_a_critical_audit() {
-        for (function, reason) in [("fails", "critical#handler_error"), ("panics", "critical#handler_panic")] {
+        for (function, reason) in [
+            ("fails", "critical#handler_error"),
+            ("panics", "critical#handler_panic"),
+        ] {
             let (stack, _) = stack();
             let task_id = task_id_of(&stack.intake(call_event(function, "u1", json!({}))).await);
             stack.drain(20).await;
@@ -619,10 +655,19 @@ mod tests {
             assert!(!results[0].ok);
             assert!(results[0].summary.contains(&format!("'{function}' failed")));
             // The user sees no internals; the operator's audit item has them.
-            assert!(!results[0].summary.contains("exploded") && !results[0].summary.contains("bug"));
+            assert!(
+                !results[0].summary.contains("exploded") && !results[0].summary.contains("bug")
+            );
             let trail = stack.tasks.audit_trail(&task_id).await.unwrap();
-            let critical = trail.iter().find(|a| a.audit_id == reason).unwrap_or_else(|| panic!("{reason}"));
-            assert!(critical.detail.contains(if function == "fails" { "upstream exploded" } else { "handler bug" }));
+            let critical = trail
+                .iter()
+                .find(|a| a.audit_id == reason)
+                .unwrap_or_else(|| panic!("{reason}"));
+            assert!(critical.detail.contains(if function == "fails" {
+                "upstream exploded"
+            } else {
+                "handler bug"
+            }));
         }
     }
 
@@ -632,7 +677,11 @@ mod tests {
         let task_id = task_id_of(&stack.intake(call_event("huge", "u1", json!({}))).await);
         stack.drain(20).await;
         assert_eq!(task(&stack, &task_id).await.state, TaskState::Failed);
-        assert!(audit_kinds(&stack, &task_id).await.contains(&(AuditKind::Critical, "critical#result_too_large".into())));
+        assert!(
+            audit_kinds(&stack, &task_id)
+                .await
+                .contains(&(AuditKind::Critical, "critical#result_too_large".into()))
+        );
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
     }
 
@@ -640,10 +689,15 @@ mod tests {
     async fn progress_outside_0_to_100_is_a_typed_error_to_the_handler() {
         for pct in [101, -1, 1000] {
             let (stack, _) = stack();
-            stack.intake(call_event("bad_progress", "u1", json!({"pct": pct}))).await;
+            stack
+                .intake(call_event("bad_progress", "u1", json!({"pct": pct})))
+                .await;
             stack.drain(20).await;
             let results = results_in(&stack, "chat-u1");
-            assert_eq!(results[0].summary, format!("progress pct {pct} is outside 0–100"));
+            assert_eq!(
+                results[0].summary,
+                format!("progress pct {pct} is outside 0–100")
+            );
         }
     }
 
@@ -655,8 +709,14 @@ mod tests {
         stack.drain(20).await;
         assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 0);
         assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
-        assert_eq!(results_in(&stack, "chat-u1"), vec![ActionResult::error("'bg' was cancelled.", false)]);
-        assert_eq!(count(&audit_kinds(&stack, &task_id).await, AuditKind::Cancelled), 1);
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::error("'bg' was cancelled.", false)]
+        );
+        assert_eq!(
+            count(&audit_kinds(&stack, &task_id).await, AuditKind::Cancelled),
+            1
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -679,7 +739,10 @@ mod tests {
         let task = task(&stack, &task_id).await;
         assert_eq!(task.state, TaskState::Cancelled);
         assert!(task.progress.pct < 20);
-        assert_eq!(results_in(&stack, "chat-u1"), vec![ActionResult::error("'ticker' was cancelled.", false)]);
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::error("'ticker' was cancelled.", false)]
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -687,7 +750,11 @@ mod tests {
         // GIVEN a handler waiting on an AI server that never answers (120 s timeout)
         let (url, dropped) = hanging_server().await;
         let (stack, _) = stack();
-        let task_id = task_id_of(&stack.intake(call_event("http", "u1", json!({"url": url}))).await);
+        let task_id = task_id_of(
+            &stack
+                .intake(call_event("http", "u1", json!({"url": url})))
+                .await,
+        );
         let worker = tokio::spawn({
             let stack = stack.clone();
             async move { stack.work_once().await }
@@ -708,7 +775,10 @@ mod tests {
             tokio::task::yield_now().await;
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert!(dropped.load(AtomicOrdering::SeqCst), "connection still open");
+        assert!(
+            dropped.load(AtomicOrdering::SeqCst),
+            "connection still open"
+        );
         stack.drain(20).await;
         assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
@@ -718,7 +788,11 @@ mod tests {
     async fn progress_bursts_are_coalesced_and_the_last_value_kept() {
         // GIVEN a handler that reports progress 10 000 times without pausing
         let (stack, _) = stack();
-        let task_id = task_id_of(&stack.intake(call_event("burst", "u1", json!({"n": 10_000}))).await);
+        let task_id = task_id_of(
+            &stack
+                .intake(call_event("burst", "u1", json!({"n": 10_000})))
+                .await,
+        );
         let before = stack.tasks.writes();
         stack.drain(20).await;
         // THEN a handful of writes, not 10 000, and the record holds the last value
@@ -763,8 +837,16 @@ mod tests {
         let (stack, _) = stack();
         let task_id = task_id_of(&stack.intake(call_event("ticker", "u1", json!({}))).await);
         let batch = stack.work.take(10);
-        let records = batch.iter().map(|m| QueueRecord::new("m", serde_json::to_string(m).unwrap())).collect();
-        let failed = handle_batch(&stack.rt, records, Some(Instant::now() + Duration::from_secs(60))).await;
+        let records = batch
+            .iter()
+            .map(|m| QueueRecord::new("m", serde_json::to_string(m).unwrap()))
+            .collect();
+        let failed = handle_batch(
+            &stack.rt,
+            records,
+            Some(Instant::now() + Duration::from_secs(60)),
+        )
+        .await;
         // THEN the invocation ends cleanly with the task queued again
         assert!(failed.is_empty());
         let task = task(&stack, &task_id).await;
@@ -772,7 +854,10 @@ mod tests {
         assert_eq!(stack.work.pending().len(), 1);
         // AND a fresh invocation carries it to the end, progress never going backwards
         stack.drain(20).await;
-        assert_eq!(crate::testkit::task(&stack, &task_id).await.state, TaskState::Succeeded);
+        assert_eq!(
+            crate::testkit::task(&stack, &task_id).await.state,
+            TaskState::Succeeded
+        );
         let pcts = progress_in(&stack, "chat-u1");
         assert!(pcts.windows(2).all(|w| w[0] <= w[1]), "{pcts:?}");
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);

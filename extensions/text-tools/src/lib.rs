@@ -65,7 +65,12 @@ pub fn extension_with(openai: OpenAi) -> Extension {
             .action_type(ActionType::Write)
             .event("refinement_started"),
         )
-        .job(Job::new(REFINE_JOB, move |ctx, input| refine_job(job.clone(), ctx, input)).event("text_refined"))
+        .job(
+            Job::new(REFINE_JOB, move |ctx, input| {
+                refine_job(job.clone(), ctx, input)
+            })
+            .event("text_refined"),
+        )
 }
 
 /// The job `start_refinement` launches on its slow path.
@@ -127,23 +132,43 @@ async fn refine(openai: OpenAi, ctx: Ctx, params: RefineParams) -> longrun::Resu
         return Ok(key_missing());
     };
     let completion = openai
-        .complete(&ctx, &api_key, &openai.model, messages(&params.input), params.max_length, Duration::from_secs(120))
+        .complete(
+            &ctx,
+            &api_key,
+            &openai.model,
+            messages(&params.input),
+            params.max_length,
+            Duration::from_secs(120),
+        )
         .await?;
     Ok(match completion {
-        Completion::Text(text) => ActionResult::success("Refined text ready!", json!({"text": text})),
+        Completion::Text(text) => {
+            ActionResult::success("Refined text ready!", json!({"text": text}))
+        }
         Completion::Failed(result) => result,
     })
 }
 
 /// Pattern B: the whole handler runs detached; progress and the result reach the chat.
-async fn refine_output(openai: OpenAi, ctx: Ctx, params: StartRefinementParams) -> longrun::Result<ActionResult> {
+async fn refine_output(
+    openai: OpenAi,
+    ctx: Ctx,
+    params: StartRefinementParams,
+) -> longrun::Result<ActionResult> {
     let Some(api_key) = ctx.secrets.get(API_KEY_SECRET).await? else {
         return Ok(key_missing());
     };
     ctx.progress(15, "Fetching context").await?;
     ctx.progress(45, "Generating with AI").await?;
     let completion = openai
-        .complete(&ctx, &api_key, &openai.model, messages(&params.input), 4000, Duration::from_secs(120))
+        .complete(
+            &ctx,
+            &api_key,
+            &openai.model,
+            messages(&params.input),
+            4000,
+            Duration::from_secs(120),
+        )
         .await?;
     let text = match completion {
         Completion::Text(text) => text,
@@ -151,28 +176,48 @@ async fn refine_output(openai: OpenAi, ctx: Ctx, params: StartRefinementParams) 
     };
     ctx.progress(90, "Saving").await?;
     ctx.store.set(LAST_REFINED, &text).await?;
-    Ok(ActionResult::success("Refined output ready! 🎉", json!({"text": text})))
+    Ok(ActionResult::success(
+        "Refined output ready! 🎉",
+        json!({"text": text}),
+    ))
 }
 
 /// Pattern C: a fast synchronous path, or `refine_job` in the background with a custom ack.
-async fn start_refinement(openai: OpenAi, ctx: Ctx, params: StartParams) -> longrun::Result<ActionResult> {
+async fn start_refinement(
+    openai: OpenAi,
+    ctx: Ctx,
+    params: StartParams,
+) -> longrun::Result<ActionResult> {
     let Some(api_key) = ctx.secrets.get(API_KEY_SECRET).await? else {
         return Ok(key_missing());
     };
     if params.fast_path {
         let completion = openai
-            .complete(&ctx, &api_key, &openai.fast_model, messages(&params.input), 500, Duration::from_secs(30))
+            .complete(
+                &ctx,
+                &api_key,
+                &openai.fast_model,
+                messages(&params.input),
+                500,
+                Duration::from_secs(30),
+            )
             .await?;
         return Ok(match completion {
-            Completion::Text(text) => ActionResult::success("Quick refine done.", json!({"text": text})),
+            Completion::Text(text) => {
+                ActionResult::success("Quick refine done.", json!({"text": text}))
+            }
             Completion::Failed(result) => result,
         });
     }
     let task_id = ctx
         .background_task(
             REFINE_JOB,
-            &RefineJobInput { input: params.input },
-            BackgroundOptions::default().long_running(false).name("AI refinement"),
+            &RefineJobInput {
+                input: params.input,
+            },
+            BackgroundOptions::default()
+                .long_running(false)
+                .name("AI refinement"),
         )
         .await?;
     Ok(ActionResult::success(
@@ -182,18 +227,32 @@ async fn start_refinement(openai: OpenAi, ctx: Ctx, params: StartParams) -> long
 }
 
 /// The detached part of `start_refinement`.
-async fn refine_job(openai: OpenAi, ctx: Ctx, input: RefineJobInput) -> longrun::Result<ActionResult> {
+async fn refine_job(
+    openai: OpenAi,
+    ctx: Ctx,
+    input: RefineJobInput,
+) -> longrun::Result<ActionResult> {
     let Some(api_key) = ctx.secrets.get(API_KEY_SECRET).await? else {
         return Ok(key_missing());
     };
     ctx.progress(50, "Generating with AI").await?;
     let completion = openai
-        .complete(&ctx, &api_key, &openai.model, messages(&input.input), 4000, Duration::from_secs(120))
+        .complete(
+            &ctx,
+            &api_key,
+            &openai.model,
+            messages(&input.input),
+            4000,
+            Duration::from_secs(120),
+        )
         .await?;
     let text = match completion {
         Completion::Text(text) => text,
         Completion::Failed(result) => return Ok(result),
     };
     ctx.store.set(LAST_REFINED, &text).await?;
-    Ok(ActionResult::success("Refined output ready! 🎉", json!({"text": text})))
+    Ok(ActionResult::success(
+        "Refined output ready! 🎉",
+        json!({"text": text}),
+    ))
 }

@@ -30,7 +30,9 @@ impl OpenAi {
     /// From `OPENAI_BASE_URL`, `OPENAI_MODEL` and `OPENAI_FAST_MODEL`.
     pub fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        let mut openai = Self::new(var("OPENAI_BASE_URL").unwrap_or_else(|| "https://api.openai.com/v1".to_owned()));
+        let mut openai = Self::new(
+            var("OPENAI_BASE_URL").unwrap_or_else(|| "https://api.openai.com/v1".to_owned()),
+        );
         if let Some(model) = var("OPENAI_MODEL") {
             openai.model = model;
         }

@@ -10,5 +10,8 @@ async fn main() -> Result<(), Error> {
     lambda::init_tracing();
     let function = lambda::init(text_tools::extension(), Role::Intake).await?;
     let rt = &function.rt;
-    run(service_fn(|event: LambdaEvent<Value>| lambda::intake(rt, event))).await
+    run(service_fn(|event: LambdaEvent<Value>| {
+        lambda::intake(rt, event)
+    }))
+    .await
 }

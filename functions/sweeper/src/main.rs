@@ -10,5 +10,8 @@ async fn main() -> Result<(), Error> {
     lambda::init_tracing();
     let function = lambda::init(text_tools::extension(), Role::Sweeper).await?;
     let function = &function;
-    run(service_fn(|event: LambdaEvent<Value>| lambda::sweeper(function, event))).await
+    run(service_fn(|event: LambdaEvent<Value>| {
+        lambda::sweeper(function, event)
+    }))
+    .await
 }

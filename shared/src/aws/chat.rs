@@ -21,7 +21,11 @@ pub struct HttpChat {
 
 impl HttpChat {
     /// A client for the API at `base_url`, authenticating with `token` when given.
-    pub fn new(client: reqwest::Client, base_url: impl Into<String>, token: Option<Secret>) -> Self {
+    pub fn new(
+        client: reqwest::Client,
+        base_url: impl Into<String>,
+        token: Option<Secret>,
+    ) -> Self {
         Self {
             client,
             base_url: base_url.into().trim_end_matches('/').to_owned(),
@@ -98,11 +102,26 @@ mod tests {
         let app = axum::Router::new()
             .route(
                 "/chats/{chat}/messages",
-                post(|State((seen, status)): State<(Seen, u16)>, Path(chat): Path<String>, headers: HeaderMap, body: axum::Json<serde_json::Value>| async move {
-                    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                    seen.lock().unwrap().push((chat, header("idempotency-key"), header("authorization"), body.0));
-                    StatusCode::from_u16(status).unwrap()
-                }),
+                post(
+                    |State((seen, status)): State<(Seen, u16)>,
+                     Path(chat): Path<String>,
+                     headers: HeaderMap,
+                     body: axum::Json<serde_json::Value>| async move {
+                        let header = |name: &str| {
+                            headers
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned)
+                        };
+                        seen.lock().unwrap().push((
+                            chat,
+                            header("idempotency-key"),
+                            header("authorization"),
+                            body.0,
+                        ));
+                        StatusCode::from_u16(status).unwrap()
+                    },
+                ),
             )
             .with_state((Arc::clone(&seen), status));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -125,8 +144,15 @@ mod tests {
     #[tokio::test]
     async fn posts_the_contract_body_key_and_token() {
         let (url, seen) = server(201).await;
-        let chat = HttpChat::new(reqwest::Client::new(), format!("{url}/"), Some(Secret::new("tok")));
-        assert_eq!(chat.post("c/1?x", "k:result", &message()).await, ChatOutcome::Delivered);
+        let chat = HttpChat::new(
+            reqwest::Client::new(),
+            format!("{url}/"),
+            Some(Secret::new("tok")),
+        );
+        assert_eq!(
+            chat.post("c/1?x", "k:result", &message()).await,
+            ChatOutcome::Delivered
+        );
         let seen = seen.lock().unwrap();
         let (chat_id, key, auth, body) = &seen[0];
         assert_eq!(chat_id, "c/1?x");
@@ -150,12 +176,18 @@ mod tests {
         }
         let (url, _) = server(503).await;
         let chat = HttpChat::new(reqwest::Client::new(), url, None);
-        assert!(matches!(chat.post("c", "k", &message()).await, ChatOutcome::Unavailable { .. }));
+        assert!(matches!(
+            chat.post("c", "k", &message()).await,
+            ChatOutcome::Unavailable { .. }
+        ));
     }
 
     #[tokio::test]
     async fn an_unreachable_api_is_unavailable_not_rejected() {
         let chat = HttpChat::new(reqwest::Client::new(), "http://127.0.0.1:9", None);
-        assert!(matches!(chat.post("c", "k", &message()).await, ChatOutcome::Unavailable { .. }));
+        assert!(matches!(
+            chat.post("c", "k", &message()).await,
+            ChatOutcome::Unavailable { .. }
+        ));
     }
 }
