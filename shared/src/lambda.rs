@@ -50,6 +50,7 @@ pub enum Role {
 pub async fn init(extension: Extension, role: Role) -> Result<Function, InitError> {
     let extension = extension.validated()?;
     let config = Config::from_env()?;
+    let settings = Settings::from_env()?;
     let clients = AwsClients::from_env().await;
     let http = reqwest::Client::new();
     let chat: Option<std::sync::Arc<dyn crate::ports::ChatApi>> = match role {

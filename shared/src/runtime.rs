@@ -73,6 +73,52 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// The defaults, with any of these set in the environment (for tests and demos, where a
+    /// 180 s cap or a 60 s lease would make every run slow): `LONGRUN_CAP_S`,
+    /// `LONGRUN_LEASE_MS`, `LONGRUN_HEARTBEAT_MS`, `LONGRUN_PROGRESS_INTERVAL_MS`,
+    /// `LONGRUN_CANCEL_GRACE_MS`, `LONGRUN_QUEUE_GRACE_MS`, `LONGRUN_MAX_ATTEMPTS`,
+    /// `LONGRUN_DEADLINE_MARGIN_MS`.
+    pub fn from_env() -> Result<Self, crate::config::ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// [`Settings::from_env`] through `lookup`.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, crate::config::ConfigError> {
+        let number = |name: &'static str| -> Result<Option<u64>, crate::config::ConfigError> {
+            match lookup(name).filter(|v| !v.trim().is_empty()) {
+                None => Ok(None),
+                Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+                    crate::config::ConfigError::Invalid {
+                        name,
+                        reason: format!("{v:?} is not a whole number"),
+                    }
+                }),
+            }
+        };
+        let ms = |name: &'static str,
+                  default: Duration|
+         -> Result<Duration, crate::config::ConfigError> {
+            Ok(number(name)?.map(Duration::from_millis).unwrap_or(default))
+        };
+        let d = Self::default();
+        Ok(Self {
+            lease: ms("LONGRUN_LEASE_MS", d.lease)?,
+            heartbeat: ms("LONGRUN_HEARTBEAT_MS", d.heartbeat)?,
+            progress_interval: ms("LONGRUN_PROGRESS_INTERVAL_MS", d.progress_interval)?,
+            cancel_grace: ms("LONGRUN_CANCEL_GRACE_MS", d.cancel_grace)?,
+            queue_grace: ms("LONGRUN_QUEUE_GRACE_MS", d.queue_grace)?,
+            max_attempts: number("LONGRUN_MAX_ATTEMPTS")?
+                .map_or(d.max_attempts, |n| n.clamp(1, 100) as u32),
+            max_receives: d.max_receives,
+            deadline_margin: ms("LONGRUN_DEADLINE_MARGIN_MS", d.deadline_margin)?,
+            cap_override: number("LONGRUN_CAP_S")?.map(Duration::from_secs),
+        })
+    }
+}
+
 /// The extension with its ports and settings: what intake, worker, delivery and sweeper
 /// share. Cheap to clone.
 #[derive(Clone)]
