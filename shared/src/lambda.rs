@@ -62,7 +62,7 @@ pub async fn init(extension: Extension, role: Role) -> Result<Function, InitErro
     let rt = Runtime::new(
         extension,
         services(&clients, &config, chat),
-        Settings::default(),
+        settings,
     );
     tracing::info!(ext = rt.extension.name(), ?role, table = %config.table, "cold start");
     Ok(Function {
