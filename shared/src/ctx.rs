@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::extension::ParamsError;
 use crate::http::Http;
 use crate::ports::{KvStore, PortError, Secret, SecretStore};
+use crate::step::{StepError, StepLog};
 use crate::task::{Progress, TaskId};
 
 /// Why `ctx.progress` did not record a checkpoint.
@@ -176,6 +177,7 @@ pub struct Ctx {
     caller: Arc<Caller>,
     task_id: Option<TaskId>,
     progress: Option<Arc<dyn ProgressSink>>,
+    steps: Option<Arc<StepLog>>,
     launcher: Arc<dyn Launcher>,
 }
 
@@ -188,6 +190,7 @@ impl Ctx {
         secrets: Arc<dyn SecretStore>,
         kv: Arc<dyn KvStore>,
         progress: Option<Arc<dyn ProgressSink>>,
+        steps: Option<Arc<StepLog>>,
         launcher: Arc<dyn Launcher>,
     ) -> Self {
         Self {
@@ -205,6 +208,7 @@ impl Ctx {
             caller: Arc::new(caller),
             task_id,
             progress,
+            steps,
             launcher,
         }
     }
@@ -253,6 +257,29 @@ impl Ctx {
                 .await
             }
             None => Ok(()),
+        }
+    }
+
+    /// Runs `body` as a checkpointed step named `name` and returns its output.
+    ///
+    /// In a background task, the first run stores the output (in the task's partition); when
+    /// the task resumes in a later invocation — handed on before the Lambda deadline, or after
+    /// a crash — the stored output is returned without running `body` again, so an AI call
+    /// already paid for is not made twice. Steps must be called in the same order with the same
+    /// names on every run; outputs are limited to
+    /// [`MAX_STEP_OUTPUT_BYTES`](crate::step::MAX_STEP_OUTPUT_BYTES), and a step may take at
+    /// most the per-call cap (180 s). Before starting a step that might not finish in the
+    /// current invocation, the run stops and a fresh invocation carries on.
+    ///
+    /// Outside a background task (Pattern A) it just runs `body`.
+    pub async fn step<T, F>(&self, name: &str, body: F) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: std::future::Future<Output = T>,
+    {
+        match &self.steps {
+            Some(log) => log.step(name, body).await,
+            None => Ok(body.await),
         }
     }
 

@@ -59,11 +59,7 @@ pub async fn init(extension: Extension, role: Role) -> Result<Function, InitErro
         )),
         _ => None,
     };
-    let rt = Runtime::new(
-        extension,
-        services(&clients, &config, chat),
-        settings,
-    );
+    let rt = Runtime::new(extension, services(&clients, &config, chat), settings);
     tracing::info!(ext = rt.extension.name(), ?role, table = %config.table, "cold start");
     Ok(Function {
         rt,

@@ -21,6 +21,7 @@ pub mod outcome;
 pub mod ports;
 pub mod runtime;
 pub mod stack;
+pub mod step;
 pub mod sweeper;
 pub mod task;
 #[cfg(test)]
@@ -35,6 +36,7 @@ pub use extension::{ActionType, ChatFunction, Extension, Job, ParamsError, ToolS
 pub use http::{HttpError, HttpResponse};
 pub use ports::Secret;
 pub use runtime::{Runtime, Services, Settings};
+pub use step::StepError;
 pub use task::{Task, TaskId, TaskState};
 
 /// Re-exports for extension crates, so they need not depend on `schemars` and `serde`

@@ -12,6 +12,7 @@ use crate::ports::{
     Beat, ChatApi, ChatOutcome, Claim, Created, DeliveryQueue, Finish, FinishGuard, KvStore,
     PortError, PortResult, RequestKey, Requeue, Secret, SecretStore, TaskStore, WorkQueue,
 };
+use crate::step::StepRecord;
 use crate::task::{AuditItem, Lease, Progress, Task, TaskId, TaskState};
 use crate::wire::{ChatMessage, DeliveryMessage, WorkMessage};
 
@@ -25,6 +26,7 @@ struct Tables {
     tasks: HashMap<TaskId, Task>,
     requests: HashMap<RequestKey, TaskId>,
     audit: BTreeMap<TaskId, Vec<AuditItem>>,
+    steps: BTreeMap<TaskId, BTreeMap<u32, StepRecord>>,
     writes: u64,
 }
 
@@ -277,6 +279,25 @@ impl TaskStore for MemoryTaskStore {
         tasks.sort_by(|a, b| b.task_id.cmp(&a.task_id));
         tasks.truncate(limit);
         Ok(tasks)
+    }
+
+    async fn record_step(&self, task_id: &TaskId, step: &StepRecord) -> PortResult<()> {
+        let mut guard = lock(&self.tables);
+        let t = &mut *guard;
+        let steps = t.steps.entry(task_id.clone()).or_default();
+        if let std::collections::btree_map::Entry::Vacant(slot) = steps.entry(step.seq) {
+            slot.insert(step.clone());
+            t.writes += 1;
+        }
+        Ok(())
+    }
+
+    async fn steps(&self, task_id: &TaskId) -> PortResult<Vec<StepRecord>> {
+        Ok(lock(&self.tables)
+            .steps
+            .get(task_id)
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn expired_leases(&self, now: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ActionResult;
+use crate::step::StepRecord;
 use crate::task::{AuditItem, Lease, Progress, Task, TaskId, TaskState};
 use crate::wire::{ChatMessage, DeliveryMessage, WorkMessage};
 
@@ -159,6 +160,12 @@ pub trait TaskStore: Send + Sync {
 
     /// A user's tasks, newest first.
     async fn list_by_user(&self, ext: &str, user: &str, limit: usize) -> PortResult<Vec<Task>>;
+
+    /// Stores a completed step's output unless that step is already stored.
+    async fn record_step(&self, task_id: &TaskId, step: &StepRecord) -> PortResult<()>;
+
+    /// The task's completed steps, in order.
+    async fn steps(&self, task_id: &TaskId) -> PortResult<Vec<StepRecord>>;
 
     /// Tasks whose lease lapsed before `now` (running) — the sweeper's work.
     async fn expired_leases(&self, now: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>>;

@@ -53,6 +53,9 @@ pub struct Settings {
     pub max_receives: u32,
     /// How long before the Lambda deadline the worker stops and hands the task on.
     pub deadline_margin: Duration,
+    /// The longest a checkpointed step may run (the per-call HTTP cap); the worker hands a
+    /// task on when less than this is left before the Lambda deadline.
+    pub step_budget: Duration,
     /// Replaces both task caps (180 s / 1800 s); for tests and local demos only.
     pub cap_override: Option<Duration>,
 }
@@ -68,6 +71,7 @@ impl Default for Settings {
             max_attempts: 3,
             max_receives: 5,
             deadline_margin: Duration::from_secs(10),
+            step_budget: crate::step::DEFAULT_STEP_BUDGET,
             cap_override: None,
         }
     }
@@ -78,7 +82,7 @@ impl Settings {
     /// 180 s cap or a 60 s lease would make every run slow): `LONGRUN_CAP_S`,
     /// `LONGRUN_LEASE_MS`, `LONGRUN_HEARTBEAT_MS`, `LONGRUN_PROGRESS_INTERVAL_MS`,
     /// `LONGRUN_CANCEL_GRACE_MS`, `LONGRUN_QUEUE_GRACE_MS`, `LONGRUN_MAX_ATTEMPTS`,
-    /// `LONGRUN_DEADLINE_MARGIN_MS`.
+    /// `LONGRUN_DEADLINE_MARGIN_MS`, `LONGRUN_STEP_BUDGET_MS`.
     pub fn from_env() -> Result<Self, crate::config::ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -114,6 +118,7 @@ impl Settings {
                 .map_or(d.max_attempts, |n| n.clamp(1, 100) as u32),
             max_receives: d.max_receives,
             deadline_margin: ms("LONGRUN_DEADLINE_MARGIN_MS", d.deadline_margin)?,
+            step_budget: ms("LONGRUN_STEP_BUDGET_MS", d.step_budget)?,
             cap_override: number("LONGRUN_CAP_S")?.map(Duration::from_secs),
         })
     }
@@ -256,6 +261,7 @@ impl Runtime {
         task_id: Option<TaskId>,
         http_deadline: Option<tokio::time::Instant>,
         progress: Option<Arc<dyn ProgressSink>>,
+        steps: Option<Arc<crate::step::StepLog>>,
         request_id: Option<String>,
     ) -> Ctx {
         let launcher = Arc::new(TaskLauncher {
@@ -271,6 +277,7 @@ impl Runtime {
             Arc::clone(&self.services.secrets),
             Arc::clone(&self.services.kv),
             progress,
+            steps,
             launcher,
         )
     }

@@ -30,14 +30,30 @@ pub struct Params {
     pub n: u32,
 }
 
-/// Counts handler runs, by function.
+/// Counts handler runs, by function, and step bodies, by step name.
 #[derive(Default)]
 pub struct Runs {
     pub started: AtomicUsize,
+    pub step_bodies: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+    /// Flips the step names of `unstable` (a handler whose control flow changed).
+    pub flipped: AtomicBool,
+}
+
+impl Runs {
+    pub fn step_runs(&self, name: &str) -> usize {
+        self.step_bodies
+            .lock()
+            .unwrap()
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 pub fn extension(runs: Arc<Runs>) -> Extension {
     let r = Arc::clone(&runs);
+    let chunks = Arc::clone(&runs);
+    let unstable = Arc::clone(&runs);
     Extension::new(EXT)
         .function(ChatFunction::new(
             "sync",
@@ -64,6 +80,80 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
                 }
             })
             .event("bg_done")
+            .background(true),
+        )
+        .function(
+            ChatFunction::new("chunks", move |ctx: Ctx, p: Params| {
+                let runs = Arc::clone(&chunks);
+                async move {
+                    let mut out = Vec::new();
+                    for i in 0..p.n {
+                        let name = format!("chunk-{i}");
+                        let runs = Arc::clone(&runs);
+                        let body_name = name.clone();
+                        let text: String = ctx
+                            .step(&name, async move {
+                                *runs
+                                    .step_bodies
+                                    .lock()
+                                    .unwrap()
+                                    .entry(body_name)
+                                    .or_default() += 1;
+                                tokio::time::sleep(Duration::from_secs(10)).await;
+                                format!("refined {i}")
+                            })
+                            .await?;
+                        out.push(text);
+                        ctx.progress(
+                            i64::from((i + 1) * 100 / p.n.max(1)),
+                            format!("chunk {} of {}", i + 1, p.n),
+                        )
+                        .await?;
+                    }
+                    Ok(ActionResult::success(
+                        "all chunks refined",
+                        json!({"chunks": out}),
+                    ))
+                }
+            })
+            .background(true)
+            .long_running(true),
+        )
+        .function(
+            ChatFunction::new("unstable", move |ctx: Ctx, _p: Params| {
+                let runs = Arc::clone(&unstable);
+                async move {
+                    let second = if runs.flipped.load(Ordering::SeqCst) {
+                        "other"
+                    } else {
+                        "second"
+                    };
+                    ctx.step("first", async {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        1
+                    })
+                    .await?;
+                    ctx.step(second, async {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        2
+                    })
+                    .await?;
+                    ctx.step("third", async {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        3
+                    })
+                    .await?;
+                    Ok(ActionResult::success("stable after all", ()))
+                }
+            })
+            .background(true)
+            .long_running(true),
+        )
+        .function(
+            ChatFunction::new("big_step", |ctx: Ctx, _p: Params| async move {
+                let blob: String = ctx.step("big", async { "x".repeat(400 * 1024) }).await?;
+                Ok(ActionResult::success(format!("{} bytes", blob.len()), ()))
+            })
             .background(true),
         )
         .function(

@@ -17,6 +17,7 @@ use crate::ctx::{Caller, ProgressError, ProgressSink};
 use crate::outcome::{Outcome, panic_message};
 use crate::ports::{Claim, Finish, FinishGuard, PortError, RequestKey, Requeue};
 use crate::runtime::{Runtime, to_chrono};
+use crate::step::{StepError, StepLog, StepRecord};
 use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskState};
 use crate::wire::{DeliveryMessage, MAX_RESULT_BYTES, WorkMessage};
 
@@ -183,7 +184,27 @@ async fn run(
         if remaining.is_zero() {
             Ending::Done(Outcome::timed_out(&task.function, task.cap_s))
         } else {
-            execute(rt, &task, &lease, Instant::now() + remaining, deadline).await
+            let recorded = match rt.services.tasks.steps(&task.task_id).await {
+                Ok(recorded) => recorded,
+                Err(err) => {
+                    // Give the task back so the redelivered message can claim it at once.
+                    let guard = Requeue::Owner(lease.owner.clone());
+                    rt.services
+                        .tasks
+                        .requeue(&task.task_id, &guard, &rt.queue_lease(rt.now()))
+                        .await?;
+                    return Err(err);
+                }
+            };
+            execute(
+                rt,
+                &task,
+                &lease,
+                Instant::now() + remaining,
+                deadline,
+                recorded,
+            )
+            .await
         }
     };
     match ending {
@@ -213,6 +234,7 @@ async fn execute(
     lease: &Lease,
     cap_deadline: Instant,
     lambda_deadline: Option<Instant>,
+    recorded_steps: Vec<StepRecord>,
 ) -> Ending {
     let Some(handler) = rt.extension.handler(task.kind, &task.function) else {
         return Ending::Done(Outcome::failed(
@@ -229,18 +251,27 @@ async fn execute(
         user: task.user.clone(),
         chat: task.chat.clone(),
     };
+    let yield_at = lambda_deadline
+        .map(|d| d.checked_sub(rt.settings.deadline_margin).unwrap_or(d))
+        .filter(|d| *d < cap_deadline);
+    let steps = Arc::new(StepLog::new(
+        Arc::clone(&rt.services.tasks),
+        Arc::clone(&rt.services.clock),
+        task.task_id.clone(),
+        recorded_steps,
+        yield_at,
+        rt.settings.step_budget,
+    ));
     let ctx = rt.ctx(
         caller,
         Some(task.task_id.clone()),
         Some(cap_deadline),
         Some(Arc::clone(&checkpoint) as Arc<dyn ProgressSink>),
+        Some(Arc::clone(&steps)),
         Some(format!("task:{}", task.task_id)),
     );
     let work = AssertUnwindSafe(handler(ctx, task.params.clone())).catch_unwind();
     tokio::pin!(work);
-    let yield_at = lambda_deadline
-        .map(|d| d.checked_sub(rt.settings.deadline_margin).unwrap_or(d))
-        .filter(|d| *d < cap_deadline);
 
     let first = tokio::select! {
         finished = &mut work => Some(finished),
@@ -248,6 +279,10 @@ async fn execute(
             return Ending::Done(Outcome::timed_out(&task.function, task.cap_s));
         }
         _ = sleep_until_opt(yield_at) => return Ending::Continue,
+        _ = steps.handed_off() => {
+            checkpoint.flush().await;
+            return Ending::Continue;
+        }
         stop = checkpoint.heartbeat() => match stop {
             Stop::LeaseLost => return Ending::LeaseLost,
             Stop::Cancelled => None,
@@ -281,6 +316,14 @@ async fn execute(
         ),
         Ok(Ok(result)) => Outcome::returned(result),
         Ok(Err(err)) if err.is_cancelled() => Outcome::cancelled(&task.function),
+        Ok(Err(err))
+            if matches!(
+                err.downcast_ref::<StepError>(),
+                Some(StepError::ReplayMismatch { .. })
+            ) =>
+        {
+            Outcome::failed(&task.function, "replay_mismatch", err.to_string(), false)
+        }
         Ok(Err(err))
             if matches!(
                 err.downcast_ref::<ProgressError>(),

@@ -911,3 +911,54 @@ async fn the_store_is_private_to_each_ext_and_user() {
         Some(serde_json::Value::Null)
     );
 }
+
+#[tokio::test]
+async fn steps_are_stored_once_in_the_tasks_partition_and_read_in_order() {
+    use longrun::step::StepRecord;
+    // GIVEN a task with an audit item
+    let f = fixture().await;
+    let task = f.queued("text-tools", "u1", t0()).await;
+    f.store
+        .append_audit(&AuditItem::new(
+            &task,
+            "created",
+            AuditKind::Created,
+            t0(),
+            "",
+        ))
+        .await
+        .unwrap();
+    let step = |seq: u32, name: &str, output: serde_json::Value| StepRecord {
+        seq,
+        name: name.to_owned(),
+        output,
+        at: t0() + secs(i64::from(seq)),
+    };
+    let first = step(
+        0,
+        "chunk-0",
+        serde_json::json!({"text": "ünïcode ✓", "n": [1, 2.5, null]}),
+    );
+    let eleventh = step(10, "chunk-10", serde_json::json!("done"));
+    // WHEN steps are recorded out of order, one twice with another output
+    f.store.record_step(&task.task_id, &eleventh).await.unwrap();
+    f.store.record_step(&task.task_id, &first).await.unwrap();
+    let rewrite = step(0, "chunk-0", serde_json::json!("a zombie's output"));
+    f.store.record_step(&task.task_id, &rewrite).await.unwrap();
+    // THEN they read back in order, the first write kept
+    let steps = f.store.steps(&task.task_id).await.unwrap();
+    assert_eq!(steps, vec![first, eleventh]);
+    // AND the audit trail does not see them, while one Query shows the whole story
+    assert_eq!(f.store.audit_trail(&task.task_id).await.unwrap().len(), 1);
+    let partition = f.partition(&format!("TASK#{}", task.task_id)).await;
+    assert_eq!(partition.len(), 4);
+    // AND steps expire with the task
+    let raw = f
+        .raw(&format!("TASK#{}", task.task_id), "STEP#000010")
+        .await
+        .expect("step item");
+    assert!(raw.contains_key(TTL_ATTRIBUTE));
+    // AND a task without steps has none
+    let other = f.queued("text-tools", "u1", t0()).await;
+    assert!(f.store.steps(&other.task_id).await.unwrap().is_empty());
+}

@@ -51,6 +51,7 @@ use crate::ports::{
     Beat, Claim, Created, Finish, FinishGuard, KvStore, PortError, PortResult, RequestKey, Requeue,
     TaskStore,
 };
+use crate::step::StepRecord;
 use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskKind, TaskState};
 
 /// The index of a user's tasks, newest first.
@@ -80,6 +81,7 @@ const ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 const TASK_SK: &str = "TASK";
 const REQUEST_SK: &str = "REQ";
 const AUDIT_PREFIX: &str = "AUDIT#";
+const STEP_PREFIX: &str = "STEP#";
 const LEASE_PK: &str = "LEASE";
 
 type Item = HashMap<String, AttributeValue>;
@@ -460,6 +462,31 @@ fn audit_item(audit: &AuditItem, ttl: Duration) -> PortResult<Item> {
     Ok(item)
 }
 
+/// A step item: `pk = TASK#{task_id}`, `sk = STEP#{seq:06}` (zero-padded, so steps sort in
+/// order), with the step's name, output and time, and the task's TTL.
+fn step_item(task_id: &TaskId, step: &StepRecord, ttl: Duration) -> Item {
+    let mut item = key(task_pk(task_id), format!("{STEP_PREFIX}{:06}", step.seq));
+    item.extend([
+        ("task_id".to_owned(), s(task_id.as_str())),
+        ("seq".to_owned(), AttributeValue::N(step.seq.to_string())),
+        ("name".to_owned(), s(&step.name)),
+        ("output".to_owned(), json_to_attribute(&step.output)),
+        ("at".to_owned(), s(iso(step.at))),
+        (TTL_ATTRIBUTE.to_owned(), expiry(step.at, ttl)),
+    ]);
+    item
+}
+
+fn step_from_item(item: &Item) -> PortResult<StepRecord> {
+    let f = Fields::new(item);
+    Ok(StepRecord {
+        seq: f.n("seq")?,
+        name: f.s("name")?.to_owned(),
+        output: f.json("output")?.unwrap_or(Value::Null),
+        at: f.time("at")?,
+    })
+}
+
 fn audit_from_item(item: &Item) -> PortResult<AuditItem> {
     let f = Fields::new(item);
     let kind: AuditKind = serde_json::from_value(Value::String(f.s("kind")?.to_owned()))
@@ -728,6 +755,33 @@ impl DynamoTaskStore {
 
     /// An UpdateItem on a task record with `ALL_NEW` on success and `ALL_OLD` on a failed
     /// condition, so a refusal tells the caller why without a second read.
+    /// A PutItem that leaves an existing item alone: writing the same event twice is not an
+    /// error.
+    async fn put_if_absent(&self, what: &str, item: Item) -> PortResult<()> {
+        let condition = "attribute_not_exists(#pk)";
+        let sent = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression(condition)
+            .set_expression_attribute_names(Some(names_in(&[condition])))
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(()),
+            Err(err)
+                if matches!(
+                    err.as_service_error(),
+                    Some(PutItemError::ConditionalCheckFailedException(_))
+                ) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(port_error(what, err)),
+        }
+    }
+
     fn update_task(
         &self,
         task_id: &TaskId,
@@ -1215,29 +1269,35 @@ impl TaskStore for DynamoTaskStore {
     }
 
     async fn append_audit(&self, item: &AuditItem) -> PortResult<()> {
-        let condition = "attribute_not_exists(#pk)";
-        let sent = self
+        // The same event written twice (a redelivered message): one item is the point.
+        self.put_if_absent("PutItem audit", audit_item(item, self.ttl)?)
+            .await
+    }
+
+    async fn record_step(&self, task_id: &TaskId, step: &StepRecord) -> PortResult<()> {
+        // A step stored twice (a zombie worker racing its successor) keeps the first output.
+        self.put_if_absent("PutItem step", step_item(task_id, step, self.ttl))
+            .await
+    }
+
+    async fn steps(&self, task_id: &TaskId) -> PortResult<Vec<StepRecord>> {
+        let condition = "#pk = :pk AND begins_with(#sk, :prefix)";
+        let query = self
             .client
-            .put_item()
+            .query()
             .table_name(&self.table)
-            .set_item(Some(audit_item(item, self.ttl)?))
-            .condition_expression(condition)
+            .key_condition_expression(condition)
             .set_expression_attribute_names(Some(names_in(&[condition])))
-            .send()
-            .await;
-        match sent {
-            Ok(_) => Ok(()),
-            // The same event written twice (a redelivered message): one item is the point.
-            Err(err)
-                if matches!(
-                    err.as_service_error(),
-                    Some(PutItemError::ConditionalCheckFailedException(_))
-                ) =>
-            {
-                Ok(())
-            }
-            Err(err) => Err(port_error("PutItem audit", err)),
-        }
+            .expression_attribute_values(":pk", s(task_pk(task_id)))
+            .expression_attribute_values(":prefix", s(STEP_PREFIX))
+            .consistent_read(true);
+        let mut steps = self
+            .query("Query steps", query, None, |item| {
+                step_from_item(item).map(Some)
+            })
+            .await?;
+        steps.sort_by_key(|step| step.seq);
+        Ok(steps)
     }
 
     async fn audit_trail(&self, task_id: &TaskId) -> PortResult<Vec<AuditItem>> {
