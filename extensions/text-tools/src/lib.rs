@@ -5,6 +5,8 @@
 //!   the whole handler, reporting progress.
 //! - `start_refinement` (Pattern C): decides at run time — a fast synchronous call, or the
 //!   `refine_job` job in the background with a custom acknowledgement.
+//! - `refine_document` (long-running, 1800 s cap): one AI call per chunk, each a checkpointed
+//!   `ctx.step`, so the task outlives a Lambda invocation without paying for a chunk twice.
 //!
 //! All three call an OpenAI-compatible chat completions API at `OPENAI_BASE_URL` (default
 //! `https://api.openai.com/v1`) with the user's `openai_api_key` secret.
@@ -38,6 +40,7 @@ pub fn extension_with(openai: OpenAi) -> Extension {
     let a = openai.clone();
     let b = openai.clone();
     let c = openai.clone();
+    let d = openai.clone();
     let job = openai;
     Extension::new(NAME)
         .secret(API_KEY_SECRET, "OpenAI (or compatible) API key")
@@ -64,6 +67,16 @@ pub fn extension_with(openai: OpenAi) -> Extension {
             .description("Refine text; chooses fast or background path at runtime.")
             .action_type(ActionType::Write)
             .event("refinement_started"),
+        )
+        .function(
+            ChatFunction::new("refine_document", move |ctx, params| {
+                refine_document(d.clone(), ctx, params)
+            })
+            .description("Refine a long document chunk by chunk (long-running, up to 30 min).")
+            .action_type(ActionType::Write)
+            .event("document_refined")
+            .background(true)
+            .long_running(true),
         )
         .job(
             Job::new(REFINE_JOB, move |ctx, input| {
@@ -105,6 +118,100 @@ pub struct StartParams {
     /// Answer at once with a smaller model instead of refining in the background
     #[serde(default)]
     pub fast_path: bool,
+}
+
+/// Params of `refine_document`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct RefineDocumentParams {
+    /// The document; paragraphs are separated by blank lines
+    pub document: String,
+}
+
+/// The longest chunk sent in one AI call, in characters.
+pub const MAX_CHUNK_CHARS: usize = 4000;
+
+/// Splits a document into chunks of whole paragraphs, each at most [`MAX_CHUNK_CHARS`]
+/// characters (a longer paragraph is a chunk of its own, cut at character boundaries).
+pub fn chunks(document: &str) -> Vec<String> {
+    let mut chunks: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for paragraph in document
+        .split("\n\n")
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let fits = current.chars().count() + paragraph.chars().count() + 2 <= MAX_CHUNK_CHARS;
+        if !current.is_empty() && !fits {
+            chunks.push(std::mem::take(&mut current));
+        }
+        if paragraph.chars().count() > MAX_CHUNK_CHARS {
+            let chars: Vec<char> = paragraph.chars().collect();
+            chunks.extend(
+                chars
+                    .chunks(MAX_CHUNK_CHARS)
+                    .map(|c| c.iter().collect::<String>()),
+            );
+            continue;
+        }
+        if !current.is_empty() {
+            current.push_str("\n\n");
+        }
+        current.push_str(paragraph);
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
+/// A long-running task in checkpointed steps: one AI call per chunk, each a `ctx.step`, so a
+/// task handed on before the Lambda deadline — or resumed after a crash — never pays for a
+/// chunk twice.
+async fn refine_document(
+    openai: OpenAi,
+    ctx: Ctx,
+    params: RefineDocumentParams,
+) -> longrun::Result<ActionResult> {
+    let Some(api_key) = ctx.secrets.get(API_KEY_SECRET).await? else {
+        return Ok(key_missing());
+    };
+    let chunks = chunks(&params.document);
+    if chunks.is_empty() {
+        return Ok(ActionResult::error("The document is empty.", false));
+    }
+    let total = chunks.len();
+    let mut refined = Vec::with_capacity(total);
+    for (i, chunk) in chunks.iter().enumerate() {
+        let completion = ctx
+            .step(&format!("chunk-{i}"), async {
+                openai
+                    .complete(
+                        &ctx,
+                        &api_key,
+                        &openai.model,
+                        messages(chunk),
+                        4000,
+                        Duration::from_secs(120),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await?;
+        match completion {
+            Ok(Completion::Text(text)) => refined.push(text),
+            Ok(Completion::Failed(result)) => return Ok(result),
+            Err(error) => return Err(longrun::Error::msg(error)),
+        }
+        let pct = i64::try_from((i + 1) * 95 / total).unwrap_or(95);
+        ctx.progress(pct, format!("Refined chunk {} of {total}", i + 1))
+            .await?;
+    }
+    let text = refined.join("\n\n");
+    ctx.store.set(LAST_REFINED, &text).await?;
+    Ok(ActionResult::success(
+        format!("Document refined ({total} chunks)."),
+        json!({"text": text, "chunks": total}),
+    ))
 }
 
 /// Input of `refine_job`.
@@ -255,4 +362,29 @@ async fn refine_job(
         "Refined output ready! 🎉",
         json!({"text": text}),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_keep_paragraphs_whole_and_bounded() {
+        let paragraph = "word ".repeat(300); // 1500 chars
+        let document = [paragraph.as_str(); 5].join("\n\n");
+        let chunks = chunks(&document);
+        assert_eq!(chunks.len(), 3);
+        assert!(chunks.iter().all(|c| c.chars().count() <= MAX_CHUNK_CHARS));
+        assert_eq!(chunks.join("\n\n").split("\n\n").count(), 5);
+    }
+
+    #[test]
+    fn a_huge_paragraph_is_cut_and_blank_input_has_no_chunks() {
+        let chunks = chunks(&"é".repeat(MAX_CHUNK_CHARS * 2 + 1));
+        assert_eq!(
+            chunks.iter().map(|c| c.chars().count()).collect::<Vec<_>>(),
+            vec![4000, 4000, 1]
+        );
+        assert!(super::chunks(" \n\n \n\n").is_empty());
+    }
 }

@@ -83,8 +83,9 @@ fn malformed() -> ActionResult {
     ActionResult::error("OpenAI returned a response without a completion", true)
 }
 
-/// A completion's text, or the error to show the user.
-#[derive(Debug, Clone, PartialEq)]
+/// A completion's text, or the error to show the user. Serializable, so a completion can be a
+/// checkpointed step's output.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Completion {
     Text(String),
     Failed(ActionResult),
