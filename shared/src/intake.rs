@@ -703,20 +703,37 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_failed_queue_send_is_a_503_the_caller_can_retry() {
-        // GIVEN the work queue fails once
+    async fn a_lost_work_message_still_acks_and_the_sweeper_resends_it() {
+        // GIVEN the work queue refuses the message
         let (stack, runs) = stack();
         stack.work.fail_next_sends(1);
+        // WHEN the call is made, the ack is given (the record is written)
+        let response = stack.intake(call_event("bg", "u1", json!({}))).await;
+        assert_eq!(response.status, 200);
+        assert!(stack.work.pending().is_empty());
+        // AND once the queue lease lapses the sweeper sends it, and it runs once
+        tokio::time::sleep(stack.rt.settings.queue_grace + std::time::Duration::from_secs(1)).await;
+        assert_eq!(crate::sweeper::sweep(&stack.rt).await.unwrap().requeued, 1);
+        stack.drain(20).await;
+        assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_table_write_is_a_503_and_a_retry_runs_once() {
+        // GIVEN the message went out but the record write failed
+        let (stack, runs) = stack();
+        stack.tasks.fail_next_writes(1);
         let mut event = call_event("bg", "u1", json!({}));
         event["request_id"] = json!("r-2");
-        // WHEN the call is made, it is refused as retryable
         let response = stack.intake(event.clone()).await;
         assert_eq!(response.status, 503);
-        // AND the retry with the same request_id gets the same task, which then runs once
+        // WHEN the platform retries with the same request_id
         let retried = stack.intake(event).await;
+        // THEN one task, run once, one result
         assert_eq!(retried.status, 200);
-        assert_eq!(stack.tasks.all().len(), 1);
         stack.drain(20).await;
+        assert_eq!(stack.tasks.all().len(), 1);
         assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
     }

@@ -23,6 +23,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[derive(Default)]
 struct Tables {
+    fail_writes: u32,
     tasks: HashMap<TaskId, Task>,
     requests: HashMap<RequestKey, TaskId>,
     audit: BTreeMap<TaskId, Vec<AuditItem>>,
@@ -45,6 +46,11 @@ impl MemoryTaskStore {
     /// How many writes (conditional or not) the store accepted: what DynamoDB would bill.
     pub fn writes(&self) -> u64 {
         lock(&self.tables).writes
+    }
+
+    /// Makes the next `n` task creations fail with a transient error.
+    pub fn fail_next_writes(&self, n: u32) {
+        lock(&self.tables).fail_writes = n;
     }
 
     /// Every audit item of every task.
@@ -70,6 +76,10 @@ fn lease_lapsed(task: &Task, now: DateTime<Utc>) -> bool {
 impl TaskStore for MemoryTaskStore {
     async fn create(&self, task: &Task, request: Option<&RequestKey>) -> PortResult<Created> {
         let mut t = lock(&self.tables);
+        if t.fail_writes > 0 {
+            t.fail_writes -= 1;
+            return Err(PortError::Transient("injected write failure".into()));
+        }
         if let Some(request) = request
             && let Some(existing) = t.requests.get(request)
             && *existing != task.task_id

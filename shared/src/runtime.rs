@@ -67,7 +67,7 @@ impl Default for Settings {
             heartbeat: Duration::from_secs(5),
             progress_interval: Duration::from_secs(1),
             cancel_grace: Duration::from_secs(2),
-            queue_grace: Duration::from_secs(300),
+            queue_grace: Duration::from_secs(120),
             max_attempts: 3,
             max_receives: 5,
             deadline_margin: Duration::from_secs(10),
@@ -208,7 +208,11 @@ impl Runtime {
         );
         match created? {
             Created::New => {
-                sent?;
+                if let Err(err) = sent {
+                    // The record is written and carries a queue lease: when it lapses, the
+                    // sweeper sends the work message again. The ack stays true.
+                    tracing::warn!(task_id = %task.task_id, error = %err, "work message not sent; the sweeper will resend it");
+                }
                 let audit =
                     AuditItem::new(&task, "created", AuditKind::Created, task.created_at, "");
                 if let Err(err) = self.services.tasks.append_audit(&audit).await {
