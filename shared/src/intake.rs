@@ -269,14 +269,6 @@ pub async fn cancel_task(rt: &Runtime, task: Task) -> Result<Task, IntakeError> 
             task.task_id
         ))),
         TaskState::Queued => {
-            let audit = AuditItem::new(
-                &task,
-                "cancelled",
-                AuditKind::Cancelled,
-                now,
-                "cancelled before start",
-            );
-            tasks.append_audit(&audit).await.map_err(port_error)?;
             let finish = crate::ports::Finish {
                 state: TaskState::Cancelled,
                 result: cancelled_result(&task.function),
@@ -285,13 +277,24 @@ pub async fn cancel_task(rt: &Runtime, task: Task) -> Result<Task, IntakeError> 
             };
             match tasks.finish(&task.task_id, &finish).await {
                 Ok(ended) => {
-                    rt.services
-                        .delivery
-                        .send(&DeliveryMessage::Result {
-                            task_id: ended.task_id.clone(),
-                        })
-                        .await
-                        .map_err(port_error)?;
+                    let audit = AuditItem::new(
+                        &ended,
+                        "cancelled",
+                        AuditKind::Cancelled,
+                        now,
+                        "cancelled before start",
+                    );
+                    if let Err(err) = tasks.append_audit(&audit).await {
+                        tracing::error!(task_id = %ended.task_id, error = %err, "cancelled audit item not written");
+                    }
+                    let message = DeliveryMessage::Result {
+                        task_id: ended.task_id.clone(),
+                    };
+                    if let Err(err) = rt.services.delivery.send(&message).await {
+                        // The task's work message is still queued: the worker that takes it
+                        // finds the task finished and sends the delivery then.
+                        tracing::warn!(task_id = %ended.task_id, error = %err, "cancel delivery deferred to the worker");
+                    }
                     Ok(ended)
                 }
                 // A worker claimed it in the meantime: ask the running task to stop instead.

@@ -763,6 +763,21 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_cancel_whose_delivery_message_is_lost_is_delivered_by_the_worker() {
+        // GIVEN a queued task, and a delivery queue that refuses the cancel's message
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        stack.delivery.fail_next_sends(1);
+        assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
+        assert!(stack.delivery.pending().is_empty());
+        // WHEN the task's work message reaches a worker
+        stack.drain(20).await;
+        // THEN the handler never ran and the chat got one "cancelled" result
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 0);
+        assert_eq!(results_in(&stack, "chat-u1"), vec![ActionResult::error("'bg' was cancelled.", false)]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn cancel_is_seen_at_the_next_progress_call() {
         // GIVEN a handler that reports progress every second
         let (stack, _) = stack();
