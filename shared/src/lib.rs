@@ -16,6 +16,7 @@ pub mod extension;
 pub mod http;
 pub mod intake;
 pub mod lambda;
+pub mod local;
 pub mod memory;
 pub mod outcome;
 pub mod ports;
