@@ -41,7 +41,9 @@ pub struct Settings {
     pub lease: Duration,
     /// How often a running task's lease is renewed and its cancel flag read.
     pub heartbeat: Duration,
-    /// The least time between two progress writes; bursts in between are coalesced.
+    /// The least time between two progress writes; bursts in between are coalesced. Equal to
+    /// the heartbeat, so a progress write stands in for a heartbeat and writes per task do not
+    /// grow with the progress rate.
     pub progress_interval: Duration,
     /// How long a cancelled handler may take to notice before it is dropped.
     pub cancel_grace: Duration,
@@ -65,7 +67,7 @@ impl Default for Settings {
         Self {
             lease: Duration::from_secs(60),
             heartbeat: Duration::from_secs(5),
-            progress_interval: Duration::from_secs(1),
+            progress_interval: Duration::from_secs(5),
             cancel_grace: Duration::from_secs(2),
             queue_grace: Duration::from_secs(120),
             max_attempts: 3,
