@@ -755,6 +755,28 @@ impl DynamoTaskStore {
 
     /// An UpdateItem on a task record with `ALL_NEW` on success and `ALL_OLD` on a failed
     /// condition, so a refusal tells the caller why without a second read.
+    /// Every item of a task's partition whose sort key starts with `prefix`, parsed.
+    async fn partition<T>(
+        &self,
+        task_id: &TaskId,
+        prefix: &str,
+        what: &str,
+        parse: fn(&Item) -> PortResult<T>,
+    ) -> PortResult<Vec<T>> {
+        let condition = "#pk = :pk AND begins_with(#sk, :prefix)";
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression(condition)
+            .set_expression_attribute_names(Some(names_in(&[condition])))
+            .expression_attribute_values(":pk", s(task_pk(task_id)))
+            .expression_attribute_values(":prefix", s(prefix))
+            .consistent_read(true);
+        self.query(what, query, None, |item| parse(item).map(Some))
+            .await
+    }
+
     /// A PutItem that leaves an existing item alone: writing the same event twice is not an
     /// error.
     async fn put_if_absent(&self, what: &str, item: Item) -> PortResult<()> {
@@ -1281,40 +1303,16 @@ impl TaskStore for DynamoTaskStore {
     }
 
     async fn steps(&self, task_id: &TaskId) -> PortResult<Vec<StepRecord>> {
-        let condition = "#pk = :pk AND begins_with(#sk, :prefix)";
-        let query = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression(condition)
-            .set_expression_attribute_names(Some(names_in(&[condition])))
-            .expression_attribute_values(":pk", s(task_pk(task_id)))
-            .expression_attribute_values(":prefix", s(STEP_PREFIX))
-            .consistent_read(true);
         let mut steps = self
-            .query("Query steps", query, None, |item| {
-                step_from_item(item).map(Some)
-            })
+            .partition(task_id, STEP_PREFIX, "Query steps", step_from_item)
             .await?;
         steps.sort_by_key(|step| step.seq);
         Ok(steps)
     }
 
     async fn audit_trail(&self, task_id: &TaskId) -> PortResult<Vec<AuditItem>> {
-        let condition = "#pk = :pk AND begins_with(#sk, :prefix)";
-        let query = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression(condition)
-            .set_expression_attribute_names(Some(names_in(&[condition])))
-            .expression_attribute_values(":pk", s(task_pk(task_id)))
-            .expression_attribute_values(":prefix", s(AUDIT_PREFIX))
-            .consistent_read(true);
         let mut trail = self
-            .query("Query audit trail", query, None, |item| {
-                audit_from_item(item).map(Some)
-            })
+            .partition(task_id, AUDIT_PREFIX, "Query audit trail", audit_from_item)
             .await?;
         trail.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.audit_id.cmp(&b.audit_id)));
         Ok(trail)
