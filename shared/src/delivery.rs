@@ -214,9 +214,7 @@ mod tests {
     async fn a_crash_after_posting_is_repaired_by_the_idempotency_key() {
         // GIVEN the result was posted but delivered_at was never written (crash in between)
         let (stack, _) = stack();
-        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
-        stack.work_once().await;
-        stack.work_once().await;
+        let task_id = finished_job(&stack).await;
         let message = DeliveryMessage::Result {
             task_id: task_id.clone(),
         };
@@ -237,16 +235,7 @@ mod tests {
         stack.drain(20).await;
         // THEN the chat holds one result and the task is marked delivered
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
-        assert!(
-            stack
-                .tasks
-                .get(&task_id)
-                .await
-                .unwrap()
-                .unwrap()
-                .delivered_at
-                .is_some()
-        );
+        assert!(crate::testkit::task(&stack, &task_id).await.delivered_at.is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -278,30 +267,17 @@ mod tests {
                 reason: "timeout".into(),
             },
         ]);
-        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
-        stack.work_once().await;
-        stack.work_once().await;
+        let task_id = finished_job(&stack).await;
         stack.drain(20).await;
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
         assert!(stack.chat.attempts() >= 3);
-        assert!(
-            stack
-                .tasks
-                .get(&task_id)
-                .await
-                .unwrap()
-                .unwrap()
-                .delivered_at
-                .is_some()
-        );
+        assert!(task(&stack, &task_id).await.delivered_at.is_some());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_4xx_is_permanent_critical_and_dead_lettered() {
         let (stack, _) = stack();
-        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
-        stack.work_once().await;
-        stack.work_once().await;
+        let task_id = finished_job(&stack).await;
         stack.chat.script([ChatOutcome::Rejected { status: 400 }]);
         stack.drain(20).await;
         assert!(results_in(&stack, "chat-u1").is_empty());
@@ -324,9 +300,7 @@ mod tests {
     async fn the_last_retry_leaves_a_critical_audit_before_the_dead_letter_queue() {
         // GIVEN a finished task and a chat API that stays down
         let (stack, _) = stack();
-        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
-        stack.work_once().await;
-        stack.work_once().await;
+        let task_id = finished_job(&stack).await;
         stack.delivery.take(10);
         let body = serde_json::to_string(&DeliveryMessage::Result {
             task_id: task_id.clone(),

@@ -68,16 +68,29 @@ pub async fn init(extension: Extension, role: Role) -> Result<Function, InitErro
     })
 }
 
+/// Deadlines below this (2001-09-09 in epoch milliseconds) cannot be Lambda's absolute
+/// deadline: `cargo lambda watch` sends a fixed budget (`600000`) instead, which read as a
+/// time lies in 1970 and would make the worker hand every task on the moment it starts.
+const EARLIEST_EPOCH_DEADLINE_MS: u64 = 1_000_000_000_000;
+
 /// The invocation's deadline on tokio's clock.
 fn deadline(context: &lambda_runtime::Context) -> Option<Instant> {
-    let deadline = SystemTime::UNIX_EPOCH + Duration::from_millis(context.deadline);
+    deadline_at(context.deadline, SystemTime::now())
+}
+
+/// `deadline_ms` (the `Lambda-Runtime-Deadline-Ms` header) as seen at `now`.
+fn deadline_at(deadline_ms: u64, now: SystemTime) -> Option<Instant> {
     // `Context::default()` (tests) has no deadline.
-    if context.deadline == 0 {
+    if deadline_ms == 0 {
         return None;
     }
-    let left = deadline
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
+    let left = if deadline_ms < EARLIEST_EPOCH_DEADLINE_MS {
+        Duration::from_millis(deadline_ms)
+    } else {
+        (SystemTime::UNIX_EPOCH + Duration::from_millis(deadline_ms))
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+    };
     Some(Instant::now() + left)
 }
 
@@ -203,6 +216,25 @@ mod tests {
     use crate::testkit::*;
 
     #[tokio::test(start_paused = true)]
+    async fn a_deadline_is_an_epoch_time_or_the_emulators_budget() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_000);
+        // Lambda: an absolute time in epoch milliseconds
+        assert_eq!(
+            deadline_at(1_800_000_030_000, now),
+            Some(Instant::now() + Duration::from_secs(30))
+        );
+        // `cargo lambda watch`: 600000 is a budget, not a moment in 1970 (which left the
+        // worker no time at all, so it handed every task on the moment it started)
+        assert_eq!(
+            deadline_at(600_000, now),
+            Some(Instant::now() + Duration::from_secs(600))
+        );
+        // A deadline already past leaves no time; none at all means no deadline.
+        assert_eq!(deadline_at(1_799_999_990_000, now), Some(Instant::now()));
+        assert_eq!(deadline_at(0, now), None);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn intake_answers_an_invoke_payload() {
         let (stack, _) = stack();
         let event = LambdaEvent::new(
@@ -250,9 +282,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_delivery_is_reported_by_message_id() {
         let (stack, _) = stack();
-        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
-        stack.work_once().await;
-        stack.work_once().await;
+        let task_id = finished_job(&stack).await;
         stack.delivery.take(10);
         stack.chat.script([crate::ports::ChatOutcome::Unavailable {
             reason: "503".into(),

@@ -302,6 +302,13 @@ pub fn task_id_of(response: &IntakeResponse) -> TaskId {
         .expect("a task id")
 }
 
+/// A Pattern C job run to its end by a worker, its result message waiting for delivery.
+pub async fn finished_job(stack: &MemoryStack) -> TaskId {
+    let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
+    while stack.work_once().await > 0 {}
+    task_id
+}
+
 pub async fn task(stack: &MemoryStack, id: &TaskId) -> Task {
     use crate::ports::TaskStore;
     stack.tasks.get(id).await.unwrap().expect("task exists")
