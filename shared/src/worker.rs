@@ -134,7 +134,9 @@ async fn recover_missing(rt: &Runtime, message: &WorkMessage) -> Result<bool, Po
     let mut task = message.to_task();
     task.lease = Some(rt.queue_lease(rt.now()));
     rt.services.tasks.create(&task, request.as_ref()).await?;
-    tracing::warn!(task_id = %task.task_id, "task record recovered from its work message");
+    // Usually the message simply overtook intake's concurrent PutItem (the conditional write
+    // makes this a no-op then); rarely that write was lost and this one restores the record.
+    tracing::info!(task_id = %task.task_id, "task record written from its work message");
     Ok(true)
 }
 
