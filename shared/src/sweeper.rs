@@ -58,7 +58,10 @@ async fn revive(rt: &Runtime, task: &Task) -> Result<bool, PortError> {
             format!("the worker stopped on each of {} attempts", task.attempt),
             false,
         ))
-    } else if cap_passed {
+    } else if task.state == TaskState::Running && cap_passed {
+        // A queued task past its cap (requeued, then its message waited or was lost) is sent
+        // again instead: `queued → timed_out` is no legal move, and the worker that claims it
+        // ends it timed out at once.
         Some(Outcome::timed_out(&task.function, task.cap_s))
     } else {
         None
@@ -212,6 +215,38 @@ mod tests {
         stack.drain(20).await;
         assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_requeued_task_whose_cap_ran_out_while_it_waited_is_timed_out_by_a_worker() {
+        // GIVEN a task whose worker died, requeued by the sweeper, and that message lost
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        claim_and_die(&stack, &task_id).await;
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().requeued, 1);
+        stack.work.take(10);
+        // WHEN its cap and the queue grace pass before any worker sees it
+        tokio::time::sleep(stack.rt.settings.queue_grace + Duration::from_secs(1)).await;
+        // THEN the sweeper sends it again rather than ending a queued task as timed out (no
+        // legal move: the DynamoDB store refused it, and every sweep tried again, forever)
+        assert_eq!(
+            sweep(&stack.rt).await.unwrap(),
+            SweepReport {
+                requeued: 1,
+                ended: 0
+            }
+        );
+        // AND the worker that claims it ends it timed out, without running the handler
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::TimedOut);
+        assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert!(
+            audit_kinds(&stack, &task_id)
+                .await
+                .contains(&(AuditKind::Critical, "critical#cap_exceeded".into()))
+        );
     }
 
     #[tokio::test(start_paused = true)]
