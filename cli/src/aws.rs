@@ -1,13 +1,29 @@
-//! AWS clients and the deployment's runtime, built from the global flags.
+//! AWS clients and the deployment's runtime, built from the global flags: AWS as the profile,
+//! region and endpoint say, or — with `--local` — the dev stack `longrun dev` runs.
+
+use std::sync::Arc;
 
 use longrun::aws::AwsClients;
 use longrun::config::Config;
 use longrun::{Runtime, Settings};
 
 use crate::cli::{AwsArgs, Failure};
+use crate::dev::state::DevEndpoints;
 
-/// Clients for the flags: profile, region and endpoint override the environment.
-pub async fn clients(args: &AwsArgs) -> AwsClients {
+/// Clients for the flags: profile, region and endpoint override the environment; `--local`
+/// points them at the running dev stack.
+pub async fn clients(args: &AwsArgs) -> Result<AwsClients, Failure> {
+    if args.local {
+        return Ok(DevEndpoints::running(&args.state_dir)
+            .await?
+            .clients()
+            .await);
+    }
+    Ok(AwsClients::new(&sdk_config(args).await))
+}
+
+/// The SDK configuration for the flags (not `--local`).
+pub async fn sdk_config(args: &AwsArgs) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(profile) = &args.profile {
         loader = loader.profile_name(profile);
@@ -18,16 +34,24 @@ pub async fn clients(args: &AwsArgs) -> AwsClients {
     if let Some(endpoint) = &args.endpoint_url {
         loader = loader.endpoint_url(endpoint);
     }
-    AwsClients::new(&loader.load().await)
+    loader.load().await
 }
 
-/// The deployment as `longrun bootstrap` described it (the LONGRUN_* variables), with the
-/// reference extension registered so task ownership and cancel results read as they do in
-/// the functions.
+/// The deployment as `longrun bootstrap` described it (the LONGRUN_* variables), or the dev
+/// stack's with `--local`, with the reference extension registered so task ownership and
+/// cancel results read as they do in the functions.
 pub async fn deployment(args: &AwsArgs) -> Result<(Runtime, AwsClients, Config), Failure> {
-    let config = Config::from_env()?;
-    let clients = clients(args).await;
-    let services = longrun::aws::services(&clients, &config, None);
+    let (config, clients, local_secrets) = if args.local {
+        let dev = DevEndpoints::running(&args.state_dir).await?;
+        let secrets = longrun::local::LocalSecrets::new(&dev.secrets_file);
+        (dev.config(), dev.clients().await, Some(secrets))
+    } else {
+        (Config::from_env()?, clients(args).await?, None)
+    };
+    let mut services = longrun::aws::services(&clients, &config, None);
+    if let Some(secrets) = local_secrets {
+        services.secrets = Arc::new(secrets);
+    }
     let rt = Runtime::new(text_tools::extension(), services, Settings::default());
     Ok((rt, clients, config))
 }

@@ -20,7 +20,7 @@ pub struct BootstrapArgs {
 }
 
 pub async fn run(aws: &AwsArgs, args: BootstrapArgs) -> Result<(), Failure> {
-    let clients = crate::aws::clients(aws).await;
+    let clients = crate::aws::clients(aws).await?;
     let table = args
         .table
         .unwrap_or_else(|| format!("{}-tasks", args.prefix));
@@ -37,11 +37,18 @@ pub async fn run(aws: &AwsArgs, args: BootstrapArgs) -> Result<(), Failure> {
         (vars::SECRETS_PREFIX, args.secrets_prefix),
     ];
     // Later commands (and the functions under `cargo lambda watch`) need the same endpoint.
-    if let Some(endpoint) = &aws.endpoint_url {
-        lines.push(("AWS_ENDPOINT_URL", endpoint.clone()));
-    }
-    if let Some(region) = &aws.region {
-        lines.push(("AWS_REGION", region.clone()));
+    if aws.local {
+        let dev = crate::dev::state::DevEndpoints::running(&aws.state_dir).await?;
+        lines.push(("AWS_ENDPOINT_URL_DYNAMODB", dev.dynamodb_endpoint));
+        lines.push(("AWS_ENDPOINT_URL_SQS", dev.sqs_endpoint));
+        lines.push(("AWS_REGION", dev.region));
+    } else {
+        if let Some(endpoint) = &aws.endpoint_url {
+            lines.push(("AWS_ENDPOINT_URL", endpoint.clone()));
+        }
+        if let Some(region) = &aws.region {
+            lines.push(("AWS_REGION", region.clone()));
+        }
     }
     for (name, value) in lines {
         println!("{name}={value}");

@@ -4,12 +4,25 @@ use std::process::ExitCode;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use crate::{bootstrap, dlq, secrets, tasks};
+use crate::{bootstrap, call, dev, dlq, secrets, tasks};
 
-/// Run long AI calls from chat extensions on AWS Lambda: set up, inspect and repair a deployment.
+/// Run long AI calls from chat extensions on AWS Lambda: run the whole pipeline locally, call
+/// functions, set up, inspect and repair a deployment.
 ///
-/// Exit codes: 0 success; 1 failure; 2 usage error; 3 not found; 4 conflict (e.g. cancel of a
-/// finished task); 5 missing configuration.
+/// Start here: `longrun dev --simulate-model` runs the pipeline on this machine (no AWS
+/// account, no Docker, no keys) with a chat page at http://127.0.0.1:8787, and
+/// `longrun call refine_output --params '{"input":"…"}'` calls it from another terminal.
+///
+/// Where commands act: on AWS by default — the usual AWS_PROFILE and AWS_REGION, or
+/// --profile and --region, or an emulator through --endpoint-url. With --local they act on the
+/// dev stack that `longrun dev` runs for the state folder (--state-dir, default .longrun):
+/// its DynamoDB (dynoxide), its queues and its secrets file. `secrets --local` needs no running
+/// stack; `tasks`, `dlq` and `bootstrap --local` do. `longrun call` talks to the dev stack
+/// unless --function-name names a deployed intake function.
+///
+/// Exit codes: 0 success (for `call`: an ok result); 1 failure (for `call`: an error result);
+/// 2 usage error; 3 not found; 4 conflict (e.g. cancel of a finished task); 5 missing
+/// configuration (e.g. no dev stack running for --local).
 #[derive(Debug, Parser)]
 #[command(name = "longrun", version, propagate_version = true)]
 pub struct Args {
@@ -35,10 +48,31 @@ pub struct AwsArgs {
     /// Named profile from ~/.aws/config.
     #[arg(long, global = true, env = "AWS_PROFILE")]
     pub profile: Option<String>,
+    /// Act on the local dev stack (`longrun dev`) instead of AWS: its DynamoDB endpoint, its
+    /// in-process queues and its secrets file. Overrides --endpoint-url, --region and --profile.
+    #[arg(long, global = true)]
+    pub local: bool,
+    /// The dev stack's state folder: DynamoDB data, secrets, and the address of the running
+    /// stack.
+    #[arg(
+        long,
+        global = true,
+        env = "LONGRUN_STATE_DIR",
+        default_value = ".longrun"
+    )]
+    pub state_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the whole pipeline on this machine: DynamoDB (embedded dynoxide, file-backed under
+    /// the state folder), queues with SQS semantics, the intake, worker, delivery and sweeper
+    /// logic the Lambdas run, local secrets, and a chat — printed as a transcript and served as
+    /// a web page. Runs the seed's three patterns once, then serves until Ctrl-C.
+    Dev(dev::DevArgs),
+    /// Call a function of the extension as a chat would: print the ack, follow the background
+    /// task with a progress bar, print the result. Exit 0 on an ok result, 1 on an error.
+    Call(call::CallArgs),
     /// Create the task table and the queues (as template.yaml defines them), idempotently,
     /// and print the configuration as KEY=value lines, ready for `export`.
     Bootstrap(bootstrap::BootstrapArgs),
@@ -56,6 +90,7 @@ pub enum Command {
 /// How a command failed.
 #[derive(Debug)]
 pub enum Failure {
+    Usage(String),
     NotFound(String),
     Conflict(String),
     Config(String),
@@ -66,6 +101,7 @@ impl Failure {
     pub fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
             Self::Other(_) => 1,
+            Self::Usage(_) => 2,
             Self::NotFound(_) => 3,
             Self::Conflict(_) => 4,
             Self::Config(_) => 5,
@@ -76,9 +112,11 @@ impl Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::NotFound(m) | Self::Conflict(m) | Self::Config(m) | Self::Other(m) => {
-                f.write_str(m)
-            }
+            Self::Usage(m)
+            | Self::NotFound(m)
+            | Self::Conflict(m)
+            | Self::Config(m)
+            | Self::Other(m) => f.write_str(m),
         }
     }
 }
@@ -117,9 +155,15 @@ impl From<std::io::Error> for Failure {
     }
 }
 
-/// Human logs on stderr, quiet unless `--verbose` or `RUST_LOG`.
-pub fn init_logging(verbose: bool) {
-    let default = if verbose { "info" } else { "warn" };
+/// Human logs on stderr, quiet unless `--verbose` or `RUST_LOG`. Under `longrun dev` the
+/// transcript is the output: only errors are logged by default (the emulator logs every
+/// refused conditional write, which the pipeline expects, as a warning).
+pub fn init_logging(args: &Args) {
+    let default = match (args.verbose, &args.command) {
+        (true, _) => "info",
+        (false, Command::Dev(_)) => "error",
+        (false, _) => "warn,dynoxide=error",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
@@ -131,6 +175,8 @@ pub fn init_logging(verbose: bool) {
 
 pub async fn run(args: Args) -> Result<(), Failure> {
     match args.command {
+        Command::Dev(cmd) => dev::run(&args.aws, cmd).await,
+        Command::Call(cmd) => call::run(&args.aws, cmd).await,
         Command::Bootstrap(cmd) => bootstrap::run(&args.aws, cmd).await,
         Command::Secrets(cmd) => secrets::run(&args.aws, cmd).await,
         Command::Tasks(cmd) => tasks::run(&args.aws, cmd).await,

@@ -1,19 +1,14 @@
 //! `longrun`: the command line for developers and operators. Every command works the same
-//! against real AWS (`--profile`, `--region`) and an emulator (`--endpoint-url`).
-
-mod aws;
-mod bootstrap;
-mod cli;
-mod dlq;
-mod secrets;
-mod tasks;
+//! against real AWS (`--profile`, `--region`), an emulator (`--endpoint-url`) and the local
+//! dev stack (`--local`, started by `longrun dev`).
 
 use clap::Parser;
+use longrun_cli::cli;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = cli::Args::parse();
-    cli::init_logging(args.verbose);
+    cli::init_logging(&args);
     match cli::run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(failure) => {

@@ -1,4 +1,5 @@
-//! `longrun secrets`: a user's secrets for an extension, in Secrets Manager. Values are read
+//! `longrun secrets`: a user's secrets for an extension, in Secrets Manager — or, with
+//! `--local`, in the dev stack's `0600` secrets file (no running stack needed). Values are read
 //! from standard input, never from the command line (which shells keep in their history and
 //! `ps` shows to everyone).
 
@@ -32,25 +33,39 @@ pub struct SecretArgs {
     pub secrets_prefix: String,
 }
 
+/// The secret value on stdin, without the newline `echo` adds. At a terminal, one line.
+fn value_from_stdin() -> Result<Secret, Failure> {
+    use std::io::IsTerminal;
+    let mut value = String::new();
+    if std::io::stdin().is_terminal() {
+        eprint!("value (one line, then Enter): ");
+        std::io::stdin().read_line(&mut value)?;
+    } else {
+        std::io::stdin().read_to_string(&mut value)?;
+    }
+    let value = value.strip_suffix('\n').unwrap_or(&value);
+    let value = value.strip_suffix('\r').unwrap_or(value);
+    if value.is_empty() {
+        return Err(Failure::Other("no secret value on stdin".into()));
+    }
+    Ok(Secret::new(value))
+}
+
 pub async fn run(aws: &AwsArgs, command: SecretsCommand) -> Result<(), Failure> {
-    let clients = crate::aws::clients(aws).await;
+    if aws.local {
+        return run_local(aws, command);
+    }
+    let clients = crate::aws::clients(aws).await?;
     match command {
         SecretsCommand::Set(args) => {
-            let mut value = String::new();
-            std::io::stdin().read_to_string(&mut value)?;
-            // `echo` adds a newline nobody means as part of a key.
-            let value = value.strip_suffix('\n').unwrap_or(&value);
-            let value = value.strip_suffix('\r').unwrap_or(value);
-            if value.is_empty() {
-                return Err(Failure::Other("no secret value on stdin".into()));
-            }
+            let value = value_from_stdin()?;
             longrun::aws::secrets::put_secret(
                 &clients.secrets,
                 &args.secrets_prefix,
                 &args.ext,
                 &args.user,
                 &args.name,
-                &Secret::new(value),
+                &value,
             )
             .await?;
             eprintln!("set {} for {}/{}", args.name, args.ext, args.user);
@@ -71,6 +86,45 @@ pub async fn run(aws: &AwsArgs, command: SecretsCommand) -> Result<(), Failure> 
                 )));
             }
             eprintln!("deleted {} for {}/{}", args.name, args.ext, args.user);
+        }
+    }
+    Ok(())
+}
+
+/// `--local`: the dev stack's secrets file, which the running stack reads at each use.
+fn run_local(aws: &AwsArgs, command: SecretsCommand) -> Result<(), Failure> {
+    let file = crate::dev::state::secrets_file(&aws.state_dir);
+    let secrets = longrun::local::LocalSecrets::new(&file);
+    match command {
+        SecretsCommand::Set(args) => {
+            let value = value_from_stdin()?;
+            crate::dev::state::create_state_dir(&aws.state_dir)?;
+            secrets.set(&args.ext, &args.user, &args.name, &value)?;
+            eprintln!(
+                "set {} for {}/{} in {}",
+                args.name,
+                args.ext,
+                args.user,
+                file.display()
+            );
+        }
+        SecretsCommand::Delete(args) => {
+            if !secrets.delete(&args.ext, &args.user, &args.name)? {
+                return Err(Failure::NotFound(format!(
+                    "no secret {} for {}/{} in {}",
+                    args.name,
+                    args.ext,
+                    args.user,
+                    file.display()
+                )));
+            }
+            eprintln!(
+                "deleted {} for {}/{} from {}",
+                args.name,
+                args.ext,
+                args.user,
+                file.display()
+            );
         }
     }
     Ok(())

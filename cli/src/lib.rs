@@ -1,0 +1,11 @@
+//! The `longrun` command line as a library: the binary is `main.rs` around [`cli::run`], and
+//! tests reach the local dev stack ([`dev::DevStack`]) and the model simulator in-process.
+
+pub mod aws;
+pub mod bootstrap;
+pub mod call;
+pub mod cli;
+pub mod dev;
+pub mod dlq;
+pub mod secrets;
+pub mod tasks;
