@@ -5,6 +5,7 @@
 //! as one deployment. Every server and process stops when its handle is dropped, also when a
 //! test fails.
 
+pub mod counting;
 pub mod dynamo;
 pub mod e2e;
 pub mod esm;
@@ -80,33 +81,35 @@ pub const STACK_BINARIES: &[&str] = &[
 ];
 
 /// Builds [`STACK_BINARIES`] once per test process; the result is shared by every caller.
+/// Each group is built as `cargo run --bin …` builds it (features resolved for that package
+/// alone), so the emulator's own `cargo run` finds the binaries fresh.
 pub fn build_stack_binaries() -> Result<(), String> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
             let started = Instant::now();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            let mut command = std::process::Command::new(cargo);
-            command.current_dir(workspace_root()).args(["build", "--quiet"]);
-            for package in [
-                "intake",
-                "worker",
-                "delivery",
-                "sweeper",
-                "longrun-cli",
-                "longrun-tests",
+            for group in [
+                &["intake", "worker", "delivery", "sweeper"][..],
+                &["longrun"],
+                &["faults-intake", "faults-worker"],
             ] {
-                command.args(["-p", package]);
-            }
-            command.arg("--bins");
-            let output = command
-                .output()
-                .map_err(|e| format!("cannot run cargo build: {e}"))?;
-            if !output.status.success() {
-                return Err(format!(
-                    "cargo build of the stack binaries failed:\n{}",
-                    String::from_utf8_lossy(&output.stderr)
-                ));
+                let mut command = std::process::Command::new(&cargo);
+                command
+                    .current_dir(workspace_root())
+                    .args(["build", "--quiet"]);
+                for bin in group {
+                    command.args(["--bin", bin]);
+                }
+                let output = command
+                    .output()
+                    .map_err(|e| format!("cannot run cargo build: {e}"))?;
+                if !output.status.success() {
+                    return Err(format!(
+                        "cargo build of {group:?} failed:\n{}",
+                        String::from_utf8_lossy(&output.stderr)
+                    ));
+                }
             }
             eprintln!(
                 "stack binaries built in {} ms",

@@ -1,0 +1,319 @@
+//! A fake OpenAI-compatible chat completions server (`POST /v1/chat/completions`).
+//!
+//! Each request's behaviour is scripted by directives in its last user message, so every
+//! task of a test carries its own fault and concurrent tasks never race for a script:
+//!
+//! | directive          | answer                                                  |
+//! |--------------------|---------------------------------------------------------|
+//! | (none)             | 200, the completion `Refined: {input}`                  |
+//! | `[[delay=MS]]`     | the same, after MS milliseconds                         |
+//! | `[[hang]]`         | nothing, ever (the connection stays open)               |
+//! | `[[status=CODE]]`  | CODE with an OpenAI-style error body                    |
+//! | `[[malformed]]`    | 200 with a body that is not JSON                        |
+//! | `[[empty]]`        | 200 JSON without `choices`                              |
+//! | `[[big=BYTES]]`    | 200, a completion of BYTES bytes                        |
+//!
+//! Every request is recorded with its body, whether its bearer key was the expected one (the
+//! key itself is never kept), and how it ended — answered, or dropped by the client before
+//! the answer (a cancelled task's worker aborting its call).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// How a recorded request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallState {
+    /// The server is still working on it (delay or hang).
+    InFlight,
+    /// An answer was produced.
+    Answered,
+    /// The client went away before the answer: the handler future was dropped.
+    Dropped,
+}
+
+/// One request the server received.
+#[derive(Debug, Clone)]
+pub struct AiCall {
+    /// The request body as JSON (`Null` if it was not JSON).
+    pub body: Value,
+    /// `model` from the body.
+    pub model: String,
+    /// The last user message, directives included.
+    pub input: String,
+    /// Whether `Authorization: Bearer …` carried the expected key (true when none is expected).
+    pub key_ok: bool,
+    pub state: CallState,
+    /// The caller's address: its port identifies the calling process's socket.
+    pub client: SocketAddr,
+}
+
+#[derive(Default)]
+struct Inner {
+    calls: Vec<AiCall>,
+    expected_key: Option<String>,
+}
+
+type Shared = Arc<Mutex<Inner>>;
+
+/// A running fake. Stops when dropped.
+pub struct FakeOpenAi {
+    /// `http://127.0.0.1:PORT/v1`: the value for `OPENAI_BASE_URL`.
+    pub base_url: String,
+    inner: Shared,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl FakeOpenAi {
+    /// Starts the server on a free loopback port.
+    pub async fn start() -> std::io::Result<Self> {
+        let inner: Shared = Arc::default();
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", post(completions))
+            .with_state(Arc::clone(&inner));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base_url = format!("http://{}/v1", listener.local_addr()?);
+        let server = tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self {
+            base_url,
+            inner,
+            server,
+        })
+    }
+
+    /// Answers 401 to any request whose bearer key is not `key`, as OpenAI does.
+    pub fn expect_key(&self, key: &str) {
+        self.lock().expected_key = Some(key.to_owned());
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn calls(&self) -> Vec<AiCall> {
+        self.lock().calls.clone()
+    }
+
+    /// The requests whose input contains `needle`.
+    pub fn calls_with(&self, needle: &str) -> Vec<AiCall> {
+        self.lock()
+            .calls
+            .iter()
+            .filter(|c| c.input.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for FakeOpenAi {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// What a request's directives ask for.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Directives {
+    delay: Option<Duration>,
+    hang: bool,
+    status: Option<u16>,
+    malformed: bool,
+    empty: bool,
+    big: Option<usize>,
+}
+
+fn directives(input: &str) -> Directives {
+    let mut d = Directives::default();
+    let mut rest = input;
+    while let Some(start) = rest.find("[[") {
+        let Some(len) = rest[start..].find("]]") else {
+            break;
+        };
+        let word = &rest[start + 2..start + len];
+        let (key, value) = word.split_once('=').unwrap_or((word, ""));
+        match key {
+            "delay" => d.delay = value.parse().ok().map(Duration::from_millis),
+            "hang" => d.hang = true,
+            "status" => d.status = value.parse().ok(),
+            "malformed" => d.malformed = true,
+            "empty" => d.empty = true,
+            "big" => d.big = value.parse().ok(),
+            _ => {}
+        }
+        rest = &rest[start + len + 2..];
+    }
+    d
+}
+
+/// The input without its directives, trimmed.
+pub fn plain_input(input: &str) -> String {
+    let mut out = String::new();
+    let mut rest = input;
+    while let Some(start) = rest.find("[[") {
+        out.push_str(&rest[..start]);
+        match rest[start..].find("]]") {
+            Some(len) => rest = &rest[start + len + 2..],
+            None => {
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out.trim().to_owned()
+}
+
+/// The completion the fake answers for `input`.
+pub fn completion_for(input: &str) -> String {
+    format!("Refined: {}", plain_input(input))
+}
+
+/// Marks the call dropped unless it finished: an axum handler future is dropped when its
+/// client disconnects.
+struct CallGuard {
+    inner: Shared,
+    index: usize,
+    finished: bool,
+}
+
+impl CallGuard {
+    fn finish(mut self) {
+        self.set(CallState::Answered);
+        self.finished = true;
+    }
+
+    fn set(&self, state: CallState) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(call) = inner.calls.get_mut(self.index) {
+            call.state = state;
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.set(CallState::Dropped);
+        }
+    }
+}
+
+async fn completions(
+    State(inner): State<Shared>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let input = body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let (index, key_ok) = {
+        let mut state = inner.lock().unwrap_or_else(|p| p.into_inner());
+        let key_ok = match &state.expected_key {
+            Some(expected) => presented.as_deref() == Some(expected.as_str()),
+            None => true,
+        };
+        state.calls.push(AiCall {
+            body: body.clone(),
+            model: model.clone(),
+            input: input.clone(),
+            key_ok,
+            state: CallState::InFlight,
+            client,
+        });
+        (state.calls.len() - 1, key_ok)
+    };
+    let guard = CallGuard {
+        inner,
+        index,
+        finished: false,
+    };
+    if !key_ok {
+        guard.finish();
+        return error(401, "Incorrect API key provided.");
+    }
+    let d = directives(&input);
+    if let Some(delay) = d.delay {
+        tokio::time::sleep(delay).await;
+    }
+    if d.hang {
+        std::future::pending::<()>().await;
+    }
+    let response = if let Some(status) = d.status {
+        error(status, "scripted failure")
+    } else if d.malformed {
+        (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            "{\"choices\": [ this is not json",
+        )
+            .into_response()
+    } else if d.empty {
+        axum::Json(json!({"id": "chatcmpl-empty", "object": "chat.completion", "choices": []}))
+            .into_response()
+    } else {
+        let content = match d.big {
+            Some(bytes) => "x".repeat(bytes),
+            None => completion_for(&input),
+        };
+        axum::Json(json!({
+            "id": format!("chatcmpl-{index}"),
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop"
+            }],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}
+        }))
+        .into_response()
+    };
+    guard.finish();
+    response
+}
+
+fn error(status: u16, message: &str) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        axum::Json(json!({"error": {"message": message, "type": "fake_error"}})),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directives_are_read_and_stripped() {
+        let d = directives("fix this [[delay=250]] please [[status=503]]");
+        assert_eq!(d.delay, Some(Duration::from_millis(250)));
+        assert_eq!(d.status, Some(503));
+        assert!(!d.hang);
+        assert_eq!(plain_input("fix [[hang]] it"), "fix  it");
+        assert_eq!(completion_for("[[delay=1]]hello"), "Refined: hello");
+    }
+}

@@ -1,0 +1,91 @@
+//! The reference extension plus the faults the end-to-end scenarios need and the reference
+//! extension cannot produce: a handler that panics, one that returns an error, one that
+//! outruns its cap without ever calling `ctx.progress`, and probes that pass a caller's
+//! timeout to `ctx.http` and a caller's percentage to `ctx.progress`.
+//!
+//! `faults-intake` and `faults-worker` (src/bin) are the intake and worker `main`s over this
+//! extension; delivery and the sweeper need no handlers and run as the real binaries.
+
+use std::time::Duration;
+
+use longrun::serde_json::json;
+use longrun::{ActionResult, ChatFunction, Ctx, Extension};
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+/// No params.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct Nothing {}
+
+/// Params of `probe` and `probe_bg`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct ProbeParams {
+    /// The per-call timeout to ask `ctx.http` for, in milliseconds (unsigned: a negative one
+    /// fails the schema).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// The percentage to report with `ctx.progress` (any integer: the runtime checks it).
+    #[serde(default)]
+    pub pct: Option<i64>,
+}
+
+/// The reference extension with the fault functions added.
+pub fn extension() -> Extension {
+    text_tools::extension()
+        .function(
+            ChatFunction::new("explode", |_ctx: Ctx, _: Nothing| async move {
+                if std::hint::black_box(true) {
+                    panic!("the explode handler always panics");
+                }
+                Ok(ActionResult::success("unreachable", ()))
+            })
+            .description("Panics (a bug in a handler).")
+            .background(true),
+        )
+        .function(
+            ChatFunction::new("fail", |_ctx: Ctx, _: Nothing| async move {
+                Err::<ActionResult, _>(longrun::Error::msg("the fail handler always fails"))
+            })
+            .description("Returns an error (a failure the handler does not turn into a result).")
+            .background(true),
+        )
+        .function(
+            ChatFunction::new("spin", |_ctx: Ctx, _: Nothing| async move {
+                // Busy for a minute without a progress call: only the cap can stop it.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok(ActionResult::success("spun", ()))
+            })
+            .description("Runs past any test cap without reporting progress.")
+            .background(true),
+        )
+        .function(
+            ChatFunction::new("probe", probe)
+                .description("Passes the caller's timeout to ctx.http and pct to ctx.progress."),
+        )
+        .function(
+            ChatFunction::new("probe_bg", probe)
+                .description("`probe`, in the background.")
+                .background(true),
+        )
+}
+
+async fn probe(ctx: Ctx, params: ProbeParams) -> longrun::Result<ActionResult> {
+    if let Some(pct) = params.pct {
+        ctx.progress(pct, "probing").await?;
+    }
+    if let Some(timeout_ms) = params.timeout_ms {
+        let base = std::env::var("OPENAI_BASE_URL").unwrap_or_default();
+        let response = ctx
+            .http
+            .post(format!("{base}/chat/completions"))
+            .json(&json!({"model": "probe", "messages": [{"role": "user", "content": "probe"}]}))
+            .timeout(Duration::from_millis(timeout_ms))
+            .send()
+            .await?;
+        return Ok(ActionResult::success(
+            "probed",
+            json!({"status": response.status()}),
+        ));
+    }
+    Ok(ActionResult::success("probed", ()))
+}
