@@ -38,9 +38,10 @@ pub struct Args {
 /// Where AWS is: the usual profile and region, or an emulator's endpoint.
 #[derive(Debug, Clone, ClapArgs)]
 pub struct AwsArgs {
-    /// Endpoint for every AWS service (moto, dynoxide, DynamoDB Local). Per-service endpoints
-    /// come from AWS_ENDPOINT_URL_DYNAMODB, AWS_ENDPOINT_URL_SQS, … as usual.
-    #[arg(long, global = true, env = "AWS_ENDPOINT_URL")]
+    /// Endpoint for every AWS service (moto, dynoxide, DynamoDB Local); it overrides all of
+    /// the environment's. Without it the SDK reads AWS_ENDPOINT_URL and the per-service
+    /// AWS_ENDPOINT_URL_DYNAMODB, AWS_ENDPOINT_URL_SQS, … as usual (per-service first).
+    #[arg(long, global = true)]
     pub endpoint_url: Option<String>,
     /// AWS region.
     #[arg(long, global = true, env = "AWS_REGION")]

@@ -235,7 +235,12 @@ mod tests {
         stack.drain(20).await;
         // THEN the chat holds one result and the task is marked delivered
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
-        assert!(crate::testkit::task(&stack, &task_id).await.delivered_at.is_some());
+        assert!(
+            crate::testkit::task(&stack, &task_id)
+                .await
+                .delivered_at
+                .is_some()
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,7 +13,7 @@ use crate::ports::{
     PortError, PortResult, RequestKey, Requeue, Secret, SecretStore, TaskStore, WorkQueue,
 };
 use crate::step::StepRecord;
-use crate::task::{AuditItem, Lease, Progress, Task, TaskId, TaskState};
+use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskState};
 use crate::wire::{ChatMessage, DeliveryMessage, WorkMessage};
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -89,6 +89,12 @@ impl TaskStore for MemoryTaskStore {
         if !t.tasks.contains_key(&task.task_id) {
             t.tasks.insert(task.task_id.clone(), task.clone());
             t.writes += 1;
+            let created = AuditItem::new(task, "created", AuditKind::Created, task.created_at, "");
+            let trail = t.audit.entry(task.task_id.clone()).or_default();
+            if !trail.iter().any(|a| a.audit_id == created.audit_id) {
+                trail.push(created);
+                t.writes += 1;
+            }
         }
         if let Some(request) = request {
             t.requests.insert(request.clone(), task.task_id.clone());

@@ -114,7 +114,8 @@ pub struct Finish {
 /// The task table: records, leases, checkpoints, audit items and request keys.
 #[async_trait]
 pub trait TaskStore: Send + Sync {
-    /// Writes a new task (and its request key, if any) unless the key already names a task.
+    /// Writes a new task, its `created` audit item and its request key (if any), unless the key
+    /// already names another task. Writing the same task again is a no-op.
     async fn create(&self, task: &Task, request: Option<&RequestKey>) -> PortResult<Created>;
 
     /// The task, if it exists.

@@ -16,7 +16,7 @@ use crate::ports::{
     ChatApi, Clock, Created, DeliveryQueue, KvStore, PortError, RequestKey, SecretStore, TaskStore,
     WorkQueue,
 };
-use crate::task::{AuditItem, AuditKind, Cap, Lease, Progress, Task, TaskId, TaskKind, TaskState};
+use crate::task::{Cap, Lease, Progress, Task, TaskId, TaskKind, TaskState};
 use crate::wire::{MAX_PARAMS_BYTES, WorkMessage};
 use crate::{Ctx, Extension};
 
@@ -214,11 +214,6 @@ impl Runtime {
                     // The record is written and carries a queue lease: when it lapses, the
                     // sweeper sends the work message again. The ack stays true.
                     tracing::warn!(task_id = %task.task_id, error = %err, "work message not sent; the sweeper will resend it");
-                }
-                let audit =
-                    AuditItem::new(&task, "created", AuditKind::Created, task.created_at, "");
-                if let Err(err) = self.services.tasks.append_audit(&audit).await {
-                    tracing::warn!(task_id = %task.task_id, error = %err, "created audit item not written");
                 }
                 tracing::info!(task_id = %task.task_id, ext = %task.ext, user = %task.user, function = %task.function, "task enqueued");
                 Ok(task.task_id)

@@ -663,7 +663,8 @@ async fn audit_items_are_written_once_and_read_oldest_first() {
     let f = fixture().await;
     let task = f.queued("text-tools", "u1", t0()).await;
     let item = |id: &str, kind, at| AuditItem::new(&task, id, kind, at, format!("{id} ✓"));
-    let created = item("created", AuditKind::Created, t0());
+    // (create wrote the `created` item already; a second write of it changes nothing)
+    let created = AuditItem::new(&task, "created", AuditKind::Created, t0(), "");
     let delivered = item("delivered#result", AuditKind::Delivered, t0() + secs(20));
     let progress = item(
         "delivered#progress#1",
@@ -689,15 +690,12 @@ async fn audit_items_are_written_once_and_read_oldest_first() {
     let expected = delivered.at.timestamp() + TTL.as_secs() as i64;
     assert_eq!(raw[TTL_ATTRIBUTE], AttributeValue::N(expected.to_string()));
     assert_eq!(raw["kind"], AttributeValue::S("delivered".into()));
-    // AND a task without audit items has an empty trail
+    // AND a new task's trail starts with the `created` item its creation wrote
     let other = f.queued("text-tools", "u1", t0()).await;
-    assert!(
-        f.store
-            .audit_trail(&other.task_id)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    let trail = f.store.audit_trail(&other.task_id).await.unwrap();
+    let ids: Vec<&str> = trail.iter().map(|a| a.audit_id.as_str()).collect();
+    assert_eq!(ids, vec!["created"]);
+    assert_eq!(trail[0].at, other.created_at);
 }
 
 #[tokio::test]

@@ -963,16 +963,29 @@ impl DynamoTaskStore {
 impl TaskStore for DynamoTaskStore {
     async fn create(&self, task: &Task, request: Option<&RequestKey>) -> PortResult<Created> {
         let task_put = self.task_put(task)?;
+        // The `created` audit item is deterministic (`at` = `created_at`), so writing it
+        // unconditionally, beside the record, is idempotent and costs no extra round trip.
+        let created = AuditItem::new(task, "created", AuditKind::Created, task.created_at, "");
+        let audit_item = audit_item(&created, self.ttl)?;
         let Some(request) = request else {
-            let sent = self
+            let task_write = self
                 .client
                 .put_item()
                 .table_name(&self.table)
                 .set_item(Some(task_put.item))
                 .set_condition_expression(task_put.condition_expression)
                 .set_expression_attribute_names(task_put.expression_attribute_names)
-                .send()
-                .await;
+                .send();
+            let audit_write = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(audit_item))
+                .send();
+            let (sent, audited) = tokio::join!(task_write, audit_write);
+            if let Err(err) = audited {
+                tracing::warn!(task_id = %task.task_id, error = %port_error("PutItem audit", err), "created audit item not written");
+            }
             return match sent {
                 Ok(_) => Ok(Created::New),
                 // A worker wrote it from its work message first: the same task.
@@ -988,6 +1001,13 @@ impl TaskStore for DynamoTaskStore {
             };
         };
         let request_put = self.request_put(task, request)?;
+        let audit_put = built(
+            "audit put",
+            Put::builder()
+                .table_name(&self.table)
+                .set_item(Some(audit_item))
+                .build(),
+        )?;
         // A request key can vanish (TTL) or appear between our write and our read; a few
         // rounds settle it.
         for _ in 0..3 {
@@ -1000,6 +1020,7 @@ impl TaskStore for DynamoTaskStore {
                         .put(request_put.clone())
                         .build(),
                 )
+                .transact_items(TransactWriteItem::builder().put(audit_put.clone()).build())
                 .send()
                 .await;
             let err = match sent {
