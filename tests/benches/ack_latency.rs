@@ -503,7 +503,7 @@ fn print_cost(intake: &Phase, worker: &Phase, delivery: &Phase) {
               $0.0000166667 per GB-s (x86), memory as in template.yaml (256/512/256 MB), duration \
               as measured here in process against the emulators, batches of up to 10; the \
               sweeper runs once a minute whatever the traffic and is not counted per task; the \
-              default settings (heartbeat every 5 s, progress coalesced to 1 write per second)."
+              default settings (heartbeat every 5 s, progress coalesced to one write per heartbeat)."
     );
 }
 

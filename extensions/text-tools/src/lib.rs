@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use longrun::schemars::{self, JsonSchema};
 use longrun::serde_json::json;
-use longrun::{ActionResult, ActionType, BackgroundOptions, ChatFunction, Ctx, Extension, Job};
+use longrun::{
+    ActionResult, ActionType, BackgroundOptions, ChatFunction, Ctx, Extension, Job, Secret,
+};
 use serde::{Deserialize, Serialize};
 
 pub use openai::{Completion, OpenAi};
@@ -184,22 +186,14 @@ async fn refine_document(
     for (i, chunk) in chunks.iter().enumerate() {
         let completion = ctx
             .step(&format!("chunk-{i}"), async {
-                openai
-                    .complete(
-                        &ctx,
-                        &api_key,
-                        &openai.model,
-                        messages(chunk),
-                        4000,
-                        Duration::from_secs(120),
-                    )
+                refine_long(&openai, &ctx, &api_key, chunk)
                     .await
                     .map_err(|e| e.to_string())
             })
             .await?;
-        match completion {
-            Ok(Completion::Text(text)) => refined.push(text),
-            Ok(Completion::Failed(result)) => return Ok(result),
+        match completion.map(Completion::into_text) {
+            Ok(Ok(text)) => refined.push(text),
+            Ok(Err(result)) => return Ok(result),
             Err(error) => return Err(longrun::Error::msg(error)),
         }
         let pct = i64::try_from((i + 1) * 95 / total).unwrap_or(95);
@@ -245,16 +239,33 @@ async fn refine(openai: OpenAi, ctx: Ctx, params: RefineParams) -> longrun::Resu
             &openai.model,
             messages(&params.input),
             params.max_length,
-            Duration::from_secs(120),
+            LONG_CALL,
         )
         .await?;
-    Ok(match completion {
-        Completion::Text(text) => {
-            ActionResult::success("Refined text ready!", json!({"text": text}))
-        }
-        Completion::Failed(result) => result,
-    })
+    Ok(completion.into_result("Refined text ready!"))
 }
+
+/// One refinement with the main model: 4000 tokens, 120 s — the slow call of Patterns B and C.
+async fn refine_long(
+    openai: &OpenAi,
+    ctx: &Ctx,
+    api_key: &Secret,
+    input: &str,
+) -> longrun::Result<Completion> {
+    Ok(openai
+        .complete(
+            ctx,
+            api_key,
+            &openai.model,
+            messages(input),
+            4000,
+            LONG_CALL,
+        )
+        .await?)
+}
+
+/// The per-call timeout of the slow calls (the cap is 180 s).
+const LONG_CALL: Duration = Duration::from_secs(120);
 
 /// Pattern B: the whole handler runs detached; progress and the result reach the chat.
 async fn refine_output(
@@ -267,19 +278,12 @@ async fn refine_output(
     };
     ctx.progress(15, "Fetching context").await?;
     ctx.progress(45, "Generating with AI").await?;
-    let completion = openai
-        .complete(
-            &ctx,
-            &api_key,
-            &openai.model,
-            messages(&params.input),
-            4000,
-            Duration::from_secs(120),
-        )
-        .await?;
-    let text = match completion {
-        Completion::Text(text) => text,
-        Completion::Failed(result) => return Ok(result),
+    let text = match refine_long(&openai, &ctx, &api_key, &params.input)
+        .await?
+        .into_text()
+    {
+        Ok(text) => text,
+        Err(result) => return Ok(result),
     };
     ctx.progress(90, "Saving").await?;
     ctx.store.set(LAST_REFINED, &text).await?;
@@ -309,12 +313,7 @@ async fn start_refinement(
                 Duration::from_secs(30),
             )
             .await?;
-        return Ok(match completion {
-            Completion::Text(text) => {
-                ActionResult::success("Quick refine done.", json!({"text": text}))
-            }
-            Completion::Failed(result) => result,
-        });
+        return Ok(completion.into_result("Quick refine done."));
     }
     let task_id = ctx
         .background_task(
@@ -343,19 +342,12 @@ async fn refine_job(
         return Ok(key_missing());
     };
     ctx.progress(50, "Generating with AI").await?;
-    let completion = openai
-        .complete(
-            &ctx,
-            &api_key,
-            &openai.model,
-            messages(&input.input),
-            4000,
-            Duration::from_secs(120),
-        )
-        .await?;
-    let text = match completion {
-        Completion::Text(text) => text,
-        Completion::Failed(result) => return Ok(result),
+    let text = match refine_long(&openai, &ctx, &api_key, &input.input)
+        .await?
+        .into_text()
+    {
+        Ok(text) => text,
+        Err(result) => return Ok(result),
     };
     ctx.store.set(LAST_REFINED, &text).await?;
     Ok(ActionResult::success(

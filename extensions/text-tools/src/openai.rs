@@ -90,3 +90,21 @@ pub enum Completion {
     Text(String),
     Failed(ActionResult),
 }
+
+impl Completion {
+    /// The text, or the error result to answer with instead.
+    pub fn into_text(self) -> Result<String, ActionResult> {
+        match self {
+            Self::Text(text) => Ok(text),
+            Self::Failed(result) => Err(result),
+        }
+    }
+
+    /// A success with `summary` and `{"text": …}`, or the error result.
+    pub fn into_result(self, summary: &str) -> ActionResult {
+        match self {
+            Self::Text(text) => ActionResult::success(summary, json!({ "text": text })),
+            Self::Failed(result) => result,
+        }
+    }
+}
