@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use longrun::aws::AwsClients;
 use longrun::aws::chat::HttpChat;
 use longrun::config::Config;
-use longrun::task::TaskId;
+use longrun::task::{Task, TaskId};
 use longrun::worker::QueueRecord;
 use longrun::{Runtime, Secret, Settings};
 use longrun_tests::counting::RequestCounter;
@@ -274,23 +274,7 @@ async fn cost(
         counter,
         &config.work_queue_url,
         Role::Worker,
-        || async {
-            let mut done = 0;
-            for id in &ids {
-                if rt
-                    .services
-                    .tasks
-                    .get(id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|t| t.state.is_terminal())
-                {
-                    done += 1;
-                }
-            }
-            done == ids.len()
-        },
+        || every_task(rt, &ids, |t| t.state.is_terminal()),
     )
     .await;
 
@@ -301,23 +285,7 @@ async fn cost(
         counter,
         &config.delivery_queue_url,
         Role::Delivery,
-        || async {
-            let mut done = 0;
-            for id in &ids {
-                if rt
-                    .services
-                    .tasks
-                    .get(id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|t| t.delivered_at.is_some())
-                {
-                    done += 1;
-                }
-            }
-            done == ids.len()
-        },
+        || every_task(rt, &ids, |t| t.delivered_at.is_some()),
     )
     .await;
     let delivered = ids
@@ -509,4 +477,15 @@ fn print_cost(intake: &Phase, worker: &Phase, delivery: &Phase) {
 
 fn short(operation: &str) -> &str {
     operation.rsplit('.').next().unwrap_or(operation)
+}
+
+/// Whether every task of `ids` exists and satisfies `done`.
+async fn every_task(rt: &Runtime, ids: &[TaskId], done: impl Fn(&Task) -> bool) -> bool {
+    for id in ids {
+        match rt.services.tasks.get(id).await {
+            Ok(Some(task)) if done(&task) => {}
+            _ => return false,
+        }
+    }
+    true
 }
