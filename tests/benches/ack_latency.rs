@@ -334,14 +334,7 @@ where
             }
             continue;
         }
-        let records: Vec<QueueRecord> = messages
-            .iter()
-            .map(|m| QueueRecord {
-                message_id: m.message_id.clone(),
-                body: m.body.clone(),
-                receive_count: m.receive_count,
-            })
-            .collect();
+        let records: Vec<QueueRecord> = messages.iter().map(QueueRecord::from).collect();
         let started = Instant::now();
         let failed = match role {
             Role::Worker => longrun::worker::handle_batch(rt, records, None).await,

@@ -457,6 +457,16 @@ pub struct ReceivedMessage {
     pub receive_count: u32,
 }
 
+impl From<&ReceivedMessage> for crate::worker::QueueRecord {
+    fn from(message: &ReceivedMessage) -> Self {
+        Self {
+            message_id: message.message_id.clone(),
+            body: message.body.clone(),
+            receive_count: message.receive_count,
+        }
+    }
+}
+
 /// Takes up to `max` messages (clamped to SQS's 1..=10), long-polling `wait_seconds`
 /// (clamped to 0..=20), hiding them for `visibility_timeout` seconds or the queue's default.
 pub async fn receive(

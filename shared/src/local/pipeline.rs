@@ -156,14 +156,7 @@ async fn poll<F, Fut>(
         if received.is_empty() {
             continue;
         }
-        let records: Vec<QueueRecord> = received
-            .iter()
-            .map(|r| QueueRecord {
-                message_id: r.message_id.clone(),
-                body: r.body.clone(),
-                receive_count: r.receive_count,
-            })
-            .collect();
+        let records: Vec<QueueRecord> = received.iter().map(QueueRecord::from).collect();
         let invocation = AssertUnwindSafe(invoke(records)).catch_unwind();
         let queue = Arc::clone(&queue);
         running.spawn(async move {

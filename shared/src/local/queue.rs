@@ -47,6 +47,16 @@ pub struct Received {
     pub sent_at: DateTime<Utc>,
 }
 
+impl From<&Received> for crate::worker::QueueRecord {
+    fn from(message: &Received) -> Self {
+        Self {
+            message_id: message.message_id.clone(),
+            body: message.body.clone(),
+            receive_count: message.receive_count,
+        }
+    }
+}
+
 struct Stored {
     message_id: String,
     body: String,
