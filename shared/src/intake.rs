@@ -264,10 +264,6 @@ pub async fn cancel_task(rt: &Runtime, task: Task) -> Result<Task, IntakeError> 
     let tasks = &rt.services.tasks;
     let now = rt.now();
     match task.state {
-        state if state.is_terminal() => Err(IntakeError::conflict(format!(
-            "task {} already ended as {state}",
-            task.task_id
-        ))),
         TaskState::Queued => {
             let finish = crate::ports::Finish {
                 state: TaskState::Cancelled,
@@ -303,15 +299,12 @@ pub async fn cancel_task(rt: &Runtime, task: Task) -> Result<Task, IntakeError> 
             }
         }
         TaskState::Running => request_running_cancel(rt, &task).await,
-        _ => unreachable_state(&task),
+        // Every other state is terminal.
+        state => Err(IntakeError::conflict(format!(
+            "task {} already ended as {state}",
+            task.task_id
+        ))),
     }
-}
-
-fn unreachable_state(task: &Task) -> Result<Task, IntakeError> {
-    Err(IntakeError::internal(format!(
-        "task {} in unexpected state {}",
-        task.task_id, task.state
-    )))
 }
 
 async fn request_running_cancel(rt: &Runtime, task: &Task) -> Result<Task, IntakeError> {
