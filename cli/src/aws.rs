@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use longrun::aws::AwsClients;
 use longrun::config::Config;
 use longrun::{Runtime, Settings};
+use longrun_aws::AwsClients;
 
 use crate::cli::{AwsArgs, Failure};
-use crate::dev::state::DevEndpoints;
+use longrun_dev::state::DevEndpoints;
 
 /// Clients for the flags: profile, region and endpoint override the environment; `--local`
 /// points them at the running dev stack.
@@ -38,20 +38,20 @@ pub async fn sdk_config(args: &AwsArgs) -> aws_config::SdkConfig {
 }
 
 /// The deployment as `longrun bootstrap` described it (the LONGRUN_* variables), or the dev
-/// stack's with `--local`, with the reference extension registered so task ownership and
-/// cancel results read as they do in the functions.
+/// stack's with `--local`. Operator commands need no extension: ownership, states and cancel
+/// results are all in the stored task.
 pub async fn deployment(args: &AwsArgs) -> Result<(Runtime, AwsClients, Config), Failure> {
     let (config, clients, local_secrets) = if args.local {
         let dev = DevEndpoints::running(&args.state_dir).await?;
-        let secrets = longrun::local::LocalSecrets::new(&dev.secrets_file);
+        let secrets = longrun_dev::secrets::LocalSecrets::new(&dev.secrets_file);
         (dev.config(), dev.clients().await, Some(secrets))
     } else {
         (Config::from_env()?, clients(args).await?, None)
     };
-    let mut services = longrun::aws::services(&clients, &config, None);
+    let mut services = longrun_aws::services(&clients, &config, None);
     if let Some(secrets) = local_secrets {
         services.secrets = Arc::new(secrets);
     }
-    let rt = Runtime::new(text_tools::extension(), services, Settings::default());
+    let rt = Runtime::new(services, Settings::default());
     Ok((rt, clients, config))
 }

@@ -24,9 +24,9 @@ pub async fn run(aws: &AwsArgs, args: BootstrapArgs) -> Result<(), Failure> {
     let table = args
         .table
         .unwrap_or_else(|| format!("{}-tasks", args.prefix));
-    let created = longrun::aws::dynamodb::ensure_table(&clients.dynamodb, &table).await?;
+    let created = longrun_aws::dynamodb::ensure_table(&clients.dynamodb, &table).await?;
     tracing::info!(%table, created, "table ready");
-    let queues = longrun::aws::sqs::ensure_queues(&clients.sqs, &args.prefix).await?;
+    let queues = longrun_aws::sqs::ensure_queues(&clients.sqs, &args.prefix).await?;
     tracing::info!(work = %queues.work, delivery = %queues.delivery, "queues ready");
     let mut lines = vec![
         (vars::TABLE, table),
@@ -38,7 +38,7 @@ pub async fn run(aws: &AwsArgs, args: BootstrapArgs) -> Result<(), Failure> {
     ];
     // Later commands (and the functions under `cargo lambda watch`) need the same endpoint.
     if aws.local {
-        let dev = crate::dev::state::DevEndpoints::running(&aws.state_dir).await?;
+        let dev = longrun_dev::state::DevEndpoints::running(&aws.state_dir).await?;
         lines.push(("AWS_ENDPOINT_URL_DYNAMODB", dev.dynamodb_endpoint));
         lines.push(("AWS_ENDPOINT_URL_SQS", dev.sqs_endpoint));
         lines.push(("AWS_REGION", dev.region));

@@ -17,8 +17,8 @@ use longrun::wire::{IntakeError, IntakeResponse};
 use serde_json::{Value, json};
 
 use crate::cli::{AwsArgs, Failure};
-use crate::dev::state::DevEndpoints;
-use crate::dev::transcript::{bar, result_detail};
+use longrun_dev::state::DevEndpoints;
+use longrun_dev::transcript::{bar, result_detail};
 
 /// How often a background task's status is asked for.
 const POLL_EVERY: Duration = Duration::from_millis(500);

@@ -4,14 +4,15 @@ use std::process::ExitCode;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use crate::{bootstrap, call, dev, dlq, secrets, tasks};
+use crate::{bootstrap, call, dev, dlq, new, secrets, tasks};
 
 /// Run long AI calls from chat extensions on AWS Lambda: run the whole pipeline locally, call
 /// functions, set up, inspect and repair a deployment.
 ///
-/// Start here: `longrun dev --simulate-model` runs the pipeline on this machine (no AWS
-/// account, no Docker, no keys) with a chat page at http://127.0.0.1:8787, and
-/// `longrun call refine_output --params '{"input":"…"}'` calls it from another terminal.
+/// Start here: `longrun new my-ext` makes a project of your own; in it, `longrun dev
+/// --simulate-model` runs the pipeline on this machine (no AWS account, no Docker, no keys)
+/// with a chat page at http://127.0.0.1:8787, and `longrun call FUNCTION --params '{…}'`
+/// calls it from another terminal. The operator commands need no extension.
 ///
 /// Where commands act: on AWS by default — the usual AWS_PROFILE and AWS_REGION, or
 /// --profile and --region, or an emulator through --endpoint-url. With --local they act on the
@@ -66,11 +67,14 @@ pub struct AwsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the whole pipeline on this machine: DynamoDB (embedded dynoxide, file-backed under
-    /// the state folder), queues with SQS semantics, the intake, worker, delivery and sweeper
-    /// logic the Lambdas run, local secrets, and a chat — printed as a transcript and served as
-    /// a web page. Runs the seed's three patterns once, then serves until Ctrl-C.
+    /// Run the project's extension on this machine: its dev binary (`cargo run --release --bin
+    /// dev`) serves the whole pipeline — DynamoDB (embedded dynoxide), queues with SQS
+    /// semantics, the intake, worker, delivery and sweeper logic the Lambdas run, local secrets,
+    /// and a chat page — plays each function's example once, then serves until Ctrl-C.
     Dev(dev::DevArgs),
+    /// Make a new extension project of your own (outside this repository): the extension, its
+    /// Lambda `main`, a dev entry point, tests, template.yaml, samconfig.toml and events/.
+    New(new::NewArgs),
     /// Call a function of the extension as a chat would: print the ack, follow the background
     /// task with a progress bar, print the result. Exit 0 on an ok result, 1 on an error.
     Call(call::CallArgs),
@@ -96,6 +100,8 @@ pub enum Failure {
     Conflict(String),
     Config(String),
     Other(String),
+    /// A child process's own exit code, passed on.
+    Exit(i32),
 }
 
 impl Failure {
@@ -106,6 +112,7 @@ impl Failure {
             Self::NotFound(_) => 3,
             Self::Conflict(_) => 4,
             Self::Config(_) => 5,
+            Self::Exit(code) => u8::try_from(*code).unwrap_or(1),
         })
     }
 }
@@ -118,6 +125,7 @@ impl std::fmt::Display for Failure {
             | Self::Conflict(m)
             | Self::Config(m)
             | Self::Other(m) => f.write_str(m),
+            Self::Exit(code) => write!(f, "exited with {code}"),
         }
     }
 }
@@ -150,6 +158,16 @@ impl From<longrun::wire::IntakeError> for Failure {
     }
 }
 
+impl From<longrun_dev::DevError> for Failure {
+    fn from(err: longrun_dev::DevError) -> Self {
+        match err {
+            longrun_dev::DevError::Config(m) => Self::Config(m),
+            longrun_dev::DevError::Conflict(m) => Self::Conflict(m),
+            other => Self::Other(other.to_string()),
+        }
+    }
+}
+
 impl From<std::io::Error> for Failure {
     fn from(err: std::io::Error) -> Self {
         Self::Other(err.to_string())
@@ -162,7 +180,7 @@ impl From<std::io::Error> for Failure {
 pub fn init_logging(args: &Args) {
     let default = match (args.verbose, &args.command) {
         (true, _) => "info",
-        (false, Command::Dev(_)) => "error",
+        (false, Command::Dev(_) | Command::New(_)) => "error",
         (false, _) => "warn,dynoxide=error",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -177,6 +195,7 @@ pub fn init_logging(args: &Args) {
 pub async fn run(args: Args) -> Result<(), Failure> {
     match args.command {
         Command::Dev(cmd) => dev::run(&args.aws, cmd).await,
+        Command::New(cmd) => new::run(cmd),
         Command::Call(cmd) => call::run(&args.aws, cmd).await,
         Command::Bootstrap(cmd) => bootstrap::run(&args.aws, cmd).await,
         Command::Secrets(cmd) => secrets::run(&args.aws, cmd).await,

@@ -61,9 +61,9 @@ pub async fn run(aws: &AwsArgs, command: DlqCommand) -> Result<(), Failure> {
     match command {
         DlqCommand::List(args) => {
             let (dlq, _) = urls(&config, args.queue)?;
-            let depth = longrun::aws::sqs::depth(&clients.sqs, &dlq).await?;
+            let depth = longrun_aws::sqs::depth(&clients.sqs, &dlq).await?;
             // Peek: a zero visibility timeout leaves each message visible for the next reader.
-            let messages = longrun::aws::sqs::receive(&clients.sqs, &dlq, 10, 0, Some(0)).await?;
+            let messages = longrun_aws::sqs::receive(&clients.sqs, &dlq, 10, 0, Some(0)).await?;
             if args.json {
                 let rows: Vec<_> = messages
                     .iter()
@@ -82,7 +82,7 @@ pub async fn run(aws: &AwsArgs, command: DlqCommand) -> Result<(), Failure> {
         }
         DlqCommand::Redrive(args) => {
             let (dlq, main) = urls(&config, args.queue)?;
-            let moved = longrun::aws::sqs::redrive(&clients.sqs, &dlq, &main, args.max).await?;
+            let moved = longrun_aws::sqs::redrive(&clients.sqs, &dlq, &main, args.max).await?;
             println!("{moved} message(s) moved back to {main}");
         }
     }

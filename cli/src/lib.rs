@@ -1,5 +1,5 @@
 //! The `longrun` command line as a library: the binary is `main.rs` around [`cli::run`], and
-//! tests reach the local dev stack ([`dev::DevStack`]) and the model simulator in-process.
+//! tests reach the commands in-process.
 
 pub mod aws;
 pub mod bootstrap;
@@ -7,5 +7,6 @@ pub mod call;
 pub mod cli;
 pub mod dev;
 pub mod dlq;
+pub mod new;
 pub mod secrets;
 pub mod tasks;

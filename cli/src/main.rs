@@ -11,6 +11,9 @@ async fn main() -> std::process::ExitCode {
     cli::init_logging(&args);
     match cli::run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(cli::Failure::Exit(code)) => {
+            std::process::ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
         Err(failure) => {
             eprintln!("longrun: {failure}");
             failure.exit_code()

@@ -59,7 +59,7 @@ pub async fn run(aws: &AwsArgs, command: SecretsCommand) -> Result<(), Failure> 
     match command {
         SecretsCommand::Set(args) => {
             let value = value_from_stdin()?;
-            longrun::aws::secrets::put_secret(
+            longrun_aws::secrets::put_secret(
                 &clients.secrets,
                 &args.secrets_prefix,
                 &args.ext,
@@ -71,7 +71,7 @@ pub async fn run(aws: &AwsArgs, command: SecretsCommand) -> Result<(), Failure> 
             eprintln!("set {} for {}/{}", args.name, args.ext, args.user);
         }
         SecretsCommand::Delete(args) => {
-            let existed = longrun::aws::secrets::delete_secret(
+            let existed = longrun_aws::secrets::delete_secret(
                 &clients.secrets,
                 &args.secrets_prefix,
                 &args.ext,
@@ -93,12 +93,12 @@ pub async fn run(aws: &AwsArgs, command: SecretsCommand) -> Result<(), Failure> 
 
 /// `--local`: the dev stack's secrets file, which the running stack reads at each use.
 fn run_local(aws: &AwsArgs, command: SecretsCommand) -> Result<(), Failure> {
-    let file = crate::dev::state::secrets_file(&aws.state_dir);
-    let secrets = longrun::local::LocalSecrets::new(&file);
+    let file = longrun_dev::state::secrets_file(&aws.state_dir);
+    let secrets = longrun_dev::secrets::LocalSecrets::new(&file);
     match command {
         SecretsCommand::Set(args) => {
             let value = value_from_stdin()?;
-            crate::dev::state::create_state_dir(&aws.state_dir)?;
+            longrun_dev::state::create_state_dir(&aws.state_dir)?;
             secrets.set(&args.ext, &args.user, &args.name, &value)?;
             eprintln!(
                 "set {} for {}/{} in {}",

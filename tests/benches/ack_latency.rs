@@ -18,12 +18,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use longrun::aws::AwsClients;
-use longrun::aws::chat::HttpChat;
 use longrun::config::Config;
 use longrun::task::{Task, TaskId};
 use longrun::worker::QueueRecord;
 use longrun::{Runtime, Secret, Settings};
+use longrun_aws::AwsClients;
+use longrun_aws::chat::HttpChat;
 use longrun_tests::counting::RequestCounter;
 use longrun_tests::dynamo::Dynoxide;
 use longrun_tests::fake_chat::FakeChat;
@@ -79,13 +79,13 @@ async fn run() {
         secrets: counter.secrets(&moto_sdk),
     };
     let table = "bench-tasks";
-    longrun::aws::dynamodb::ensure_table(&clients.dynamodb, table)
+    longrun_aws::dynamodb::ensure_table(&clients.dynamodb, table)
         .await
         .expect("table");
-    let queues = longrun::aws::sqs::ensure_queues(&clients.sqs, "bench")
+    let queues = longrun_aws::sqs::ensure_queues(&clients.sqs, "bench")
         .await
         .expect("queues");
-    longrun::aws::secrets::put_secret(
+    longrun_aws::secrets::put_secret(
         &clients.secrets,
         "longrun",
         text_tools::NAME,
@@ -109,9 +109,9 @@ async fn run() {
         chat.url.clone(),
         None,
     ));
-    let rt = Runtime::new(
+    let rt = Runtime::serving(
         text_tools::extension_with(text_tools::OpenAi::new(openai.base_url.clone())),
-        longrun::aws::services(&clients, &config, Some(chat_api)),
+        longrun_aws::services(&clients, &config, Some(chat_api)),
         Settings::default(),
     );
 
@@ -325,7 +325,7 @@ where
     let mut invocations = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        let messages = longrun::aws::sqs::receive(&clients.sqs, url, 10, 1, None)
+        let messages = longrun_aws::sqs::receive(&clients.sqs, url, 10, 1, None)
             .await
             .expect("ReceiveMessage");
         if messages.is_empty() {

@@ -22,9 +22,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::QueueAttributeName;
-use longrun::aws::dynamodb::DynamoTaskStore;
 use longrun::ports::TaskStore;
 use longrun::task::{AuditItem, AuditKind, Task, TaskId};
+use longrun_aws::dynamodb::DynamoTaskStore;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -48,10 +48,8 @@ pub const CHAT_TOKEN_SECRET: &str = "e2e/chat-api-token";
 pub struct Options {
     /// Names the scratch directory.
     pub label: String,
-    /// The intake binary [`Stack::intake`] invokes.
-    pub intake: String,
-    /// The binary the work queue is mapped to.
-    pub worker: String,
+    /// The one binary that serves intake, worker, delivery and sweeper.
+    pub binary: String,
     /// `LONGRUN_*` settings overrides for every function.
     pub settings: BTreeMap<String, String>,
     /// Instances per function in `cargo lambda watch`, and invocations at once per mapping.
@@ -90,8 +88,7 @@ impl Options {
         .collect();
         Self {
             label: label.to_owned(),
-            intake: "intake".into(),
-            worker: "worker".into(),
+            binary: "text-tools".into(),
             settings,
             concurrency: 4,
             chat_token: true,
@@ -111,10 +108,9 @@ impl Options {
         self
     }
 
-    /// Runs the fault extension's intake and worker (`faults-intake`, `faults-worker`).
+    /// Runs the fault extension (the `faults` binary) instead of the reference one.
     pub fn with_faults(mut self) -> Self {
-        self.intake = "faults-intake".into();
-        self.worker = "faults-worker".into();
+        self.binary = "faults".into();
         self
     }
 }
@@ -277,7 +273,8 @@ impl Stack {
 
         let watch = LambdaWatch::start(&env, options.concurrency, &dir)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap_or_else(|e| panic!("{e}"))
+            .serving(&options.binary);
         let dynamodb = dynoxide.client().await;
         let tasks = DynamoTaskStore::new(
             dynamodb.clone(),
@@ -289,7 +286,7 @@ impl Stack {
             for (queue, function, timeout) in [
                 (
                     "LONGRUN_WORK_QUEUE_URL",
-                    options.worker.clone(),
+                    "worker".to_owned(),
                     options.worker_timeout,
                 ),
                 (
@@ -338,11 +335,11 @@ impl Stack {
         // The first invocation of a function starts it (`cargo run`, then its cold start):
         // warm every function before the scenario, so its timing is the pipeline's own.
         let empty_batch = json!({"Records": []});
-        let worker = stack.options.worker.clone();
+        let worker = "worker";
         let list = json!({"action": "list", "ext": EXT, "user": "warm-up"});
         let (warm, _, _) = tokio::join!(
             stack.invoke_intake(&list),
-            stack.invoke_json(&worker, &empty_batch),
+            stack.invoke_json(worker, &empty_batch),
             stack.invoke_json("delivery", &empty_batch),
         );
         assert_eq!(warm["status"], 200, "intake warm-up: {warm}");
@@ -361,8 +358,7 @@ impl Stack {
 
     /// Invokes the stack's intake with `event` through the Invoke API; the response as JSON.
     pub async fn invoke_intake(&self, event: &Value) -> Value {
-        let intake = self.options.intake.clone();
-        self.invoke_json(&intake, event).await
+        self.invoke_json("intake", event).await
     }
 
     /// Invokes `function` with `event`, expecting a JSON answer.
@@ -538,7 +534,7 @@ impl Stack {
     /// Messages in a queue (visible and in flight), by its config name, e.g.
     /// `LONGRUN_DELIVERY_DLQ_URL`.
     pub async fn queue_depth(&self, name: &str) -> u64 {
-        longrun::aws::sqs::depth(&self.sqs, &self.config[name])
+        longrun_aws::sqs::depth(&self.sqs, &self.config[name])
             .await
             .expect("queue depth")
     }
@@ -606,7 +602,7 @@ impl Stack {
                         .map(|(k, v)| {
                             (
                                 k.clone(),
-                                longrun::aws::dynamodb::attribute_to_json(v).unwrap_or(Value::Null),
+                                longrun_aws::dynamodb::attribute_to_json(v).unwrap_or(Value::Null),
                             )
                         })
                         .collect(),

@@ -3,8 +3,7 @@
 //! outruns its cap without ever calling `ctx.progress`, and probes that pass a caller's
 //! timeout to `ctx.http` and a caller's percentage to `ctx.progress`.
 //!
-//! `faults-intake` and `faults-worker` (src/bin) are the intake and worker `main`s over this
-//! extension; delivery and the sweeper need no handlers and run as the real binaries.
+//! `faults` (src/bin) is the Lambda `main` over this extension.
 
 use std::time::Duration;
 

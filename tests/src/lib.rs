@@ -70,15 +70,7 @@ pub fn debug_binary(name: &str) -> PathBuf {
 
 /// The binaries the end-to-end stack runs, built once per test process with the `dev`
 /// profile (what `cargo lambda watch` runs too, so its own `cargo run` finds them fresh).
-pub const STACK_BINARIES: &[&str] = &[
-    "intake",
-    "worker",
-    "delivery",
-    "sweeper",
-    "longrun",
-    "faults-intake",
-    "faults-worker",
-];
+pub const STACK_BINARIES: &[&str] = &["text-tools", "longrun", "faults"];
 
 /// Builds [`STACK_BINARIES`] once per test process; the result is shared by every caller.
 /// Each group is built as `cargo run --bin …` builds it (features resolved for that package
@@ -89,11 +81,7 @@ pub fn build_stack_binaries() -> Result<(), String> {
         .get_or_init(|| {
             let started = Instant::now();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            for group in [
-                &["intake", "worker", "delivery", "sweeper"][..],
-                &["longrun"],
-                &["faults-intake", "faults-worker"],
-            ] {
+            for group in [&["text-tools"][..], &["longrun"], &["faults"]] {
                 let mut command = std::process::Command::new(&cargo);
                 command
                     .current_dir(workspace_root())

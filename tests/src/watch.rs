@@ -64,6 +64,8 @@ impl Invoked {
 pub struct Invoker {
     /// `http://127.0.0.1:PORT`.
     pub endpoint: String,
+    /// The binary every function name resolves to, when one binary serves them all.
+    binary: Option<String>,
     http: reqwest::Client,
 }
 
@@ -72,8 +74,18 @@ impl Invoker {
     pub fn new(endpoint: impl Into<String>) -> Self {
         Self {
             endpoint: endpoint.into(),
+            binary: None,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// Sends every invocation to `binary`, whatever function it names: a longrun deployment is
+    /// one binary serving intake, worker, delivery and sweeper, which (with no `LONGRUN_ROLE`
+    /// under `cargo lambda watch`) reads its role from each event's shape. Scenarios keep the
+    /// functions' names for what they mean.
+    pub fn serving(mut self, binary: impl Into<String>) -> Self {
+        self.binary = Some(binary.into());
+        self
     }
 
     /// Invokes `function` with `payload` (raw bytes: the caller decides whether they are JSON),
@@ -84,6 +96,7 @@ impl Invoker {
         payload: impl Into<Vec<u8>>,
         timeout: Duration,
     ) -> Invoked {
+        let function = self.binary.as_deref().unwrap_or(function);
         let url = format!(
             "{}/2015-03-31/functions/{function}/invocations",
             self.endpoint
@@ -190,6 +203,12 @@ impl LambdaWatch {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Sends every invocation to `binary` (see [`Invoker::serving`]).
+    pub fn serving(mut self, binary: &str) -> Self {
+        self.invoker = self.invoker.serving(binary);
+        self
     }
 
     /// The invoker for this emulator.

@@ -9,13 +9,13 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::AttributeValue;
 use chrono::{DateTime, Utc};
 use longrun::ActionResult;
-use longrun::aws::dynamodb::{
-    DynamoKv, DynamoTaskStore, GSI_BY_LEASE, GSI_BY_USER, TTL_ATTRIBUTE, ensure_table,
-};
 use longrun::ports::{
     Claim, Created, Finish, FinishGuard, KvStore, PortError, RequestKey, Requeue, TaskStore,
 };
 use longrun::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskKind, TaskState};
+use longrun_aws::dynamodb::{
+    DynamoKv, DynamoTaskStore, GSI_BY_LEASE, GSI_BY_USER, TTL_ATTRIBUTE, ensure_table,
+};
 use longrun_tests::dynamo::Dynoxide;
 use serde_json::json;
 
@@ -912,7 +912,7 @@ async fn the_store_is_private_to_each_ext_and_user() {
 
 #[tokio::test]
 async fn steps_are_stored_once_in_the_tasks_partition_and_read_in_order() {
-    use longrun::step::StepRecord;
+    use longrun::StepRecord;
     // GIVEN a task with an audit item
     let f = fixture().await;
     let task = f.queued("text-tools", "u1", t0()).await;

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use aws_sdk_secretsmanager::Client;
 use longrun::Secret;
-use longrun::aws::secrets::{
+use longrun::ports::{PortError, SecretStore};
+use longrun_aws::secrets::{
     self, DEFAULT_CACHE_TTL, SecretsManagerStore, delete_secret, get_plain, put_secret,
 };
-use longrun::ports::{PortError, SecretStore};
 use longrun_tests::moto::Moto;
 use serde_json::{Value, json};
 

@@ -5,13 +5,13 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use longrun::aws::sqs::{
-    self, DELIVERY_VISIBILITY_TIMEOUT_S, DLQ_RETENTION_S, MAX_MESSAGE_BYTES, MAX_RECEIVE_COUNT,
-    QUEUE_RETENTION_S, QueueUrls, SqsDeliveryQueue, SqsWorkQueue, WORK_VISIBILITY_TIMEOUT_S,
-};
 use longrun::ports::{DeliveryQueue, PortError, WorkQueue};
 use longrun::task::{Progress, TaskId, TaskKind};
 use longrun::wire::{DeliveryMessage, WorkMessage};
+use longrun_aws::sqs::{
+    self, DELIVERY_VISIBILITY_TIMEOUT_S, DLQ_RETENTION_S, MAX_MESSAGE_BYTES, MAX_RECEIVE_COUNT,
+    QUEUE_RETENTION_S, QueueUrls, SqsDeliveryQueue, SqsWorkQueue, WORK_VISIBILITY_TIMEOUT_S,
+};
 use longrun_tests::moto::{self, Moto};
 use serde_json::{Value, json};
 

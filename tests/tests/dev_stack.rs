@@ -7,11 +7,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use longrun::Settings;
-use longrun::local::ChatEventBody;
-use longrun_cli::dev::simulator::{LABEL, Latency};
-use longrun_cli::dev::{DevOptions, DevStack, Model, demo};
+use longrun_dev::chat::ChatEventBody;
+use longrun_dev::simulator::{LABEL, Latency};
+use longrun_dev::{DevOptions, DevStack, Model, demo};
 use serde_json::{Value, json};
-use text_tools::OpenAi;
 
 /// A folder under the system temp dir, removed when dropped.
 struct TempDir(std::path::PathBuf);
@@ -61,7 +60,7 @@ fn simulated() -> Model {
 
 /// A model endpoint nothing listens on: the tests that use it never get as far as calling it.
 fn unreachable_model() -> Model {
-    Model::At(OpenAi::new("http://127.0.0.1:9/v1"))
+    Model::At("http://127.0.0.1:9/v1".to_owned())
 }
 
 async fn post_intake(url: &str, event: Value) -> (u16, Value) {
@@ -116,7 +115,11 @@ async fn read_events(url: &str, mut done: impl FnMut(&[Value]) -> bool) -> Vec<V
 async fn a_background_task_goes_from_ack_to_progress_to_a_chat_message() {
     // GIVEN a dev stack with the model simulator
     let dir = TempDir::new("e2e");
-    let stack = DevStack::start(options(&dir.0, simulated())).await.unwrap();
+    let stack = DevStack::builder(text_tools::extension_at)
+        .options(options(&dir.0, simulated()))
+        .start()
+        .await
+        .unwrap();
     let url = stack.url().to_owned();
 
     // WHEN the page calls a background function
@@ -164,7 +167,7 @@ async fn a_background_task_goes_from_ack_to_progress_to_a_chat_message() {
 
     // AND the record in DynamoDB (read through the endpoint the stack prints) tells the story
     let dynamo = longrun_tests::dynamo::client(&stack.endpoints().dynamodb_endpoint).await;
-    let store = longrun::aws::dynamodb::DynamoTaskStore::new(
+    let store = longrun_aws::dynamodb::DynamoTaskStore::new(
         dynamo,
         "longrun-tasks",
         Duration::from_secs(3600),
@@ -210,7 +213,9 @@ async fn a_background_task_goes_from_ack_to_progress_to_a_chat_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_demo_without_a_key_answers_openai_key_not_connected() {
     let dir = TempDir::new("no-key");
-    let stack = DevStack::start(options(&dir.0, unreachable_model()))
+    let stack = DevStack::builder(text_tools::extension_at)
+        .options(options(&dir.0, unreachable_model()))
+        .start()
         .await
         .unwrap();
     let report = demo::run(&stack, None, "dev-user", "dev-chat").await;
@@ -243,7 +248,11 @@ async fn the_seed_demo_without_a_key_answers_openai_key_not_connected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_demo_runs_the_three_patterns_end_to_end_with_the_simulator() {
     let dir = TempDir::new("demo");
-    let stack = DevStack::start(options(&dir.0, simulated())).await.unwrap();
+    let stack = DevStack::builder(text_tools::extension_at)
+        .options(options(&dir.0, simulated()))
+        .start()
+        .await
+        .unwrap();
     let report = demo::run(&stack, None, "dev-user", "dev-chat").await;
     assert!(report.complete, "{report:?}");
     assert_eq!(
@@ -260,11 +269,17 @@ async fn the_seed_demo_runs_the_three_patterns_end_to_end_with_the_simulator() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_outlive_the_stack_and_a_second_stack_on_the_folder_is_refused() {
     let dir = TempDir::new("restart");
-    let stack = DevStack::start(options(&dir.0, unreachable_model()))
+    let stack = DevStack::builder(text_tools::extension_at)
+        .options(options(&dir.0, unreachable_model()))
+        .start()
         .await
         .unwrap();
     // A second stack on the same folder would share its database: refused.
-    let Err(refused) = DevStack::start(options(&dir.0, unreachable_model())).await else {
+    let Err(refused) = DevStack::builder(text_tools::extension_at)
+        .options(options(&dir.0, unreachable_model()))
+        .start()
+        .await
+    else {
         panic!("a second stack started on the same state folder");
     };
     assert!(refused.to_string().contains("already runs"), "{refused}");
@@ -291,7 +306,9 @@ async fn tasks_outlive_the_stack_and_a_second_stack_on_the_folder_is_refused() {
     stack.shutdown().await;
 
     // WHEN the stack starts again on the same folder THEN the task is still there
-    let again = DevStack::start(options(&dir.0, unreachable_model()))
+    let again = DevStack::builder(text_tools::extension_at)
+        .options(options(&dir.0, unreachable_model()))
+        .start()
         .await
         .unwrap();
     let listed = again
@@ -307,7 +324,9 @@ async fn tasks_outlive_the_stack_and_a_second_stack_on_the_folder_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_sqs_api_answers_the_sqs_helpers_the_cli_uses() {
     let dir = TempDir::new("sqs");
-    let stack = DevStack::start(options(&dir.0, unreachable_model()))
+    let stack = DevStack::builder(text_tools::extension_at)
+        .options(options(&dir.0, unreachable_model()))
+        .start()
         .await
         .unwrap();
     let e = stack.endpoints().clone();
@@ -320,7 +339,7 @@ async fn the_local_sqs_api_answers_the_sqs_helpers_the_cli_uses() {
         .await
         .unwrap();
     assert_eq!(url.queue_url(), Some(e.delivery_dlq_url.as_str()));
-    let arn = longrun::aws::sqs::queue_arn(&sqs, &e.delivery_dlq_url)
+    let arn = longrun_aws::sqs::queue_arn(&sqs, &e.delivery_dlq_url)
         .await
         .unwrap();
     assert_eq!(
@@ -328,11 +347,11 @@ async fn the_local_sqs_api_answers_the_sqs_helpers_the_cli_uses() {
         "arn:aws:sqs:us-east-1:000000000000:longrun-delivery-dlq"
     );
     // Messages go in, are counted, peeked, and redriven to the main queue.
-    longrun::aws::sqs::send_batch(&sqs, &e.work_dlq_url, &["not a task".to_owned()])
+    longrun_aws::sqs::send_batch(&sqs, &e.work_dlq_url, &["not a task".to_owned()])
         .await
         .unwrap();
     let delivery_dlq = &e.delivery_dlq_url;
-    longrun::aws::sqs::send_batch(
+    longrun_aws::sqs::send_batch(
         &sqs,
         delivery_dlq,
         &[
@@ -343,36 +362,36 @@ async fn the_local_sqs_api_answers_the_sqs_helpers_the_cli_uses() {
     .await
     .unwrap();
     assert_eq!(
-        longrun::aws::sqs::depth(&sqs, delivery_dlq).await.unwrap(),
+        longrun_aws::sqs::depth(&sqs, delivery_dlq).await.unwrap(),
         2
     );
-    let peeked = longrun::aws::sqs::receive(&sqs, delivery_dlq, 10, 0, Some(0))
+    let peeked = longrun_aws::sqs::receive(&sqs, delivery_dlq, 10, 0, Some(0))
         .await
         .unwrap();
     assert_eq!(peeked.len(), 2);
     assert!(peeked.iter().all(|m| m.receive_count == 1));
     assert_eq!(
-        longrun::aws::sqs::depth(&sqs, delivery_dlq).await.unwrap(),
+        longrun_aws::sqs::depth(&sqs, delivery_dlq).await.unwrap(),
         2
     );
-    let moved = longrun::aws::sqs::redrive(&sqs, delivery_dlq, &e.delivery_queue_url, 100)
+    let moved = longrun_aws::sqs::redrive(&sqs, delivery_dlq, &e.delivery_queue_url, 100)
         .await
         .unwrap();
     assert_eq!(moved, 2);
     assert_eq!(
-        longrun::aws::sqs::depth(&sqs, delivery_dlq).await.unwrap(),
+        longrun_aws::sqs::depth(&sqs, delivery_dlq).await.unwrap(),
         0
     );
     // An unknown queue is "not found", as on SQS.
     let missing =
-        longrun::aws::sqs::depth(&sqs, &format!("{}/000000000000/nope", e.sqs_endpoint)).await;
+        longrun_aws::sqs::depth(&sqs, &format!("{}/000000000000/nope", e.sqs_endpoint)).await;
     assert!(
         matches!(missing, Err(longrun::ports::PortError::NotFound(_))),
         "{missing:?}"
     );
     // The sweeper ends what lands in the work DLQ (here: a malformed message, dropped).
     tokio::time::timeout(Duration::from_secs(30), async {
-        while longrun::aws::sqs::depth(&sqs, &e.work_dlq_url)
+        while longrun_aws::sqs::depth(&sqs, &e.work_dlq_url)
             .await
             .unwrap()
             > 0
@@ -388,7 +407,9 @@ async fn the_local_sqs_api_answers_the_sqs_helpers_the_cli_uses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_web_pages_cannot_use_the_api() {
     let dir = TempDir::new("origin");
-    let stack = DevStack::start(options(&dir.0, unreachable_model()))
+    let stack = DevStack::builder(text_tools::extension_at)
+        .options(options(&dir.0, unreachable_model()))
+        .start()
         .await
         .unwrap();
     let url = format!("{}/api/intake", stack.url());

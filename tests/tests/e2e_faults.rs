@@ -22,7 +22,7 @@ async fn every_message_three_times_still_runs_each_task_once_with_one_result() {
         return;
     };
     // GIVEN every work and delivery message delivered three times, batches reordered
-    for function in [stack.options.worker.as_str(), "delivery"] {
+    for function in ["worker", "delivery"] {
         stack.esm.set_faults(
             function,
             Faults {
@@ -94,7 +94,7 @@ async fn every_message_three_times_still_runs_each_task_once_with_one_result() {
         assert_eq!(stack.audit_count(id, AuditKind::Critical, "").await, 0);
     }
     // AND the duplicates really were delivered
-    let work = stack.esm.stats(&stack.options.worker).unwrap();
+    let work = stack.esm.stats("worker").unwrap();
     let delivery = stack.esm.stats("delivery").unwrap();
     assert!(work.records >= 3 * tasks.len(), "{work:?}");
     assert!(delivery.records >= 3 * tasks.len(), "{delivery:?}");

@@ -183,7 +183,7 @@ async fn failing_function() -> (String, Batches) {
 
 #[tokio::test]
 async fn the_player_redelivers_failures_and_sqs_dead_letters_after_max_receive_count() {
-    use longrun::aws::sqs;
+    use longrun_aws::sqs;
     use longrun_tests::esm::{Faults, Mapping, Player};
     let Some(moto) = Moto::start().await else {
         return;

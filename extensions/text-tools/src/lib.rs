@@ -37,55 +37,59 @@ pub fn extension() -> Extension {
     extension_with(OpenAi::from_env())
 }
 
-/// The extension talking to the given OpenAI-compatible endpoint.
+/// The extension talking to the OpenAI-compatible API at `base_url`, or configured from the
+/// environment when `None` — the form `longrun_dev::main` takes.
+pub fn extension_at(base_url: Option<&str>) -> Extension {
+    match base_url {
+        Some(url) => extension_with(OpenAi {
+            base_url: url.trim_end_matches('/').to_owned(),
+            ..OpenAi::from_env()
+        }),
+        None => extension(),
+    }
+}
+
+/// The text the examples ask to refine.
+pub const EXAMPLE_TEXT: &str = "hey team, so basically we're gonna ship the new search on friday. pls review the doc and lmk what u think asap";
+
+/// The extension talking to the given OpenAI-compatible endpoint. Every handler reaches it
+/// through `ctx.state::<OpenAi>()`.
 pub fn extension_with(openai: OpenAi) -> Extension {
-    let a = openai.clone();
-    let b = openai.clone();
-    let c = openai.clone();
-    let d = openai.clone();
-    let job = openai;
     Extension::new(NAME)
-        .secret(API_KEY_SECRET, "OpenAI (or compatible) API key")
+        .secret(API_KEY_SECRET, "OpenAI key")
+        .with_state(openai)
         .function(
-            ChatFunction::new("refine", move |ctx, params| refine(a.clone(), ctx, params))
+            ChatFunction::new("refine", refine)
                 .description("Refine the given text via AI completion.")
                 .action_type(ActionType::Write)
-                .event("text_refined"),
+                .event("text_refined")
+                .example(json!({"input": EXAMPLE_TEXT})),
         )
         .function(
-            ChatFunction::new("refine_output", move |ctx, params| {
-                refine_output(b.clone(), ctx, params)
-            })
-            .description("Refine the given text via AI completion (long-running).")
-            .action_type(ActionType::Write)
-            .event("text_refined")
-            .background(true)
-            .long_running(false),
+            ChatFunction::new("refine_output", refine_output)
+                .description("Refine the given text via AI completion (long-running).")
+                .action_type(ActionType::Write)
+                .event("text_refined")
+                .background(true)
+                .long_running(false)
+                .example(json!({"input": EXAMPLE_TEXT})),
         )
         .function(
-            ChatFunction::new("start_refinement", move |ctx, params| {
-                start_refinement(c.clone(), ctx, params)
-            })
-            .description("Refine text; chooses fast or background path at runtime.")
-            .action_type(ActionType::Write)
-            .event("refinement_started"),
+            ChatFunction::new("start_refinement", start_refinement)
+                .description("Refine text; chooses fast or background path at runtime.")
+                .action_type(ActionType::Write)
+                .event("refinement_started")
+                .example(json!({"input": EXAMPLE_TEXT, "fast_path": false})),
         )
         .function(
-            ChatFunction::new("refine_document", move |ctx, params| {
-                refine_document(d.clone(), ctx, params)
-            })
-            .description("Refine a long document chunk by chunk (long-running, up to 30 min).")
-            .action_type(ActionType::Write)
-            .event("document_refined")
-            .background(true)
-            .long_running(true),
+            ChatFunction::new("refine_document", refine_document)
+                .description("Refine a long document chunk by chunk (long-running, up to 30 min).")
+                .action_type(ActionType::Write)
+                .event("document_refined")
+                .background(true)
+                .long_running(true),
         )
-        .job(
-            Job::new(REFINE_JOB, move |ctx, input| {
-                refine_job(job.clone(), ctx, input)
-            })
-            .event("text_refined"),
-        )
+        .job(Job::new(REFINE_JOB, refine_job).event("text_refined"))
 }
 
 /// The job `start_refinement` launches on its slow path.
@@ -169,14 +173,9 @@ pub fn chunks(document: &str) -> Vec<String> {
 /// A long-running task in checkpointed steps: one AI call per chunk, each a `ctx.step`, so a
 /// task handed on before the Lambda deadline — or resumed after a crash — never pays for a
 /// chunk twice.
-async fn refine_document(
-    openai: OpenAi,
-    ctx: Ctx,
-    params: RefineDocumentParams,
-) -> longrun::Result<ActionResult> {
-    let Some(api_key) = ctx.secrets.get(API_KEY_SECRET).await? else {
-        return Ok(key_missing());
-    };
+async fn refine_document(ctx: Ctx, params: RefineDocumentParams) -> longrun::Result<ActionResult> {
+    let api_key = ctx.secrets.require(API_KEY_SECRET).await?;
+    let openai = ctx.state::<OpenAi>()?;
     let chunks = chunks(&params.document);
     if chunks.is_empty() {
         return Ok(ActionResult::error("The document is empty.", false));
@@ -186,7 +185,7 @@ async fn refine_document(
     for (i, chunk) in chunks.iter().enumerate() {
         let completion = ctx
             .step(&format!("chunk-{i}"), async {
-                refine_long(&openai, &ctx, &api_key, chunk)
+                refine_long(openai, &ctx, &api_key, chunk)
                     .await
                     .map_err(|e| e.to_string())
             })
@@ -216,10 +215,6 @@ pub struct RefineJobInput {
 
 const SYSTEM_PROMPT: &str = "You refine prose. Be concise.";
 
-fn key_missing() -> ActionResult {
-    ActionResult::error("OpenAI key not connected", false)
-}
-
 fn messages(input: &str) -> longrun::serde_json::Value {
     json!([
         {"role": "system", "content": SYSTEM_PROMPT},
@@ -228,10 +223,9 @@ fn messages(input: &str) -> longrun::serde_json::Value {
 }
 
 /// Pattern A: one call with a per-call timeout of 120 s (the cap is 180 s).
-async fn refine(openai: OpenAi, ctx: Ctx, params: RefineParams) -> longrun::Result<ActionResult> {
-    let Some(api_key) = ctx.secrets.get(API_KEY_SECRET).await? else {
-        return Ok(key_missing());
-    };
+async fn refine(ctx: Ctx, params: RefineParams) -> longrun::Result<ActionResult> {
+    let api_key = ctx.secrets.require(API_KEY_SECRET).await?;
+    let openai = ctx.state::<OpenAi>()?;
     let completion = openai
         .complete(
             &ctx,
@@ -268,17 +262,12 @@ async fn refine_long(
 const LONG_CALL: Duration = Duration::from_secs(120);
 
 /// Pattern B: the whole handler runs detached; progress and the result reach the chat.
-async fn refine_output(
-    openai: OpenAi,
-    ctx: Ctx,
-    params: StartRefinementParams,
-) -> longrun::Result<ActionResult> {
-    let Some(api_key) = ctx.secrets.get(API_KEY_SECRET).await? else {
-        return Ok(key_missing());
-    };
+async fn refine_output(ctx: Ctx, params: StartRefinementParams) -> longrun::Result<ActionResult> {
+    let api_key = ctx.secrets.require(API_KEY_SECRET).await?;
+    let openai = ctx.state::<OpenAi>()?;
     ctx.progress(15, "Fetching context").await?;
     ctx.progress(45, "Generating with AI").await?;
-    let text = match refine_long(&openai, &ctx, &api_key, &params.input)
+    let text = match refine_long(openai, &ctx, &api_key, &params.input)
         .await?
         .into_text()
     {
@@ -294,15 +283,10 @@ async fn refine_output(
 }
 
 /// Pattern C: a fast synchronous path, or `refine_job` in the background with a custom ack.
-async fn start_refinement(
-    openai: OpenAi,
-    ctx: Ctx,
-    params: StartParams,
-) -> longrun::Result<ActionResult> {
-    let Some(api_key) = ctx.secrets.get(API_KEY_SECRET).await? else {
-        return Ok(key_missing());
-    };
+async fn start_refinement(ctx: Ctx, params: StartParams) -> longrun::Result<ActionResult> {
+    let api_key = ctx.secrets.require(API_KEY_SECRET).await?;
     if params.fast_path {
+        let openai = ctx.state::<OpenAi>()?;
         let completion = openai
             .complete(
                 &ctx,
@@ -333,16 +317,11 @@ async fn start_refinement(
 }
 
 /// The detached part of `start_refinement`.
-async fn refine_job(
-    openai: OpenAi,
-    ctx: Ctx,
-    input: RefineJobInput,
-) -> longrun::Result<ActionResult> {
-    let Some(api_key) = ctx.secrets.get(API_KEY_SECRET).await? else {
-        return Ok(key_missing());
-    };
+async fn refine_job(ctx: Ctx, input: RefineJobInput) -> longrun::Result<ActionResult> {
+    let api_key = ctx.secrets.require(API_KEY_SECRET).await?;
+    let openai = ctx.state::<OpenAi>()?;
     ctx.progress(50, "Generating with AI").await?;
-    let text = match refine_long(&openai, &ctx, &api_key, &input.input)
+    let text = match refine_long(openai, &ctx, &api_key, &input.input)
         .await?
         .into_text()
     {

@@ -48,38 +48,49 @@ impl Drop for TempDir {
 pub fn longrun_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
-        .get_or_init(|| {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("the tests crate sits in the workspace");
-            let mut command = std::process::Command::new(cargo);
-            command.current_dir(workspace).args([
-                "build",
-                "--quiet",
-                "-p",
-                "longrun-cli",
-                "--bin",
-                "longrun",
-                "--message-format=json",
-            ]);
-            // The same profile as the tests themselves (`cargo test --release` included).
-            if !cfg!(debug_assertions) {
-                command.arg("--release");
-            }
-            let output = command
-                .stderr(Stdio::inherit())
-                .output()
-                .expect("cargo runs");
-            assert!(output.status.success(), "cargo build of longrun failed");
-            String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-                .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "longrun")
-                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-                .expect("cargo reported the longrun executable")
-        })
+        .get_or_init(|| built("longrun-cli", "longrun"))
         .clone()
+}
+
+/// The reference extension's dev binary (`functions/dev`: `longrun_dev::main(text-tools)`),
+/// built like [`longrun_binary`].
+pub fn dev_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| built("text-tools-dev", "dev"))
+        .clone()
+}
+
+fn built(package: &str, bin: &str) -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace");
+    let mut command = std::process::Command::new(cargo);
+    command.current_dir(workspace).args([
+        "build",
+        "--quiet",
+        "-p",
+        package,
+        "--bin",
+        bin,
+        "--message-format=json",
+    ]);
+    // The same profile as the tests themselves (`cargo test --release` included).
+    if !cfg!(debug_assertions) {
+        command.arg("--release");
+    }
+    let output = command
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cargo runs");
+    assert!(output.status.success(), "cargo build of {bin} failed");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo reported the {bin} executable"))
 }
 
 /// What a finished `longrun` command printed and how it exited.
@@ -147,7 +158,8 @@ pub async fn longrun_env(
     }
 }
 
-/// A `longrun dev` process. Dropping it kills it.
+/// A dev stack process (the reference extension's dev binary, what `longrun dev` runs).
+/// Dropping it kills it.
 pub struct DevProcess {
     child: std::process::Child,
     pub state: TempDir,
@@ -159,17 +171,17 @@ pub struct DevProcess {
 }
 
 impl DevProcess {
-    /// Starts `longrun dev --port 0 ARGS` with `env`, and waits until it answers.
+    /// Starts `dev --port 0 ARGS` with `env`, and waits until it answers.
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let state = TempDir::new(name);
         let log = state.path().with_extension("log");
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let mut command = std::process::Command::new(longrun_binary());
+        let mut command = std::process::Command::new(dev_binary());
         command
             .arg("--state-dir")
             .arg(state.path())
-            .args(["dev", "--port", "0"])
+            .args(["--port", "0"])
             .args(args)
             .env_remove("AWS_PROFILE")
             .env_remove("AWS_ENDPOINT_URL")
@@ -255,4 +267,14 @@ fn health(url: &str) -> bool {
 /// Whether tests that need a tool must fail rather than skip when it is missing (`CI=true`).
 pub fn required() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// What the dev binary's `--help` prints.
+pub async fn dev_help() -> String {
+    let output = tokio::process::Command::new(dev_binary())
+        .arg("--help")
+        .output()
+        .await
+        .expect("the dev binary runs");
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }

@@ -1,0 +1,75 @@
+//! [`KvStore`] (`ctx.store`) on the task table: one item per `(ext, user, key)`, under
+//! `pk = KV#{ext}#{user}` and `sk = {key}`, the value as a native DynamoDB value.
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use serde_json::Value;
+
+use longrun::ports::{KvStore, PortResult};
+
+use super::item::{Fields, json_to_attribute};
+use super::keys::{key, kv_pk};
+use crate::port_error;
+
+/// `ctx.store` in the task table: one item per `(ext, user, key)`.
+#[derive(Debug, Clone)]
+pub struct DynamoKv {
+    client: Client,
+    table: String,
+}
+
+impl DynamoKv {
+    /// A store over `table`.
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl KvStore for DynamoKv {
+    async fn get(&self, ext: &str, user: &str, key_name: &str) -> PortResult<Option<Value>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(kv_pk(ext, user), key_name)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| port_error("GetItem store", e))?;
+        let Some(item) = out.item else {
+            return Ok(None);
+        };
+        let f = Fields::new(&item);
+        f.json("value")?
+            .map(Some)
+            .ok_or_else(|| f.garbled("value", "is missing"))
+    }
+
+    async fn set(&self, ext: &str, user: &str, key_name: &str, value: &Value) -> PortResult<()> {
+        let mut item = key(kv_pk(ext, user), key_name);
+        item.insert("value".to_owned(), json_to_attribute(value));
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| port_error("PutItem store", e))?;
+        Ok(())
+    }
+
+    async fn delete(&self, ext: &str, user: &str, key_name: &str) -> PortResult<()> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key(kv_pk(ext, user), key_name)))
+            .send()
+            .await
+            .map_err(|e| port_error("DeleteItem store", e))?;
+        Ok(())
+    }
+}

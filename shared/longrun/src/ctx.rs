@@ -1,0 +1,461 @@
+//! `Ctx`: what a handler can reach — `http`, `secrets`, `store`, `progress` and
+//! `background_task` — bound to the (ext, user) the call belongs to.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::ActionResult;
+use crate::extension::{Extension, ParamsError};
+use crate::http::Http;
+use crate::ports::{KvStore, PortError, Secret, SecretStore};
+use crate::step::{StepError, StepLog};
+use crate::task::{Progress, TaskId};
+
+/// Why `ctx.progress` did not record a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProgressError {
+    /// The user cancelled the task: propagate this with `?`.
+    #[error("task cancelled by the user")]
+    Cancelled,
+    /// `pct` is not within 0–100.
+    #[error("progress pct {pct} is outside 0–100")]
+    OutOfRange {
+        /// The percentage the handler passed.
+        pct: i64,
+    },
+    /// Another worker took the task over (this one's lease lapsed); stop working.
+    #[error("the task's lease was taken over by another worker")]
+    LeaseLost,
+}
+
+/// Why `ctx.background_task` did not start a task.
+#[derive(Debug, thiserror::Error)]
+pub enum BackgroundError {
+    /// No job of that name is registered on the extension.
+    #[error("no job named {0:?} is registered")]
+    UnknownJob(String),
+    /// The input does not fit the job's input type.
+    #[error("job input does not fit: {0}")]
+    InvalidInput(#[from] ParamsError),
+    /// The input is larger than a task can carry.
+    #[error("job input is {size} bytes; the limit is {limit}")]
+    TooLarge {
+        /// The input's serialized size, in bytes.
+        size: usize,
+        /// The most a task's params may take ([`crate::wire::MAX_PARAMS_BYTES`]).
+        limit: usize,
+    },
+    /// The input could not be serialized.
+    #[error("job input cannot be serialized: {0}")]
+    Serialize(#[from] serde_json::Error),
+    /// The task table or the work queue failed.
+    #[error("could not enqueue the task: {0}")]
+    Port(#[from] PortError),
+}
+
+/// Options of a background task.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackgroundOptions {
+    /// Raises the cap from 180 s to 1800 s.
+    pub long_running: bool,
+    /// A human name, shown in task lists.
+    pub name: Option<String>,
+}
+
+impl BackgroundOptions {
+    /// Sets `long_running`.
+    pub fn long_running(mut self, long_running: bool) -> Self {
+        self.long_running = long_running;
+        self
+    }
+
+    /// Sets the name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+/// Where progress goes: the worker's checkpointer.
+#[async_trait]
+pub(crate) trait ProgressSink: Send + Sync {
+    async fn report(&self, progress: Progress) -> Result<(), ProgressError>;
+}
+
+/// Where `background_task` goes: intake's (or the worker's) task launcher.
+#[async_trait]
+pub(crate) trait Launcher: Send + Sync {
+    async fn launch(
+        &self,
+        job: &str,
+        input: Value,
+        options: BackgroundOptions,
+    ) -> Result<TaskId, BackgroundError>;
+}
+
+/// `ctx.secrets`: the user's secrets for this extension.
+#[derive(Clone)]
+pub struct Secrets {
+    port: Arc<dyn SecretStore>,
+    ext: String,
+    user: String,
+    extension: Option<Arc<Extension>>,
+}
+
+/// Why [`Secrets::require`] has no value to give.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecretError {
+    /// The user has not connected the secret. Propagated with `?` out of a handler, the
+    /// runtime answers the user with `ActionResult::error("{description} not connected",
+    /// retryable: false)` — the seed's "OpenAI key not connected" — and no critical audit
+    /// item: it is the user's to fix, not the operator's.
+    #[error("{description} not connected")]
+    NotConnected {
+        /// The secret's name.
+        name: String,
+        /// Its declared description (or its name, when undeclared).
+        description: String,
+    },
+    /// The secret store failed.
+    #[error("could not read the secret {name:?}: {source}")]
+    Unavailable {
+        /// The secret's name.
+        name: String,
+        /// What the store said.
+        source: PortError,
+    },
+}
+
+impl SecretError {
+    /// The answer the user gets when a handler propagates this error.
+    pub fn to_result(&self) -> ActionResult {
+        match self {
+            Self::NotConnected { .. } => ActionResult::error(self.to_string(), false),
+            Self::Unavailable { name, .. } => ActionResult::error(
+                format!("Could not read your {name} right now; try again in a moment."),
+                true,
+            ),
+        }
+    }
+}
+
+impl Secrets {
+    /// The secret `name`, or `None` if the user has not connected it.
+    pub async fn get(&self, name: &str) -> Result<Option<Secret>, PortError> {
+        self.port.get(&self.ext, &self.user, name).await
+    }
+
+    /// The secret `name`, or [`SecretError::NotConnected`]: the one-line form of the seed's
+    /// "key not connected" answer.
+    ///
+    /// ```ignore
+    /// let api_key = ctx.secrets.require("openai_api_key").await?;
+    /// ```
+    pub async fn require(&self, name: &str) -> Result<Secret, SecretError> {
+        match self.get(name).await {
+            Ok(Some(secret)) => Ok(secret),
+            Ok(None) => Err(SecretError::NotConnected {
+                name: name.to_owned(),
+                description: self.description(name),
+            }),
+            Err(source) => Err(SecretError::Unavailable {
+                name: name.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// `ActionResult::error("{description} not connected", false)` for the declared secret
+    /// `name`, for a handler that checks [`Secrets::get`] itself.
+    pub fn not_connected(&self, name: &str) -> ActionResult {
+        SecretError::NotConnected {
+            name: name.to_owned(),
+            description: self.description(name),
+        }
+        .to_result()
+    }
+
+    fn description(&self, name: &str) -> String {
+        self.extension
+            .as_deref()
+            .and_then(|e| e.secrets().iter().find(|s| s.name == name))
+            .map(|s| s.description.clone())
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| name.to_owned())
+    }
+}
+
+/// [`Ctx::state`] asked for a type the extension was not given with
+/// [`Extension::with_state`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the extension has no state of type {type_name} (register it with Extension::with_state)")]
+pub struct MissingState {
+    /// The type asked for.
+    pub type_name: &'static str,
+}
+
+/// `ctx.store`: key/value storage private to this (ext, user).
+#[derive(Clone)]
+pub struct Store {
+    port: Arc<dyn KvStore>,
+    ext: String,
+    user: String,
+}
+
+/// Why a `ctx.store` call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The key/value table failed.
+    #[error(transparent)]
+    Port(#[from] PortError),
+    /// The stored value does not fit the requested type, or the value to store is not
+    /// serializable as JSON.
+    #[error("stored value does not fit the requested type: {0}")]
+    Decode(#[from] serde_json::Error),
+    /// Keys are 1 to 1024 bytes (DynamoDB's sort key limit).
+    #[error("store key must be 1 to {MAX_STORE_KEY_BYTES} bytes, got {0}")]
+    InvalidKey(usize),
+}
+
+/// The longest `ctx.store` key, in bytes.
+pub const MAX_STORE_KEY_BYTES: usize = 1024;
+
+fn check_key(key: &str) -> Result<(), StoreError> {
+    if key.is_empty() || key.len() > MAX_STORE_KEY_BYTES {
+        return Err(StoreError::InvalidKey(key.len()));
+    }
+    Ok(())
+}
+
+impl Store {
+    /// The value under `key`, if any.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        check_key(key)?;
+        match self.port.get(&self.ext, &self.user, key).await? {
+            Some(value) => Ok(Some(serde_json::from_value(value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores `value` under `key`.
+    pub async fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        check_key(key)?;
+        let value = serde_json::to_value(value)?;
+        Ok(self.port.set(&self.ext, &self.user, key, &value).await?)
+    }
+
+    /// Removes `key`.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        check_key(key)?;
+        Ok(self.port.delete(&self.ext, &self.user, key).await?)
+    }
+}
+
+/// Who a call belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The extension.
+    pub ext: String,
+    /// The user.
+    pub user: String,
+    /// The chat the call came from, where results are delivered.
+    pub chat: String,
+}
+
+/// The handler's context.
+#[derive(Clone)]
+pub struct Ctx {
+    /// Outbound HTTP with per-call caps.
+    pub http: Http,
+    /// The user's secrets.
+    pub secrets: Secrets,
+    /// The user's key/value store.
+    pub store: Store,
+    caller: Arc<Caller>,
+    extension: Option<Arc<Extension>>,
+    task_id: Option<TaskId>,
+    progress: Option<Arc<dyn ProgressSink>>,
+    steps: Option<Arc<StepLog>>,
+    launcher: Arc<dyn Launcher>,
+}
+
+impl Ctx {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        caller: Caller,
+        extension: Option<Arc<Extension>>,
+        task_id: Option<TaskId>,
+        http: Http,
+        secrets: Arc<dyn SecretStore>,
+        kv: Arc<dyn KvStore>,
+        progress: Option<Arc<dyn ProgressSink>>,
+        steps: Option<Arc<StepLog>>,
+        launcher: Arc<dyn Launcher>,
+    ) -> Self {
+        Self {
+            http,
+            secrets: Secrets {
+                port: secrets,
+                ext: caller.ext.clone(),
+                user: caller.user.clone(),
+                extension: extension.clone(),
+            },
+            store: Store {
+                port: kv,
+                ext: caller.ext.clone(),
+                user: caller.user.clone(),
+            },
+            caller: Arc::new(caller),
+            extension,
+            task_id,
+            progress,
+            steps,
+            launcher,
+        }
+    }
+
+    /// The extension's name.
+    pub fn ext(&self) -> &str {
+        &self.caller.ext
+    }
+
+    /// The calling user.
+    pub fn user(&self) -> &str {
+        &self.caller.user
+    }
+
+    /// The chat the call came from.
+    pub fn chat(&self) -> &str {
+        &self.caller.chat
+    }
+
+    /// The extension's state of type `S`, given with [`Extension::with_state`]: a model
+    /// client, a configuration, a connection pool — shared by every handler, never cloned into
+    /// their closures.
+    pub fn state<S: Send + Sync + 'static>(&self) -> Result<&S, MissingState> {
+        self.extension
+            .as_deref()
+            .and_then(Extension::state_of::<S>)
+            .ok_or(MissingState {
+                type_name: std::any::type_name::<S>(),
+            })
+    }
+
+    /// The background task this handler runs as, if any.
+    pub fn task_id(&self) -> Option<&TaskId> {
+        self.task_id.as_ref()
+    }
+
+    /// Reports progress: a checkpoint, a heartbeat and the cancellation point.
+    ///
+    /// `pct` must be within 0–100; a value below the last one keeps the last one (progress in
+    /// the chat never goes backwards). Returns [`ProgressError::Cancelled`] once the user has
+    /// cancelled: propagate it with `?`. Outside a background task (Pattern A) it only checks
+    /// `pct`.
+    pub async fn progress(
+        &self,
+        pct: i64,
+        message: impl Into<String>,
+    ) -> Result<(), ProgressError> {
+        let pct = u8::try_from(pct)
+            .ok()
+            .filter(|p| *p <= 100)
+            .ok_or(ProgressError::OutOfRange { pct })?;
+        match &self.progress {
+            Some(sink) => {
+                sink.report(Progress {
+                    pct,
+                    message: message.into(),
+                })
+                .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `body` as a checkpointed step named `name` and returns its output.
+    ///
+    /// In a background task, the first run stores the output (in the task's partition); when
+    /// the task resumes in a later invocation — handed on before the Lambda deadline, or after
+    /// a crash — the stored output is returned without running `body` again, so an AI call
+    /// already paid for is not made twice. Steps must be called in the same order with the same
+    /// names on every run; outputs are limited to
+    /// [`MAX_STEP_OUTPUT_BYTES`](crate::step::MAX_STEP_OUTPUT_BYTES), and a step may take at
+    /// most the per-call cap (180 s). Before starting a step that might not finish in the
+    /// current invocation, the run stops and a fresh invocation carries on.
+    ///
+    /// Outside a background task (Pattern A) it just runs `body`.
+    pub async fn step<T, F>(&self, name: &str, body: F) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: std::future::Future<Output = T>,
+    {
+        match &self.steps {
+            Some(log) => log.step(name, body).await,
+            None => Ok(body.await),
+        }
+    }
+
+    /// Starts the named job as a background task bound to this (ext, user, chat) and returns
+    /// its id at once (Pattern C). The job's result is delivered to the chat when it finishes.
+    pub async fn background_task<I: Serialize + ?Sized>(
+        &self,
+        job: &str,
+        input: &I,
+        options: BackgroundOptions,
+    ) -> Result<TaskId, BackgroundError> {
+        let input = serde_json::to_value(input)?;
+        self.launcher.launch(job, input, options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::testing::memory::MemoryKv;
+
+    fn store() -> Store {
+        Store {
+            port: Arc::new(MemoryKv::default()),
+            ext: "e".into(),
+            user: "u".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn store_round_trips_typed_values() {
+        let store = store();
+        store.set("last", &vec![1, 2]).await.unwrap();
+        assert_eq!(
+            store.get::<Vec<u8>>("last").await.unwrap(),
+            Some(vec![1, 2])
+        );
+        assert!(matches!(
+            store.get::<String>("last").await,
+            Err(StoreError::Decode(_))
+        ));
+        store.delete("last").await.unwrap();
+        assert_eq!(store.get::<Vec<u8>>("last").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn empty_and_oversized_keys_are_refused() {
+        let store = store();
+        assert!(matches!(
+            store.set("", &1).await,
+            Err(StoreError::InvalidKey(0))
+        ));
+        let long = "k".repeat(MAX_STORE_KEY_BYTES + 1);
+        assert!(matches!(
+            store.get::<u8>(&long).await,
+            Err(StoreError::InvalidKey(1025))
+        ));
+    }
+}

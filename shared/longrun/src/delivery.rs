@@ -1,0 +1,368 @@
+//! The delivery step: post results and progress into the user's chat — exactly one result
+//! message per task, user and chat read from the stored task only, one audit item per
+//! delivered message.
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+
+use crate::ports::{ChatOutcome, PortError};
+use crate::runtime::Runtime;
+use crate::task::{AuditItem, AuditKind, Task};
+use crate::wire::{ChatMessage, DeliveryMessage};
+use crate::worker::{BATCH_CONCURRENCY, QueueRecord};
+
+/// Works a batch of delivery messages; returns the ids to be redelivered.
+///
+/// Messages about one task are posted in order (progress by sequence, the result last), and
+/// tasks run concurrently.
+pub async fn handle_batch(rt: &Runtime, records: Vec<QueueRecord>) -> Vec<String> {
+    let mut by_task: BTreeMap<String, Vec<(String, u32, DeliveryMessage)>> = BTreeMap::new();
+    for record in records {
+        match serde_json::from_str::<DeliveryMessage>(&record.body) {
+            Ok(message) => by_task
+                .entry(message.task_id().to_string())
+                .or_default()
+                .push((record.message_id, record.receive_count, message)),
+            Err(err) => {
+                tracing::error!(message_id = %record.message_id, error = %err, "malformed delivery message dropped")
+            }
+        }
+    }
+    futures::stream::iter(by_task.into_values())
+        .map(|mut messages| async move {
+            messages.sort_by_key(|(_, _, m)| match m {
+                DeliveryMessage::Progress { seq, .. } => *seq,
+                DeliveryMessage::Result { .. } => u64::MAX,
+            });
+            let mut failed = Vec::new();
+            for (message_id, receive_count, message) in messages {
+                if let Err(err) = handle_message(rt, &message).await {
+                    tracing::warn!(%message_id, task_id = %message.task_id(), error = %err, "delivery will be retried");
+                    if receive_count >= rt.settings.max_receives {
+                        undeliverable(rt, &message, &err).await;
+                    }
+                    failed.push(message_id);
+                }
+            }
+            failed
+        })
+        .buffer_unordered(BATCH_CONCURRENCY)
+        .flat_map(futures::stream::iter)
+        .collect()
+        .await
+}
+
+/// The last receive failed: the queue moves the message to its dead-letter queue, where
+/// `longrun dlq redrive` can send it again once the chat API is back. Leave a critical audit
+/// item so operators see it.
+async fn undeliverable(rt: &Runtime, message: &DeliveryMessage, err: &PortError) {
+    let Ok(Some(task)) = rt.services.tasks.get(message.task_id()).await else {
+        return;
+    };
+    let key = message.idempotency_key();
+    tracing::error!(task_id = %task.task_id, %key, error = %err, "critical: message dead-lettered after its last retry");
+    let audit = AuditItem::new(
+        &task,
+        format!("critical#undeliverable#{key}"),
+        AuditKind::Critical,
+        rt.now(),
+        format!(
+            "{key} dead-lettered after {} attempts: {err}",
+            rt.settings.max_receives
+        ),
+    );
+    if let Err(err) = rt.services.tasks.append_audit(&audit).await {
+        tracing::error!(task_id = %task.task_id, error = %err, "critical audit item not written");
+    }
+}
+
+/// Delivers one message. `Err` means "redeliver it later".
+pub async fn handle_message(rt: &Runtime, message: &DeliveryMessage) -> Result<(), PortError> {
+    let Some(task) = rt.services.tasks.get(message.task_id()).await? else {
+        tracing::error!(task_id = %message.task_id(), "delivery for an unknown task dropped");
+        return Ok(());
+    };
+    let (body, audit_id) = match message {
+        DeliveryMessage::Result { .. } => {
+            if task.delivered_at.is_some() {
+                tracing::info!(task_id = %task.task_id, "result already delivered");
+                return Ok(());
+            }
+            let Some(result) = task.result.clone().filter(|_| task.state.is_terminal()) else {
+                tracing::error!(task_id = %task.task_id, state = %task.state, "result message for an unfinished task dropped");
+                return Ok(());
+            };
+            let event = if result.ok { task.event.clone() } else { None };
+            let body = ChatMessage::Result {
+                user: task.user.clone(),
+                ext: task.ext.clone(),
+                task_id: task.task_id.clone(),
+                function: task.function.clone(),
+                event,
+                result,
+            };
+            (body, "delivered#result".to_owned())
+        }
+        DeliveryMessage::Progress { seq, progress, .. } => {
+            if task.state.is_terminal() {
+                // The result is (or is about to be) in the chat; a late progress bar would
+                // only confuse.
+                return Ok(());
+            }
+            let body = ChatMessage::Progress {
+                user: task.user.clone(),
+                ext: task.ext.clone(),
+                task_id: task.task_id.clone(),
+                progress: progress.clone(),
+            };
+            (body, format!("delivered#progress#{seq}"))
+        }
+    };
+    let key = message.idempotency_key();
+    match rt.services.chat.post(&task.chat, &key, &body).await {
+        ChatOutcome::Delivered => delivered(rt, &task, message, audit_id).await,
+        ChatOutcome::Rejected { status } => {
+            let detail = format!("chat API refused {key} with {status}");
+            tracing::error!(task_id = %task.task_id, status, "critical: chat API refused the message");
+            let audit = AuditItem::new(
+                &task,
+                format!("critical#{audit_id}"),
+                AuditKind::Critical,
+                rt.now(),
+                detail,
+            );
+            rt.services.tasks.append_audit(&audit).await?;
+            if matches!(message, DeliveryMessage::Result { .. }) {
+                rt.services.delivery.dead_letter(message).await?;
+            }
+            Ok(())
+        }
+        ChatOutcome::Unavailable { reason } => {
+            Err(PortError::Transient(format!("chat API: {reason}")))
+        }
+    }
+}
+
+async fn delivered(
+    rt: &Runtime,
+    task: &Task,
+    message: &DeliveryMessage,
+    audit_id: String,
+) -> Result<(), PortError> {
+    let now = rt.now();
+    let detail = match message {
+        DeliveryMessage::Result { .. } => format!("result delivered to chat {}", task.chat),
+        DeliveryMessage::Progress { seq, .. } => {
+            format!("progress #{seq} delivered to chat {}", task.chat)
+        }
+    };
+    rt.services
+        .tasks
+        .append_audit(&AuditItem::new(
+            task,
+            audit_id,
+            AuditKind::Delivered,
+            now,
+            detail,
+        ))
+        .await?;
+    if matches!(message, DeliveryMessage::Result { .. }) {
+        rt.services.tasks.mark_delivered(&task.task_id, now).await?;
+        tracing::info!(task_id = %task.task_id, ext = %task.ext, user = %task.user, "result delivered");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::ports::{ChatApi, TaskStore};
+    use crate::task::{AuditKind, TaskState};
+    use crate::testing::fixture::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_result_message_three_times_posts_once() {
+        // GIVEN a finished task
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
+        stack.drain(20).await;
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        // WHEN its result message arrives three more times, once in a single batch
+        let message = DeliveryMessage::Result {
+            task_id: task_id.clone(),
+        };
+        for _ in 0..3 {
+            stack.delivery.push(message.clone());
+        }
+        stack.drain(20).await;
+        // THEN the chat still holds one result and the audit one `delivered#result`
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert_eq!(
+            audit
+                .iter()
+                .filter(|(_, id)| id == "delivered#result")
+                .count(),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_after_posting_is_repaired_by_the_idempotency_key() {
+        // GIVEN the result was posted but delivered_at was never written (crash in between)
+        let (stack, _) = stack();
+        let task_id = finished_job(&stack).await;
+        let message = DeliveryMessage::Result {
+            task_id: task_id.clone(),
+        };
+        let task = stack.tasks.get(&task_id).await.unwrap().unwrap();
+        let body = ChatMessage::Result {
+            user: task.user.clone(),
+            ext: task.ext.clone(),
+            task_id: task_id.clone(),
+            function: task.function.clone(),
+            event: task.event.clone(),
+            result: task.result.clone().unwrap(),
+        };
+        stack
+            .chat
+            .post(&task.chat, &message.idempotency_key(), &body)
+            .await;
+        // WHEN the message is redelivered
+        stack.drain(20).await;
+        // THEN the chat holds one result and the task is marked delivered
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert!(
+            crate::testing::fixture::task(&stack, &task_id)
+                .await
+                .delivered_at
+                .is_some()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn user_and_chat_come_from_the_stored_task_only() {
+        // GIVEN alice's finished task
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("launch", "alice", json!({}))).await);
+        stack.drain(20).await;
+        // WHEN a forged progress message for it names nothing but the task
+        let records = vec![QueueRecord::new(
+            "x",
+            json!({"kind":"result","task_id":task_id,"user":"mallory","chat":"chat-mallory"})
+                .to_string(),
+        )];
+        handle_batch(&stack.rt, records).await;
+        // THEN nothing ever lands in mallory's chat
+        assert!(stack.chat.in_chat("chat-mallory").is_empty());
+        assert!(stack.chat.posted().iter().all(|p| p.chat == "chat-alice"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_5xx_is_retried_and_delivers_once() {
+        let (stack, _) = stack();
+        stack.chat.script([
+            ChatOutcome::Unavailable {
+                reason: "503".into(),
+            },
+            ChatOutcome::Unavailable {
+                reason: "timeout".into(),
+            },
+        ]);
+        let task_id = finished_job(&stack).await;
+        stack.drain(20).await;
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert!(stack.chat.attempts() >= 3);
+        assert!(task(&stack, &task_id).await.delivered_at.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_4xx_is_permanent_critical_and_dead_lettered() {
+        let (stack, _) = stack();
+        let task_id = finished_job(&stack).await;
+        stack.chat.script([ChatOutcome::Rejected { status: 400 }]);
+        stack.drain(20).await;
+        assert!(results_in(&stack, "chat-u1").is_empty());
+        assert_eq!(
+            stack.delivery.dead_letters(),
+            vec![DeliveryMessage::Result {
+                task_id: task_id.clone()
+            }]
+        );
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert!(audit.contains(&(AuditKind::Critical, "critical#delivered#result".into())));
+        assert_eq!(count(&audit, AuditKind::Delivered), 0);
+        assert_eq!(
+            stack.tasks.get(&task_id).await.unwrap().unwrap().state,
+            TaskState::Succeeded
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_retry_leaves_a_critical_audit_before_the_dead_letter_queue() {
+        // GIVEN a finished task and a chat API that stays down
+        let (stack, _) = stack();
+        let task_id = finished_job(&stack).await;
+        stack.delivery.take(10);
+        let body = serde_json::to_string(&DeliveryMessage::Result {
+            task_id: task_id.clone(),
+        })
+        .unwrap();
+        for receive_count in 1..=stack.rt.settings.max_receives {
+            stack.chat.script([ChatOutcome::Unavailable {
+                reason: "503".into(),
+            }]);
+            let record = QueueRecord {
+                receive_count,
+                ..QueueRecord::new("m", body.clone())
+            };
+            // THEN every receive asks for a retry…
+            assert_eq!(
+                handle_batch(&stack.rt, vec![record]).await,
+                vec!["m".to_owned()]
+            );
+            let critical = count(&audit_kinds(&stack, &task_id).await, AuditKind::Critical);
+            // …and only the last one, bound for the dead-letter queue, is recorded as critical
+            assert_eq!(
+                critical,
+                usize::from(receive_count == stack.rt.settings.max_receives)
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_progress_after_the_result_is_not_posted() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
+        stack.drain(20).await;
+        let before = stack.chat.posted().len();
+        stack.delivery.push(DeliveryMessage::Progress {
+            task_id,
+            seq: 1,
+            progress: crate::task::Progress {
+                pct: 10,
+                message: "late".into(),
+            },
+        });
+        stack.drain(20).await;
+        assert_eq!(stack.chat.posted().len(), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn malformed_and_unknown_messages_are_dropped_without_panic() {
+        let (stack, _) = stack();
+        let records = vec![
+            QueueRecord::new("a", "]["),
+            QueueRecord::new(
+                "b",
+                json!({"kind":"result","task_id":"01JDZQ6V4E1YQ7K3ZC6M4T9H8P"}).to_string(),
+            ),
+            QueueRecord::new("c", json!({"kind":"gossip"}).to_string()),
+        ];
+        assert!(handle_batch(&stack.rt, records).await.is_empty());
+        assert!(stack.chat.posted().is_empty());
+    }
+}

@@ -1,0 +1,273 @@
+//! `ctx.http`: outbound HTTP with the per-call caps of I-LONGRUN-HTTP-CAP-180S.
+//!
+//! Every call has a timeout: 30 s unless the handler asks for another, at most 180 s (a larger
+//! one is refused before any request is sent), and never past the task's own cap. Timeouts use
+//! `tokio::time`, and dropping the future aborts the request, so a cancelled task stops even
+//! in the middle of a long AI call.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+/// The timeout a call gets when the handler sets none.
+pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest per-call timeout (I-LONGRUN-HTTP-CAP-180S).
+pub const MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Why an HTTP call did not produce a response.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The handler asked for more than 180 s. No request was sent.
+    #[error("timeout of {requested:?} exceeds the 180 s per-call cap (I-LONGRUN-HTTP-CAP-180S)")]
+    TimeoutAboveCap {
+        /// The timeout the handler asked for.
+        requested: Duration,
+    },
+    /// The handler asked for a zero timeout. No request was sent.
+    #[error("timeout must be greater than zero")]
+    ZeroTimeout,
+    /// The call took longer than its timeout (or than the task has left).
+    #[error("request timed out after {after:?}")]
+    TimedOut {
+        /// The timeout that ran out: the requested one, or less if the task had less left.
+        after: Duration,
+    },
+    /// The request could not be built or sent, or the body could not be read.
+    #[error("request failed: {0}")]
+    Request(#[from] reqwest::Error),
+    /// The body is not the JSON the caller expected.
+    #[error("response body is not the expected JSON: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// The HTTP client handed to handlers as `ctx.http`.
+#[derive(Clone, Debug)]
+pub struct Http {
+    client: reqwest::Client,
+    /// When the task's cap runs out; no call may outlive it.
+    deadline: Option<Instant>,
+}
+
+impl Http {
+    /// A client whose calls end no later than `deadline`.
+    pub fn new(client: reqwest::Client, deadline: Option<Instant>) -> Self {
+        Self { client, deadline }
+    }
+
+    /// A POST to `url`.
+    pub fn post(&self, url: impl AsRef<str>) -> HttpRequest {
+        self.request(reqwest::Method::POST, url)
+    }
+
+    /// A GET of `url`.
+    pub fn get(&self, url: impl AsRef<str>) -> HttpRequest {
+        self.request(reqwest::Method::GET, url)
+    }
+
+    /// A request with any method.
+    pub fn request(&self, method: reqwest::Method, url: impl AsRef<str>) -> HttpRequest {
+        HttpRequest {
+            builder: self.client.request(method, url.as_ref()),
+            timeout: DEFAULT_HTTP_TIMEOUT,
+            deadline: self.deadline,
+        }
+    }
+}
+
+/// A request being built; `send` checks the timeout and runs it.
+#[derive(Debug)]
+#[must_use = "a request does nothing until it is sent"]
+pub struct HttpRequest {
+    builder: reqwest::RequestBuilder,
+    timeout: Duration,
+    deadline: Option<Instant>,
+}
+
+impl HttpRequest {
+    /// A JSON body.
+    pub fn json<T: Serialize + ?Sized>(mut self, body: &T) -> Self {
+        self.builder = self.builder.json(body);
+        self
+    }
+
+    /// A header.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.builder = self.builder.header(name, value);
+        self
+    }
+
+    /// `Authorization: Bearer {token}`.
+    pub fn bearer_auth(mut self, token: &str) -> Self {
+        self.builder = self.builder.bearer_auth(token);
+        self
+    }
+
+    /// The per-call timeout: above 180 s, `send` refuses the call.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The timeout `send` will apply: the requested one, shortened to what the task has left.
+    pub fn effective_timeout(&self) -> Result<Duration, HttpError> {
+        if self.timeout > MAX_HTTP_TIMEOUT {
+            return Err(HttpError::TimeoutAboveCap {
+                requested: self.timeout,
+            });
+        }
+        if self.timeout.is_zero() {
+            return Err(HttpError::ZeroTimeout);
+        }
+        Ok(match self.deadline {
+            Some(deadline) => self
+                .timeout
+                .min(deadline.saturating_duration_since(Instant::now())),
+            None => self.timeout,
+        })
+    }
+
+    /// Sends the request and reads the whole body within the timeout.
+    pub async fn send(self) -> Result<HttpResponse, HttpError> {
+        let timeout = self.effective_timeout()?;
+        let call = async {
+            let response = self.builder.send().await?;
+            let status = response.status().as_u16();
+            let body = response.bytes().await?.to_vec();
+            Ok::<_, HttpError>(HttpResponse { status, body })
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(HttpError::TimedOut { after: timeout }),
+        }
+    }
+}
+
+/// A response with its whole body.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The status code.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The body as JSON of type `T`.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, HttpError> {
+        Ok(serde_json::from_slice(&self.body)?)
+    }
+
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(deadline: Option<Instant>) -> Http {
+        Http::new(reqwest::Client::new(), deadline)
+    }
+
+    #[tokio::test]
+    async fn default_is_30_seconds() {
+        let request = http(None).post("http://127.0.0.1:9/");
+        assert_eq!(
+            request.effective_timeout().unwrap(),
+            Duration::from_secs(30)
+        );
+    }
+
+    #[tokio::test]
+    async fn exactly_180_seconds_is_accepted() {
+        let request = http(None)
+            .post("http://127.0.0.1:9/")
+            .timeout(Duration::from_secs(180));
+        assert_eq!(
+            request.effective_timeout().unwrap(),
+            Duration::from_secs(180)
+        );
+    }
+
+    #[tokio::test]
+    async fn above_180_seconds_is_refused_before_sending() {
+        // GIVEN a server that counts requests
+        let (url, hits) = counting_server().await;
+        // WHEN a call asks for 181 s
+        let err = http(None)
+            .post(&url)
+            .timeout(Duration::from_secs(181))
+            .send()
+            .await
+            .unwrap_err();
+        // THEN it is refused with the typed error and nothing reached the server
+        assert!(
+            matches!(err, HttpError::TimeoutAboveCap { requested } if requested == Duration::from_secs(181))
+        );
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn zero_timeout_is_refused() {
+        let err = http(None)
+            .get("http://127.0.0.1:9/")
+            .timeout(Duration::ZERO)
+            .send()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, HttpError::ZeroTimeout));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_never_outlives_the_task_cap() {
+        let deadline = Instant::now() + Duration::from_secs(12);
+        let request = http(Some(deadline))
+            .post("http://127.0.0.1:9/")
+            .timeout(Duration::from_secs(120));
+        assert_eq!(
+            request.effective_timeout().unwrap(),
+            Duration::from_secs(12)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_server_times_out_at_the_default() {
+        // GIVEN a server that accepts and never answers
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        // WHEN a call is made with no explicit timeout
+        let started = Instant::now();
+        let err = http(None).post(&url).send().await.unwrap_err();
+        // THEN it ends after exactly the 30 s default (tokio's paused clock)
+        assert!(matches!(err, HttpError::TimedOut { after } if after == DEFAULT_HTTP_TIMEOUT));
+        assert_eq!(started.elapsed(), DEFAULT_HTTP_TIMEOUT);
+    }
+
+    async fn counting_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&hits);
+        let app = axum::Router::new().fallback(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { "ok" }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, hits)
+    }
+}

@@ -1,0 +1,311 @@
+//! Ports: the narrow capabilities the pipeline needs from the outside world. Adapters
+//! implement them for AWS (DynamoDB, SQS, Secrets Manager, the chat API) and for memory
+//! (unit tests, the local stack). Domain code only ever sees these traits.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ActionResult;
+use crate::step::StepRecord;
+use crate::task::{AuditItem, Lease, Progress, Task, TaskId, TaskState};
+use crate::wire::{ChatMessage, DeliveryMessage, WorkMessage};
+
+/// What an adapter error means to the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortError {
+    /// The item or message does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A conditional write lost: the state is not what the caller expected.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Throttling, a timeout, a 5xx: trying again later may succeed.
+    #[error("transient failure: {0}")]
+    Transient(String),
+    /// Bad request, access denied, too large: trying again will not help.
+    #[error("permanent failure: {0}")]
+    Permanent(String),
+}
+
+impl PortError {
+    /// Whether a retry may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient(_))
+    }
+}
+
+/// `Result<T, PortError>`.
+pub type PortResult<T> = Result<T, PortError>;
+
+/// The key that makes a `call` idempotent: `(ext, user, request_id)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RequestKey {
+    /// The extension the call was made to.
+    pub ext: String,
+    /// The user who made the call.
+    pub user: String,
+    /// The caller's id for this call; a retry sends the same one.
+    pub request_id: String,
+}
+
+/// The answer to [`TaskStore::create`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Created {
+    /// The task is new.
+    New,
+    /// The request key already named another task; nothing was written.
+    Duplicate(TaskId),
+}
+
+/// The answer to [`TaskStore::claim`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// The caller now holds the lease; the task is `running` with `attempt` incremented.
+    Claimed(Task),
+    /// Another worker holds a live lease: drop the duplicate message.
+    Busy(Task),
+    /// The task already ended: only its delivery may need re-sending.
+    Finished(Task),
+    /// No such task.
+    Missing,
+}
+
+/// The answer to a heartbeat or progress write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    /// The user asked to cancel.
+    pub cancel_requested: bool,
+    /// The progress sequence number after this write.
+    pub progress_seq: u64,
+}
+
+/// Who may end a task, checked by the conditional write in [`TaskStore::finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishGuard {
+    /// The worker holding this lease owner id.
+    Owner(String),
+    /// Anyone, if the task is still `queued` (cancel before start, dead-lettered work).
+    Queued,
+    /// Anyone, if the task is `running` and its lease lapsed before `now` (the sweeper).
+    ExpiredLease,
+    /// Anyone, if the task is not yet terminal (dead-lettered work message).
+    NotTerminal,
+}
+
+/// Who may put a task back in the queue, checked by [`TaskStore::requeue`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requeue {
+    /// The worker holding this lease owner id (a running task).
+    Owner(String),
+    /// Anyone, if the task is queued or running and its lease lapsed before this moment.
+    Expired(DateTime<Utc>),
+}
+
+/// How a task ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finish {
+    /// The terminal state to move to.
+    pub state: TaskState,
+    /// The result stored on the task and delivered to the chat: the handler's own, or the
+    /// fallback for a failed, cancelled or timed-out task.
+    pub result: ActionResult,
+    /// When the task ended (its `finished_at`); also the moment `ExpiredLease` is checked
+    /// against.
+    pub at: DateTime<Utc>,
+    /// Who may end it; the write is refused with `Conflict` if the guard does not hold.
+    pub guard: FinishGuard,
+}
+
+/// The task table: records, leases, checkpoints, audit items and request keys.
+#[async_trait]
+pub trait TaskStore: Send + Sync {
+    /// Writes a new task, its `created` audit item and its request key (if any), unless the key
+    /// already names another task. Writing the same task again is a no-op.
+    async fn create(&self, task: &Task, request: Option<&RequestKey>) -> PortResult<Created>;
+
+    /// The task, if it exists.
+    async fn get(&self, task_id: &TaskId) -> PortResult<Option<Task>>;
+
+    /// The task a request key names, if any.
+    async fn find_request(&self, request: &RequestKey) -> PortResult<Option<TaskId>>;
+
+    /// Takes the lease if the task is `queued` or its lease lapsed before `now`.
+    async fn claim(&self, task_id: &TaskId, lease: &Lease, now: DateTime<Utc>)
+    -> PortResult<Claim>;
+
+    /// One conditional write: renews the lease held by `lease.owner`, records the heartbeat
+    /// and, when `progress` is given, the checkpoint (bumping `progress_seq`). Returns the
+    /// cancel flag. `Conflict` when the caller no longer holds the lease.
+    async fn beat(
+        &self,
+        task_id: &TaskId,
+        lease: &Lease,
+        progress: Option<&Progress>,
+        now: DateTime<Utc>,
+    ) -> PortResult<Beat>;
+
+    /// Ends the task if `finish.guard` holds. `Conflict` otherwise.
+    async fn finish(&self, task_id: &TaskId, finish: &Finish) -> PortResult<Task>;
+
+    /// Puts a task back to `queued` with the queue lease `lease`, if `guard` holds: a worker
+    /// handing its task to a fresh invocation (which gives back its attempt: a hand-off is not
+    /// a failure), or the sweeper reviving an expired lease.
+    async fn requeue(&self, task_id: &TaskId, guard: &Requeue, lease: &Lease) -> PortResult<Task>;
+
+    /// Sets the cancel flag on a `running` task. `Conflict` if it is not running.
+    async fn request_cancel(&self, task_id: &TaskId, now: DateTime<Utc>) -> PortResult<Task>;
+
+    /// Marks the result delivered. `Ok(false)` if it already was.
+    async fn mark_delivered(&self, task_id: &TaskId, now: DateTime<Utc>) -> PortResult<bool>;
+
+    /// Writes an audit item unless one with the same `(task_id, audit_id)` exists.
+    async fn append_audit(&self, item: &AuditItem) -> PortResult<()>;
+
+    /// A task's audit trail, oldest first.
+    async fn audit_trail(&self, task_id: &TaskId) -> PortResult<Vec<AuditItem>>;
+
+    /// A user's tasks, newest first.
+    async fn list_by_user(&self, ext: &str, user: &str, limit: usize) -> PortResult<Vec<Task>>;
+
+    /// Stores a completed step's output unless that step is already stored.
+    async fn record_step(&self, task_id: &TaskId, step: &StepRecord) -> PortResult<()>;
+
+    /// The task's completed steps, in order.
+    async fn steps(&self, task_id: &TaskId) -> PortResult<Vec<StepRecord>>;
+
+    /// Tasks whose lease lapsed before `now` (running) — the sweeper's work.
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>>;
+}
+
+/// Per (ext, user) key/value storage behind `ctx.store`.
+#[async_trait]
+pub trait KvStore: Send + Sync {
+    /// The value stored under `key` for `(ext, user)`, if any.
+    async fn get(&self, ext: &str, user: &str, key: &str) -> PortResult<Option<Value>>;
+    /// Stores `value` under `key` for `(ext, user)`, replacing any previous value.
+    async fn set(&self, ext: &str, user: &str, key: &str, value: &Value) -> PortResult<()>;
+    /// Removes `key` for `(ext, user)`; removing a missing key is not an error.
+    async fn delete(&self, ext: &str, user: &str, key: &str) -> PortResult<()>;
+}
+
+/// A secret value. Its `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for the one place that needs it (an `Authorization` header).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Per (ext, user) secrets behind `ctx.secrets`.
+#[async_trait]
+pub trait SecretStore: Send + Sync {
+    /// The user's secret `name` for extension `ext`, or `None` if the user has not connected
+    /// it.
+    async fn get(&self, ext: &str, user: &str, name: &str) -> PortResult<Option<Secret>>;
+}
+
+/// The work queue: intake and the sweeper send, the worker receives (through Lambda).
+#[async_trait]
+pub trait WorkQueue: Send + Sync {
+    /// Sends a work message, which a worker invocation will receive.
+    async fn send(&self, message: &WorkMessage) -> PortResult<()>;
+}
+
+/// The delivery queue: the worker sends, delivery receives.
+#[async_trait]
+pub trait DeliveryQueue: Send + Sync {
+    /// Sends a delivery message, which a delivery invocation will receive.
+    async fn send(&self, message: &DeliveryMessage) -> PortResult<()>;
+    /// Parks a message that can never be delivered in the dead-letter queue.
+    async fn dead_letter(&self, message: &DeliveryMessage) -> PortResult<()>;
+}
+
+/// What the chat API said to a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatOutcome {
+    /// 2xx, or 409 (already delivered under this idempotency key).
+    Delivered,
+    /// Another 4xx: trying again will not help.
+    Rejected {
+        /// The HTTP status the chat API answered.
+        status: u16,
+    },
+    /// 5xx, a timeout, a connection error: try again later.
+    Unavailable {
+        /// The status, timeout or connection error, for logs and audit items.
+        reason: String,
+    },
+}
+
+/// The chat platform's message API.
+#[async_trait]
+pub trait ChatApi: Send + Sync {
+    /// Posts `message` to `chat` under `idempotency_key`, so a repeated post of the same
+    /// message is not shown twice. Failures are reported in the outcome, never as an error.
+    async fn post(&self, chat: &str, idempotency_key: &str, message: &ChatMessage) -> ChatOutcome;
+}
+
+/// Wall time, so tests can control it.
+pub trait Clock: Send + Sync {
+    /// The current wall-clock time, in UTC.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that follows tokio's (pausable) monotonic time from a fixed start, for tests that
+/// run with `start_paused`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    wall: DateTime<Utc>,
+    mono: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock that reads `wall` now and moves with `tokio::time`.
+    pub fn starting_at(wall: DateTime<Utc>) -> Self {
+        Self {
+            wall,
+            mono: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> DateTime<Utc> {
+        let elapsed = tokio::time::Instant::now() - self.mono;
+        self.wall + chrono::Duration::from_std(elapsed).unwrap_or_default()
+    }
+}

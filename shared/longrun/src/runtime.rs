@@ -1,0 +1,383 @@
+//! `Runtime`: the extension, the ports and the settings every pipeline step runs with, and
+//! the one place a background task is created (Pattern B's ack and Pattern C's
+//! `background_task` both go through [`Runtime::enqueue`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::ctx::{BackgroundError, BackgroundOptions, Caller, Launcher, ProgressSink};
+use crate::http::Http;
+use crate::ports::{
+    ChatApi, Clock, Created, DeliveryQueue, KvStore, PortError, RequestKey, SecretStore, TaskStore,
+    WorkQueue,
+};
+use crate::task::{Cap, Lease, Progress, Task, TaskId, TaskKind, TaskState};
+use crate::wire::{MAX_PARAMS_BYTES, WorkMessage};
+use crate::{Ctx, Extension};
+
+/// The adapters a pipeline step talks to.
+#[derive(Clone)]
+pub struct Services {
+    /// The task table: records, leases, checkpoints, steps and audit items.
+    pub tasks: Arc<dyn TaskStore>,
+    /// The work queue that feeds the worker.
+    pub work: Arc<dyn WorkQueue>,
+    /// The delivery queue that feeds delivery.
+    pub delivery: Arc<dyn DeliveryQueue>,
+    /// Per-user secrets, behind `ctx.secrets`.
+    pub secrets: Arc<dyn SecretStore>,
+    /// Per-user key/value storage, behind `ctx.store`.
+    pub kv: Arc<dyn KvStore>,
+    /// The chat platform's message API, which delivery posts to.
+    pub chat: Arc<dyn ChatApi>,
+    /// Wall time for timestamps and lease expiry.
+    pub clock: Arc<dyn Clock>,
+    /// The HTTP client behind `ctx.http`, built once per cold start.
+    pub http: reqwest::Client,
+}
+
+/// Timing and retry settings. The defaults are the production values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a lease lasts without renewal.
+    pub lease: Duration,
+    /// How often a running task's lease is renewed and its cancel flag read.
+    pub heartbeat: Duration,
+    /// The least time between two progress writes; bursts in between are coalesced. Equal to
+    /// the heartbeat, so a progress write stands in for a heartbeat and writes per task do not
+    /// grow with the progress rate.
+    pub progress_interval: Duration,
+    /// How long a cancelled handler may take to notice before it is dropped.
+    pub cancel_grace: Duration,
+    /// How long a queued task may wait for a worker before the sweeper re-sends its message.
+    pub queue_grace: Duration,
+    /// How many times a task may be claimed before it is ended as failed.
+    pub max_attempts: u32,
+    /// The queues' `maxReceiveCount`: the receive after which a message is dead-lettered.
+    pub max_receives: u32,
+    /// How long before the Lambda deadline the worker stops and hands the task on.
+    pub deadline_margin: Duration,
+    /// The longest a checkpointed step may run (the per-call HTTP cap); the worker hands a
+    /// task on when less than this is left before the Lambda deadline.
+    pub step_budget: Duration,
+    /// Replaces both task caps (180 s / 1800 s); for tests and local demos only.
+    pub cap_override: Option<Duration>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(5),
+            progress_interval: Duration::from_secs(5),
+            cancel_grace: Duration::from_secs(2),
+            queue_grace: Duration::from_secs(120),
+            max_attempts: 3,
+            max_receives: 5,
+            deadline_margin: Duration::from_secs(10),
+            step_budget: crate::step::DEFAULT_STEP_BUDGET,
+            cap_override: None,
+        }
+    }
+}
+
+impl Settings {
+    /// The defaults, with any of these set in the environment (for tests and demos, where a
+    /// 180 s cap or a 60 s lease would make every run slow): `LONGRUN_CAP_S`,
+    /// `LONGRUN_LEASE_MS`, `LONGRUN_HEARTBEAT_MS`, `LONGRUN_PROGRESS_INTERVAL_MS`,
+    /// `LONGRUN_CANCEL_GRACE_MS`, `LONGRUN_QUEUE_GRACE_MS`, `LONGRUN_MAX_ATTEMPTS`,
+    /// `LONGRUN_DEADLINE_MARGIN_MS`, `LONGRUN_STEP_BUDGET_MS`.
+    pub fn from_env() -> Result<Self, crate::config::ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// [`Settings::from_env`] through `lookup`.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, crate::config::ConfigError> {
+        let number = |name: &'static str| -> Result<Option<u64>, crate::config::ConfigError> {
+            match lookup(name).filter(|v| !v.trim().is_empty()) {
+                None => Ok(None),
+                Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+                    crate::config::ConfigError::Invalid {
+                        name,
+                        reason: format!("{v:?} is not a whole number"),
+                    }
+                }),
+            }
+        };
+        let ms = |name: &'static str,
+                  default: Duration|
+         -> Result<Duration, crate::config::ConfigError> {
+            Ok(number(name)?.map(Duration::from_millis).unwrap_or(default))
+        };
+        let d = Self::default();
+        Ok(Self {
+            lease: ms("LONGRUN_LEASE_MS", d.lease)?,
+            heartbeat: ms("LONGRUN_HEARTBEAT_MS", d.heartbeat)?,
+            progress_interval: ms("LONGRUN_PROGRESS_INTERVAL_MS", d.progress_interval)?,
+            cancel_grace: ms("LONGRUN_CANCEL_GRACE_MS", d.cancel_grace)?,
+            queue_grace: ms("LONGRUN_QUEUE_GRACE_MS", d.queue_grace)?,
+            max_attempts: number("LONGRUN_MAX_ATTEMPTS")?
+                .map_or(d.max_attempts, |n| n.clamp(1, 100) as u32),
+            max_receives: d.max_receives,
+            deadline_margin: ms("LONGRUN_DEADLINE_MARGIN_MS", d.deadline_margin)?,
+            step_budget: ms("LONGRUN_STEP_BUDGET_MS", d.step_budget)?,
+            cap_override: number("LONGRUN_CAP_S")?.map(Duration::from_secs),
+        })
+    }
+}
+
+/// The ports and settings every pipeline step runs with and, for intake and the worker, the
+/// extension whose handlers they run. Delivery, the sweeper and the operator commands need
+/// no extension: they read everything from the stored task. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    extension: Option<Arc<Extension>>,
+    /// The adapters.
+    pub services: Services,
+    /// Timing and retry settings.
+    pub settings: Arc<Settings>,
+}
+
+impl Runtime {
+    /// A runtime with no extension: delivery, the sweeper and operator commands.
+    pub fn new(services: Services, settings: Settings) -> Self {
+        Self {
+            extension: None,
+            services,
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// A runtime that serves `extension`: intake and the worker.
+    pub fn serving(extension: Extension, services: Services, settings: Settings) -> Self {
+        Self {
+            extension: Some(Arc::new(extension)),
+            ..Self::new(services, settings)
+        }
+    }
+
+    /// The extension this runtime serves, if any.
+    pub fn extension(&self) -> Option<&Extension> {
+        self.extension.as_deref()
+    }
+
+    /// The served extension's name, or `""` when it serves none.
+    pub fn extension_name(&self) -> &str {
+        self.extension().map_or("", Extension::name)
+    }
+
+    /// Now, by the runtime's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.services.clock.now()
+    }
+
+    /// The cap in seconds for a `long_running` flag (or the override).
+    pub fn cap_seconds(&self, long_running: bool) -> u64 {
+        match self.settings.cap_override {
+            Some(cap) => cap.as_secs().max(1),
+            None => Cap::for_long_running(long_running).seconds(),
+        }
+    }
+
+    /// The lease a queued task carries: when it lapses, the sweeper re-sends the work message.
+    pub(crate) fn queue_lease(&self, now: DateTime<Utc>) -> Lease {
+        Lease {
+            owner: QUEUE_OWNER.to_owned(),
+            until: now + to_chrono(self.settings.queue_grace),
+        }
+    }
+
+    /// A fresh queued task.
+    pub(crate) fn new_task(&self, spec: TaskSpec, request_id: Option<String>) -> Task {
+        let now = self.now();
+        Task {
+            task_id: TaskId::generate(now),
+            ext: spec.caller.ext,
+            user: spec.caller.user,
+            chat: spec.caller.chat,
+            function: spec.function,
+            kind: spec.kind,
+            event: spec.event,
+            name: spec.name,
+            state: TaskState::Queued,
+            progress: Progress::default(),
+            progress_seq: 0,
+            attempt: 0,
+            cap_s: self.cap_seconds(spec.long_running),
+            cancel_requested: false,
+            created_at: now,
+            started_at: None,
+            heartbeat_at: None,
+            finished_at: None,
+            delivered_at: None,
+            result: None,
+            params: spec.params,
+            lease: Some(self.queue_lease(now)),
+            request_id,
+        }
+    }
+
+    /// Writes the task record and sends its work message concurrently, so the ack costs one
+    /// round trip. With a request key, a repeated request returns the first task's id.
+    pub async fn enqueue(
+        &self,
+        task: Task,
+        request: Option<RequestKey>,
+    ) -> Result<TaskId, PortError> {
+        let message = WorkMessage::for_task(&task);
+        let (created, sent) = tokio::join!(
+            self.services.tasks.create(&task, request.as_ref()),
+            self.services.work.send(&message)
+        );
+        match created? {
+            Created::New => {
+                if let Err(err) = sent {
+                    // The record is written and carries a queue lease: when it lapses, the
+                    // sweeper sends the work message again. The ack stays true.
+                    tracing::warn!(task_id = %task.task_id, error = %err, "work message not sent; the sweeper will resend it");
+                }
+                tracing::info!(task_id = %task.task_id, ext = %task.ext, user = %task.user, function = %task.function, "task enqueued");
+                Ok(task.task_id)
+            }
+            Created::Duplicate(existing) => {
+                // The message just sent names a task that was never written; the worker drops
+                // it (its request key names `existing`). If the first attempt's message was
+                // lost, the existing queued task gets a fresh one.
+                if let Some(first) = self.services.tasks.get(&existing).await?
+                    && first.state == TaskState::Queued
+                {
+                    self.services
+                        .work
+                        .send(&WorkMessage::for_task(&first))
+                        .await?;
+                }
+                Ok(existing)
+            }
+        }
+    }
+
+    /// Queues a finished task's work again as a new task: same owner, chat, function and
+    /// params (`longrun tasks retry`).
+    pub async fn resubmit(&self, task: &Task) -> Result<TaskId, PortError> {
+        let spec = TaskSpec {
+            caller: Caller {
+                ext: task.ext.clone(),
+                user: task.user.clone(),
+                chat: task.chat.clone(),
+            },
+            function: task.function.clone(),
+            kind: task.kind,
+            event: task.event.clone(),
+            name: task.name.clone(),
+            long_running: task.cap_s > Cap::Standard.seconds(),
+            params: task.params.clone(),
+        };
+        let retry = self.new_task(spec, None);
+        self.enqueue(retry, None).await
+    }
+
+    /// The handler context for `caller`, optionally running as `task`.
+    pub(crate) fn ctx(
+        &self,
+        caller: Caller,
+        task_id: Option<TaskId>,
+        http_deadline: Option<tokio::time::Instant>,
+        progress: Option<Arc<dyn ProgressSink>>,
+        steps: Option<Arc<crate::step::StepLog>>,
+        request_id: Option<String>,
+    ) -> Ctx {
+        let launcher = Arc::new(TaskLauncher {
+            runtime: self.clone(),
+            caller: caller.clone(),
+            request_id,
+            launched: AtomicU32::new(0),
+        });
+        Ctx::new(
+            caller,
+            self.extension.clone(),
+            task_id,
+            Http::new(self.services.http.clone(), http_deadline),
+            Arc::clone(&self.services.secrets),
+            Arc::clone(&self.services.kv),
+            progress,
+            steps,
+            launcher,
+        )
+    }
+}
+
+/// The lease owner of a task waiting in the queue.
+pub(crate) const QUEUE_OWNER: &str = "queue";
+
+/// What a new task runs and for whom.
+pub(crate) struct TaskSpec {
+    pub caller: Caller,
+    pub function: String,
+    pub kind: TaskKind,
+    pub event: Option<String>,
+    pub name: Option<String>,
+    pub long_running: bool,
+    pub params: Value,
+}
+
+pub(crate) fn to_chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// `ctx.background_task` for one handler run. The n-th task a run launches gets the request
+/// key `{request_id}#{n}`, so a retried request re-launches none.
+struct TaskLauncher {
+    runtime: Runtime,
+    caller: Caller,
+    request_id: Option<String>,
+    launched: AtomicU32,
+}
+
+#[async_trait]
+impl Launcher for TaskLauncher {
+    async fn launch(
+        &self,
+        job_name: &str,
+        input: Value,
+        options: BackgroundOptions,
+    ) -> Result<TaskId, BackgroundError> {
+        let job = self
+            .runtime
+            .extension()
+            .and_then(|e| e.get_job(job_name))
+            .ok_or_else(|| BackgroundError::UnknownJob(job_name.to_owned()))?;
+        job.validate(&input)?;
+        let size = serde_json::to_vec(&input)?.len();
+        if size > MAX_PARAMS_BYTES {
+            return Err(BackgroundError::TooLarge {
+                size,
+                limit: MAX_PARAMS_BYTES,
+            });
+        }
+        let n = self.launched.fetch_add(1, Ordering::SeqCst);
+        let request_id = self.request_id.as_ref().map(|r| format!("{r}#{n}"));
+        let request = request_id.clone().map(|request_id| RequestKey {
+            ext: self.caller.ext.clone(),
+            user: self.caller.user.clone(),
+            request_id,
+        });
+        let spec = TaskSpec {
+            caller: self.caller.clone(),
+            function: job.name().to_owned(),
+            kind: TaskKind::Job,
+            event: job.event_name().map(str::to_owned),
+            name: options.name,
+            long_running: options.long_running,
+            params: input,
+        };
+        let task = self.runtime.new_task(spec, request_id);
+        Ok(self.runtime.enqueue(task, request).await?)
+    }
+}

@@ -1,0 +1,432 @@
+//! Checkpointed steps: `ctx.step(name, async { … })` stores each step's output in the task's
+//! partition the first time it runs, and a later invocation of the same task — after a
+//! hand-off before the Lambda deadline, or after a crash — returns the stored output instead
+//! of running the step again. So a task can outlive one Lambda invocation, and a crash costs
+//! at most the step in flight.
+//!
+//! Steps are identified by their order: the n-th `ctx.step` of a run replays the n-th stored
+//! step. The handler must therefore call its steps in the same order with the same names on
+//! every run (deterministic control flow); a name that differs from the record is refused with
+//! [`StepError::ReplayMismatch`] rather than mixing results.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::http::MAX_HTTP_TIMEOUT;
+use crate::ports::{PortError, TaskStore};
+use crate::task::TaskId;
+
+/// The largest step output, serialized: a DynamoDB item holds 400 KB, and the item also
+/// carries its keys and metadata.
+pub const MAX_STEP_OUTPUT_BYTES: usize = 300 * 1024;
+
+/// A completed step as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The step's position in the run, from 0.
+    pub seq: u32,
+    /// The name the handler gave the step; a replay must call the same name at this position.
+    pub name: String,
+    /// The step's output as JSON, returned instead of running the step again on replay.
+    pub output: Value,
+    /// When the step completed.
+    pub at: DateTime<Utc>,
+}
+
+/// Why `ctx.step` did not return an output.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The run called a different step than the record holds at this position: the handler's
+    /// control flow is not deterministic. The task fails rather than mix results.
+    #[error(
+        "step {seq} is {found:?} in this run but {recorded:?} in the record: steps must run in the same order on every replay"
+    )]
+    ReplayMismatch {
+        /// The step's position in the run, from 0.
+        seq: u32,
+        /// The step name the record holds at that position.
+        recorded: String,
+        /// The step name this run called.
+        found: String,
+    },
+    /// The output is larger than a step item can hold.
+    #[error(
+        "step {name:?} output is {size} bytes; the limit is {limit} bytes (store large data elsewhere and return a reference)"
+    )]
+    TooLarge {
+        /// The step's name.
+        name: String,
+        /// The output's serialized size, in bytes.
+        size: usize,
+        /// The most a step output may take ([`MAX_STEP_OUTPUT_BYTES`]).
+        limit: usize,
+    },
+    /// The step ran longer than the per-call cap; a step must fit in one invocation.
+    #[error("step {name:?} ran longer than {after:?}")]
+    TimedOut {
+        /// The step's name.
+        name: String,
+        /// The step budget it ran past ([`crate::Settings::step_budget`]).
+        after: Duration,
+    },
+    /// The output could not be serialized, or a stored output no longer fits the type.
+    #[error("step {name:?} output: {source}")]
+    Serde {
+        /// The step's name.
+        name: String,
+        /// The serialization or deserialization failure.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The task table failed.
+    #[error("step {name:?} could not be stored: {source}")]
+    Store {
+        /// The step's name.
+        name: String,
+        /// Why the task table refused or failed the write.
+        #[source]
+        source: PortError,
+    },
+}
+
+/// The steps of one task run: what is recorded, where this run is, and when it must hand the
+/// task on to a fresh invocation.
+pub(crate) struct StepLog {
+    tasks: Arc<dyn TaskStore>,
+    task_id: TaskId,
+    recorded: Vec<StepRecord>,
+    next: AtomicU32,
+    ran_here: AtomicU32,
+    /// Before starting a new step after this moment, the run hands off.
+    hand_off_after: Option<Instant>,
+    budget: Duration,
+    handing_off: AtomicBool,
+    hand_off: Notify,
+    clock: Arc<dyn crate::ports::Clock>,
+}
+
+impl StepLog {
+    pub(crate) fn new(
+        tasks: Arc<dyn TaskStore>,
+        clock: Arc<dyn crate::ports::Clock>,
+        task_id: TaskId,
+        mut recorded: Vec<StepRecord>,
+        yield_at: Option<Instant>,
+        budget: Duration,
+    ) -> Self {
+        recorded.sort_by_key(|s| s.seq);
+        Self {
+            tasks,
+            task_id,
+            recorded,
+            next: AtomicU32::new(0),
+            ran_here: AtomicU32::new(0),
+            hand_off_after: yield_at.map(|y| y.checked_sub(budget).unwrap_or(y)),
+            budget,
+            handing_off: AtomicBool::new(false),
+            hand_off: Notify::new(),
+            clock,
+        }
+    }
+
+    /// Resolves once the run decided to hand the task on.
+    pub(crate) async fn handed_off(&self) {
+        let notified = self.hand_off.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.handing_off.load(Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
+    }
+
+    pub(crate) async fn step<T, F>(&self, name: &str, body: F) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Future<Output = T>,
+    {
+        let seq = self.next.fetch_add(1, Ordering::SeqCst);
+        if let Some(record) = self.recorded.iter().find(|r| r.seq == seq) {
+            if record.name != name {
+                return Err(StepError::ReplayMismatch {
+                    seq,
+                    recorded: record.name.clone(),
+                    found: name.to_owned(),
+                });
+            }
+            return serde_json::from_value(record.output.clone()).map_err(|source| {
+                StepError::Serde {
+                    name: name.to_owned(),
+                    source,
+                }
+            });
+        }
+        // A new step. If it might not finish before the invocation ends, stop here and let
+        // a fresh invocation replay what is done — but only once this one did some work.
+        if let Some(after) = self.hand_off_after
+            && Instant::now() >= after
+            && self.ran_here.load(Ordering::SeqCst) > 0
+        {
+            tracing::info!(task_id = %self.task_id, step = name, seq, "handing off before the Lambda deadline");
+            self.handing_off.store(true, Ordering::SeqCst);
+            self.hand_off.notify_waiters();
+            std::future::pending::<()>().await;
+        }
+        let output =
+            tokio::time::timeout(self.budget, body)
+                .await
+                .map_err(|_| StepError::TimedOut {
+                    name: name.to_owned(),
+                    after: self.budget,
+                })?;
+        let value = serde_json::to_value(&output).map_err(|source| StepError::Serde {
+            name: name.to_owned(),
+            source,
+        })?;
+        let size = serde_json::to_vec(&value)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if size > MAX_STEP_OUTPUT_BYTES {
+            return Err(StepError::TooLarge {
+                name: name.to_owned(),
+                size,
+                limit: MAX_STEP_OUTPUT_BYTES,
+            });
+        }
+        let record = StepRecord {
+            seq,
+            name: name.to_owned(),
+            output: value,
+            at: self.clock.now(),
+        };
+        self.tasks
+            .record_step(&self.task_id, &record)
+            .await
+            .map_err(|source| StepError::Store {
+                name: name.to_owned(),
+                source,
+            })?;
+        self.ran_here.fetch_add(1, Ordering::SeqCst);
+        Ok(output)
+    }
+}
+
+/// The budget a step gets by default: the per-call HTTP cap, so one AI call fits.
+pub(crate) const DEFAULT_STEP_BUDGET: Duration = MAX_HTTP_TIMEOUT;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering as AtomicOrdering;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::ActionResult;
+    use crate::ports::TaskStore;
+    use crate::task::{AuditKind, TaskState};
+    use crate::testing::MemoryStack;
+    use crate::testing::fixture::*;
+    use crate::worker::{QueueRecord, handle_batch};
+    use crate::{Settings, TaskId};
+
+    /// Settings for invocations of 40 s: a step (10 s here) needs 15 s of budget, so each
+    /// invocation runs three steps and hands the task on.
+    fn short_lambda() -> Settings {
+        Settings {
+            step_budget: Duration::from_secs(15),
+            deadline_margin: Duration::from_secs(1),
+            ..Settings::default()
+        }
+    }
+
+    /// One worker invocation over the waiting work messages, with `seconds` to live, and
+    /// delivery afterwards. Returns how many messages it took.
+    async fn invoke(stack: &MemoryStack, seconds: u64) -> usize {
+        let batch = stack.work.take(10);
+        let records: Vec<QueueRecord> = batch
+            .iter()
+            .map(|m| QueueRecord::new("m", serde_json::to_string(m).unwrap()))
+            .collect();
+        let n = records.len();
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let failed = handle_batch(&stack.rt, records, Some(deadline)).await;
+        assert!(failed.is_empty());
+        while stack.deliver_once().await > 0 {}
+        n
+    }
+
+    async fn steps_of(stack: &MemoryStack, id: &TaskId) -> Vec<String> {
+        stack
+            .tasks
+            .steps(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_spans_three_invocations_and_calls_each_step_once() {
+        // GIVEN nine 10-second steps and invocations that live 40 s
+        let (stack, runs) = stack_with(short_lambda());
+        let id = task_id_of(
+            &stack
+                .intake(call_event("chunks", "u1", json!({"n": 9})))
+                .await,
+        );
+        // WHEN workers are invoked until the queue is empty
+        let mut invocations = 0;
+        while invoke(&stack, 40).await > 0 {
+            invocations += 1;
+            assert!(invocations < 10, "no progress");
+        }
+        // THEN it took three invocations, every step body ran exactly once
+        assert_eq!(invocations, 3);
+        for i in 0..9 {
+            assert_eq!(runs.step_runs(&format!("chunk-{i}")), 1, "chunk-{i}");
+        }
+        // AND one result, progress monotonic across invocations, attempts not used up
+        let task = task(&stack, &id).await;
+        assert_eq!(task.state, TaskState::Succeeded);
+        assert_eq!(task.attempt, 1);
+        let chunks = task.result.unwrap().data.unwrap()["chunks"]
+            .as_array()
+            .unwrap()
+            .len();
+        assert_eq!(chunks, 9);
+        let pcts = progress_in(&stack, "chat-u1");
+        assert!(pcts.windows(2).all(|w| w[0] <= w[1]), "{pcts:?}");
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert_eq!(steps_of(&stack, &id).await.len(), 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_killed_in_step_two_reruns_only_step_two() {
+        // GIVEN a task whose worker dies 25 s in, in the middle of its third step (chunk-2)
+        let (stack, runs) = stack_with(Settings::default());
+        let id = task_id_of(
+            &stack
+                .intake(call_event("chunks", "u1", json!({"n": 4})))
+                .await,
+        );
+        let crashed = tokio::time::timeout(Duration::from_secs(25), stack.work_once()).await;
+        assert!(
+            crashed.is_err(),
+            "the worker should still have been running"
+        );
+        assert_eq!(steps_of(&stack, &id).await, vec!["chunk-0", "chunk-1"]);
+        // WHEN its lease lapses and the sweeper revives it
+        tokio::time::sleep(stack.rt.settings.lease + Duration::from_secs(1)).await;
+        assert_eq!(crate::sweeper::sweep(&stack.rt).await.unwrap().requeued, 1);
+        stack.drain(20).await;
+        // THEN chunk-0 and chunk-1 were not run again; chunk-2 ran twice (once cut short)
+        assert_eq!(runs.step_runs("chunk-0"), 1);
+        assert_eq!(runs.step_runs("chunk-1"), 1);
+        assert_eq!(runs.step_runs("chunk-2"), 2);
+        assert_eq!(runs.step_runs("chunk-3"), 1);
+        assert_eq!(task(&stack, &id).await.state, TaskState::Succeeded);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_between_invocations_stops_with_one_cancelled_message() {
+        let (stack, runs) = stack_with(short_lambda());
+        let id = task_id_of(
+            &stack
+                .intake(call_event("chunks", "u1", json!({"n": 9})))
+                .await,
+        );
+        invoke(&stack, 40).await;
+        assert_eq!(task(&stack, &id).await.state, TaskState::Queued);
+        // WHEN the user cancels while the task waits for its next invocation
+        let status = stack
+            .intake(json!({"action":"cancel","ext":EXT,"user":"u1","task_id":id}))
+            .await
+            .status;
+        assert_eq!(status, 200);
+        while invoke(&stack, 40).await > 0 {}
+        // THEN no further step ran and the chat got one "cancelled" result
+        assert_eq!(runs.step_runs("chunk-3"), 0);
+        assert_eq!(task(&stack, &id).await.state, TaskState::Cancelled);
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::error("'chunks' was cancelled.", false)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_step_sequence_on_replay_fails_clearly() {
+        // GIVEN a task handed on after its first steps
+        let (stack, runs) = stack_with(Settings {
+            step_budget: Duration::from_secs(15),
+            deadline_margin: Duration::from_secs(1),
+            ..Settings::default()
+        });
+        let id = task_id_of(&stack.intake(call_event("unstable", "u1", json!({}))).await);
+        invoke(&stack, 28).await;
+        assert_eq!(steps_of(&stack, &id).await, vec!["first", "second"]);
+        // WHEN the handler's control flow changes before the replay
+        runs.flipped.store(true, AtomicOrdering::SeqCst);
+        while invoke(&stack, 28).await > 0 {}
+        // THEN the task fails with a critical audit item and an error in the chat
+        assert_eq!(task(&stack, &id).await.state, TaskState::Failed);
+        let trail = stack.tasks.audit_trail(&id).await.unwrap();
+        let critical = trail
+            .iter()
+            .find(|a| a.kind == AuditKind::Critical)
+            .expect("critical audit");
+        assert_eq!(critical.audit_id, "critical#replay_mismatch");
+        assert!(critical.detail.contains("\"other\""), "{}", critical.detail);
+        let results = results_in(&stack, "chat-u1");
+        assert_eq!(results.len(), 1);
+        assert!(!results[0].ok);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_output_too_large_names_the_limit() {
+        let (stack, _) = stack();
+        let id = task_id_of(&stack.intake(call_event("big_step", "u1", json!({}))).await);
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &id).await.state, TaskState::Failed);
+        let trail = stack.tasks.audit_trail(&id).await.unwrap();
+        let critical = trail
+            .iter()
+            .find(|a| a.kind == AuditKind::Critical)
+            .expect("critical audit");
+        assert!(
+            critical.detail.contains("the limit is 307200 bytes"),
+            "{}",
+            critical.detail
+        );
+        assert!(stack.tasks.steps(&id).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outside_a_task_a_step_just_runs() {
+        let (stack, _) = stack();
+        let ctx = stack.rt.ctx(
+            crate::ctx::Caller {
+                ext: EXT.into(),
+                user: "u".into(),
+                chat: "c".into(),
+            },
+            None,
+            None,
+            None,
+            None,
+            None,
+        );
+        assert_eq!(ctx.step("s", async { 41 + 1 }).await.unwrap(), 42);
+        assert_eq!(ctx.step("s", async { 7 }).await.unwrap(), 7);
+    }
+}

@@ -1,0 +1,269 @@
+//! The sweeper step (scheduled): revive tasks whose lease lapsed — a worker that crashed, ran
+//! out of memory or hit the Lambda timeout, or a work message that was lost — and end those
+//! that used up their attempts or their cap; end tasks whose work message was dead-lettered.
+
+use crate::outcome::Outcome;
+use crate::ports::{FinishGuard, PortError, Requeue};
+use crate::runtime::Runtime;
+use crate::task::{AuditItem, AuditKind, Task, TaskState};
+use crate::wire::WorkMessage;
+use crate::worker::end;
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Tasks sent back to the work queue.
+    pub requeued: usize,
+    /// Tasks ended (attempts or cap used up, or cancelled while their worker was gone).
+    pub ended: usize,
+}
+
+/// How many expired leases one sweep handles.
+pub const SWEEP_LIMIT: usize = 100;
+
+/// Revives or ends every task whose lease lapsed.
+pub async fn sweep(rt: &Runtime) -> Result<SweepReport, PortError> {
+    let now = rt.now();
+    let mut report = SweepReport::default();
+    for task in rt.services.tasks.expired_leases(now, SWEEP_LIMIT).await? {
+        match revive(rt, &task).await {
+            Ok(true) => report.requeued += 1,
+            Ok(false) => report.ended += 1,
+            Err(PortError::Conflict(_)) => {} // a worker got there first
+            Err(err) => {
+                tracing::warn!(task_id = %task.task_id, error = %err, "sweep of task failed")
+            }
+        }
+    }
+    if report != SweepReport::default() {
+        tracing::info!(
+            requeued = report.requeued,
+            ended = report.ended,
+            "sweep done"
+        );
+    }
+    Ok(report)
+}
+
+/// Requeues `task` (`Ok(true)`) or ends it (`Ok(false)`).
+async fn revive(rt: &Runtime, task: &Task) -> Result<bool, PortError> {
+    let now = rt.now();
+    let cap_passed = task.cap_deadline().is_some_and(|d| d <= now);
+    let outcome = if task.state == TaskState::Running && task.cancel_requested {
+        Some(Outcome::cancelled(&task.function))
+    } else if task.state == TaskState::Running && task.attempt >= rt.settings.max_attempts {
+        Some(Outcome::failed(
+            &task.function,
+            "attempts_exhausted",
+            format!("the worker stopped on each of {} attempts", task.attempt),
+            false,
+        ))
+    } else if task.state == TaskState::Running && cap_passed {
+        // A queued task past its cap (requeued, then its message waited or was lost) is sent
+        // again instead: `queued → timed_out` is no legal move, and the worker that claims it
+        // ends it timed out at once.
+        Some(Outcome::timed_out(&task.function, task.cap_s))
+    } else {
+        None
+    };
+    if let Some(outcome) = outcome {
+        end(rt, task, FinishGuard::ExpiredLease, outcome).await?;
+        return Ok(false);
+    }
+    let requeued = rt
+        .services
+        .tasks
+        .requeue(&task.task_id, &Requeue::Expired(now), &rt.queue_lease(now))
+        .await?;
+    if task.state == TaskState::Running {
+        let audit = AuditItem::new(
+            task,
+            // The same id the claiming worker writes: one item per reclaim.
+            format!("reclaimed#{}", task.attempt + 1),
+            AuditKind::Reclaimed,
+            now,
+            format!(
+                "lease of attempt {} lapsed; requeued by the sweeper",
+                task.attempt
+            ),
+        );
+        rt.services.tasks.append_audit(&audit).await?;
+    }
+    rt.services
+        .work
+        .send(&WorkMessage::for_task(&requeued))
+        .await?;
+    Ok(true)
+}
+
+/// Ends the task of a dead-lettered work message with a fallback error.
+pub async fn work_dead_lettered(rt: &Runtime, body: &str) -> Result<(), PortError> {
+    let Ok(message) = serde_json::from_str::<WorkMessage>(body) else {
+        tracing::error!("malformed dead-lettered work message dropped");
+        return Ok(());
+    };
+    let Some(task) = rt.services.tasks.get(&message.task_id).await? else {
+        return Ok(());
+    };
+    if task.state.is_terminal() {
+        if task.delivered_at.is_none() {
+            crate::worker::send_result(rt, &task).await?;
+        }
+        return Ok(());
+    }
+    let outcome = Outcome::failed(
+        &task.function,
+        "work_dead_lettered",
+        "the work message was dead-lettered after repeated failures".to_owned(),
+        false,
+    );
+    end(rt, &task, FinishGuard::NotTerminal, outcome).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::ports::{Claim, TaskStore};
+    use crate::task::{AuditKind, Lease};
+    use crate::testing::fixture::*;
+
+    /// Claims the task as a worker that then dies (never beats, never finishes).
+    async fn claim_and_die(stack: &crate::testing::MemoryStack, task_id: &crate::TaskId) {
+        stack.work.take(10);
+        let now = stack.rt.now();
+        let lease = Lease {
+            owner: "dead-worker".into(),
+            until: now + chrono::Duration::seconds(60),
+        };
+        assert!(matches!(
+            stack.tasks.claim(task_id, &lease, now).await.unwrap(),
+            Claim::Claimed(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_workers_task_is_requeued_and_finishes_once() {
+        // GIVEN a task whose worker died mid-run
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        claim_and_die(&stack, &task_id).await;
+        // WHEN the lease lapses and the sweeper runs
+        assert_eq!(sweep(&stack.rt).await.unwrap(), SweepReport::default());
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(
+            sweep(&stack.rt).await.unwrap(),
+            SweepReport {
+                requeued: 1,
+                ended: 0
+            }
+        );
+        // THEN a fresh worker runs it to one result, and the audit says it was reclaimed
+        stack.drain(20).await;
+        assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert_eq!(count(&audit, AuditKind::Reclaimed), 1, "{audit:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_whose_worker_dies_every_time_ends_with_a_fallback() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        for _ in 0..stack.rt.settings.max_attempts {
+            claim_and_die(&stack, &task_id).await;
+            tokio::time::sleep(Duration::from_secs(61)).await;
+            sweep(&stack.rt).await.unwrap();
+        }
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Failed);
+        let results = results_in(&stack, "chat-u1");
+        assert_eq!(results.len(), 1);
+        assert!(!results[0].ok);
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert!(audit.contains(&(AuditKind::Critical, "critical#attempts_exhausted".into())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_task_whose_worker_died_ends_cancelled() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        claim_and_die(&stack, &task_id).await;
+        let status = stack
+            .intake(json!({"action":"cancel","ext":EXT,"user":"u1","task_id":task_id}))
+            .await
+            .status;
+        assert_eq!(status, 200);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().ended, 1);
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_task_whose_message_was_lost_is_sent_again() {
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        stack.work.take(10); // the message is lost
+        tokio::time::sleep(stack.rt.settings.queue_grace + Duration::from_secs(1)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().requeued, 1);
+        stack.drain(20).await;
+        assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_requeued_task_whose_cap_ran_out_while_it_waited_is_timed_out_by_a_worker() {
+        // GIVEN a task whose worker died, requeued by the sweeper, and that message lost
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        claim_and_die(&stack, &task_id).await;
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().requeued, 1);
+        stack.work.take(10);
+        // WHEN its cap and the queue grace pass before any worker sees it
+        tokio::time::sleep(stack.rt.settings.queue_grace + Duration::from_secs(1)).await;
+        // THEN the sweeper sends it again rather than ending a queued task as timed out (no
+        // legal move: the DynamoDB store refused it, and every sweep tried again, forever)
+        assert_eq!(
+            sweep(&stack.rt).await.unwrap(),
+            SweepReport {
+                requeued: 1,
+                ended: 0
+            }
+        );
+        // AND the worker that claims it ends it timed out, without running the handler
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::TimedOut);
+        assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert!(
+            audit_kinds(&stack, &task_id)
+                .await
+                .contains(&(AuditKind::Critical, "critical#cap_exceeded".into()))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_lettered_work_message_ends_its_task() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let message = stack.work.take(1).remove(0);
+        work_dead_lettered(&stack.rt, &serde_json::to_string(&message).unwrap())
+            .await
+            .unwrap();
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Failed);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert!(
+            audit_kinds(&stack, &task_id)
+                .await
+                .contains(&(AuditKind::Critical, "critical#work_dead_lettered".into()))
+        );
+    }
+}

@@ -1,0 +1,530 @@
+//! In-memory adapters for every port, with the same conditional-write semantics as the
+//! DynamoDB and SQS adapters: for unit tests of the pipeline and for tools that need no AWS.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::ports::{
+    Beat, ChatApi, ChatOutcome, Claim, Created, DeliveryQueue, Finish, FinishGuard, KvStore,
+    PortError, PortResult, RequestKey, Requeue, Secret, SecretStore, TaskStore, WorkQueue,
+};
+use crate::step::StepRecord;
+use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskState};
+use crate::wire::{ChatMessage, DeliveryMessage, WorkMessage};
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep serving it.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Default)]
+struct Tables {
+    fail_writes: u32,
+    tasks: HashMap<TaskId, Task>,
+    requests: HashMap<RequestKey, TaskId>,
+    audit: BTreeMap<TaskId, Vec<AuditItem>>,
+    steps: BTreeMap<TaskId, BTreeMap<u32, StepRecord>>,
+    writes: u64,
+}
+
+/// The task table in memory.
+#[derive(Default)]
+pub struct MemoryTaskStore {
+    tables: Mutex<Tables>,
+}
+
+impl MemoryTaskStore {
+    /// Every task, in no particular order.
+    pub fn all(&self) -> Vec<Task> {
+        lock(&self.tables).tasks.values().cloned().collect()
+    }
+
+    /// How many writes (conditional or not) the store accepted: what DynamoDB would bill.
+    pub fn writes(&self) -> u64 {
+        lock(&self.tables).writes
+    }
+
+    /// Makes the next `n` task creations fail with a transient error.
+    pub fn fail_next_writes(&self, n: u32) {
+        lock(&self.tables).fail_writes = n;
+    }
+
+    /// Every audit item of every task.
+    pub fn all_audit(&self) -> Vec<AuditItem> {
+        lock(&self.tables)
+            .audit
+            .values()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+}
+
+fn conflict(task_id: &TaskId, what: &str) -> PortError {
+    PortError::Conflict(format!("task {task_id}: {what}"))
+}
+
+fn lease_lapsed(task: &Task, now: DateTime<Utc>) -> bool {
+    task.lease.as_ref().is_none_or(|l| l.until < now)
+}
+
+#[async_trait]
+impl TaskStore for MemoryTaskStore {
+    async fn create(&self, task: &Task, request: Option<&RequestKey>) -> PortResult<Created> {
+        let mut t = lock(&self.tables);
+        if t.fail_writes > 0 {
+            t.fail_writes -= 1;
+            return Err(PortError::Transient("injected write failure".into()));
+        }
+        if let Some(request) = request
+            && let Some(existing) = t.requests.get(request)
+            && *existing != task.task_id
+        {
+            return Ok(Created::Duplicate(existing.clone()));
+        }
+        if !t.tasks.contains_key(&task.task_id) {
+            t.tasks.insert(task.task_id.clone(), task.clone());
+            t.writes += 1;
+            let created = AuditItem::new(task, "created", AuditKind::Created, task.created_at, "");
+            let trail = t.audit.entry(task.task_id.clone()).or_default();
+            if !trail.iter().any(|a| a.audit_id == created.audit_id) {
+                trail.push(created);
+                t.writes += 1;
+            }
+        }
+        if let Some(request) = request {
+            t.requests.insert(request.clone(), task.task_id.clone());
+        }
+        Ok(Created::New)
+    }
+
+    async fn get(&self, task_id: &TaskId) -> PortResult<Option<Task>> {
+        Ok(lock(&self.tables).tasks.get(task_id).cloned())
+    }
+
+    async fn find_request(&self, request: &RequestKey) -> PortResult<Option<TaskId>> {
+        Ok(lock(&self.tables).requests.get(request).cloned())
+    }
+
+    async fn claim(
+        &self,
+        task_id: &TaskId,
+        lease: &Lease,
+        now: DateTime<Utc>,
+    ) -> PortResult<Claim> {
+        let mut t = lock(&self.tables);
+        let Some(task) = t.tasks.get_mut(task_id) else {
+            return Ok(Claim::Missing);
+        };
+        let claimable = match task.state {
+            TaskState::Queued => true,
+            TaskState::Running => lease_lapsed(task, now),
+            _ => return Ok(Claim::Finished(task.clone())),
+        };
+        if !claimable {
+            return Ok(Claim::Busy(task.clone()));
+        }
+        task.state = task
+            .state
+            .transition(TaskState::Running)
+            .map_err(|e| conflict(task_id, &e.to_string()))?;
+        task.attempt += 1;
+        task.lease = Some(lease.clone());
+        task.started_at.get_or_insert(now);
+        task.heartbeat_at = Some(now);
+        let claimed = task.clone();
+        t.writes += 1;
+        Ok(Claim::Claimed(claimed))
+    }
+
+    async fn beat(
+        &self,
+        task_id: &TaskId,
+        lease: &Lease,
+        progress: Option<&Progress>,
+        now: DateTime<Utc>,
+    ) -> PortResult<Beat> {
+        let mut t = lock(&self.tables);
+        let task = t
+            .tasks
+            .get_mut(task_id)
+            .ok_or_else(|| PortError::NotFound(task_id.to_string()))?;
+        let holds = task.state == TaskState::Running
+            && task.lease.as_ref().is_some_and(|l| l.owner == lease.owner);
+        if !holds {
+            return Err(conflict(task_id, "lease not held"));
+        }
+        task.lease = Some(lease.clone());
+        task.heartbeat_at = Some(now);
+        if let Some(progress) = progress {
+            task.progress = progress.clone();
+            task.progress_seq += 1;
+        }
+        let beat = Beat {
+            cancel_requested: task.cancel_requested,
+            progress_seq: task.progress_seq,
+        };
+        t.writes += 1;
+        Ok(beat)
+    }
+
+    async fn finish(&self, task_id: &TaskId, finish: &Finish) -> PortResult<Task> {
+        let mut t = lock(&self.tables);
+        let task = t
+            .tasks
+            .get_mut(task_id)
+            .ok_or_else(|| PortError::NotFound(task_id.to_string()))?;
+        let allowed = match &finish.guard {
+            FinishGuard::Owner(owner) => {
+                task.state == TaskState::Running
+                    && task.lease.as_ref().is_some_and(|l| &l.owner == owner)
+            }
+            FinishGuard::Queued => task.state == TaskState::Queued,
+            FinishGuard::ExpiredLease => {
+                matches!(task.state, TaskState::Running | TaskState::Queued)
+                    && lease_lapsed(task, finish.at)
+            }
+            FinishGuard::NotTerminal => !task.state.is_terminal(),
+        };
+        if !allowed {
+            return Err(conflict(task_id, "finish guard does not hold"));
+        }
+        task.state = task
+            .state
+            .transition(finish.state)
+            .map_err(|e| conflict(task_id, &e.to_string()))?;
+        task.result = Some(finish.result.clone());
+        task.finished_at = Some(finish.at);
+        task.lease = None;
+        let ended = task.clone();
+        t.writes += 1;
+        Ok(ended)
+    }
+
+    async fn requeue(&self, task_id: &TaskId, guard: &Requeue, lease: &Lease) -> PortResult<Task> {
+        let mut t = lock(&self.tables);
+        let task = t
+            .tasks
+            .get_mut(task_id)
+            .ok_or_else(|| PortError::NotFound(task_id.to_string()))?;
+        let allowed = match guard {
+            Requeue::Owner(owner) => {
+                task.state == TaskState::Running
+                    && task.lease.as_ref().is_some_and(|l| &l.owner == owner)
+            }
+            Requeue::Expired(now) => {
+                matches!(task.state, TaskState::Running | TaskState::Queued)
+                    && lease_lapsed(task, *now)
+            }
+        };
+        if !allowed {
+            return Err(conflict(task_id, "requeue guard does not hold"));
+        }
+        if matches!(guard, Requeue::Owner(_)) {
+            // A hand-off to a fresh invocation is not a failed attempt.
+            task.attempt = task.attempt.saturating_sub(1);
+        }
+        task.state = TaskState::Queued;
+        task.lease = Some(lease.clone());
+        let requeued = task.clone();
+        t.writes += 1;
+        Ok(requeued)
+    }
+
+    async fn request_cancel(&self, task_id: &TaskId, _now: DateTime<Utc>) -> PortResult<Task> {
+        let mut t = lock(&self.tables);
+        let task = t
+            .tasks
+            .get_mut(task_id)
+            .ok_or_else(|| PortError::NotFound(task_id.to_string()))?;
+        if task.state != TaskState::Running {
+            return Err(conflict(task_id, "not running"));
+        }
+        task.cancel_requested = true;
+        let updated = task.clone();
+        t.writes += 1;
+        Ok(updated)
+    }
+
+    async fn mark_delivered(&self, task_id: &TaskId, now: DateTime<Utc>) -> PortResult<bool> {
+        let mut t = lock(&self.tables);
+        let task = t
+            .tasks
+            .get_mut(task_id)
+            .ok_or_else(|| PortError::NotFound(task_id.to_string()))?;
+        if task.delivered_at.is_some() {
+            return Ok(false);
+        }
+        task.delivered_at = Some(now);
+        t.writes += 1;
+        Ok(true)
+    }
+
+    async fn append_audit(&self, item: &AuditItem) -> PortResult<()> {
+        let mut t = lock(&self.tables);
+        let trail = t.audit.entry(item.task_id.clone()).or_default();
+        if !trail.iter().any(|a| a.audit_id == item.audit_id) {
+            trail.push(item.clone());
+            t.writes += 1;
+        }
+        Ok(())
+    }
+
+    async fn audit_trail(&self, task_id: &TaskId) -> PortResult<Vec<AuditItem>> {
+        let mut trail = lock(&self.tables)
+            .audit
+            .get(task_id)
+            .cloned()
+            .unwrap_or_default();
+        trail.sort_by_key(|a| a.at);
+        Ok(trail)
+    }
+
+    async fn list_by_user(&self, ext: &str, user: &str, limit: usize) -> PortResult<Vec<Task>> {
+        let t = lock(&self.tables);
+        let mut tasks: Vec<Task> = t
+            .tasks
+            .values()
+            .filter(|task| task.is_owned_by(ext, user))
+            .cloned()
+            .collect();
+        tasks.sort_by(|a, b| b.task_id.cmp(&a.task_id));
+        tasks.truncate(limit);
+        Ok(tasks)
+    }
+
+    async fn record_step(&self, task_id: &TaskId, step: &StepRecord) -> PortResult<()> {
+        let mut guard = lock(&self.tables);
+        let t = &mut *guard;
+        let steps = t.steps.entry(task_id.clone()).or_default();
+        if let std::collections::btree_map::Entry::Vacant(slot) = steps.entry(step.seq) {
+            slot.insert(step.clone());
+            t.writes += 1;
+        }
+        Ok(())
+    }
+
+    async fn steps(&self, task_id: &TaskId) -> PortResult<Vec<StepRecord>> {
+        Ok(lock(&self.tables)
+            .steps
+            .get(task_id)
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
+        let t = lock(&self.tables);
+        let mut tasks: Vec<Task> = t
+            .tasks
+            .values()
+            .filter(|task| {
+                matches!(task.state, TaskState::Queued | TaskState::Running)
+                    && lease_lapsed(task, now)
+            })
+            .cloned()
+            .collect();
+        tasks.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        tasks.truncate(limit);
+        Ok(tasks)
+    }
+}
+
+/// A queue in memory: FIFO, with a dead-letter list and an optional injected failure.
+pub struct MemoryQueue<M> {
+    messages: Mutex<VecDeque<M>>,
+    dead: Mutex<Vec<M>>,
+    fail_sends: Mutex<u32>,
+    sent: Mutex<u64>,
+}
+
+impl<M> Default for MemoryQueue<M> {
+    fn default() -> Self {
+        Self {
+            messages: Mutex::new(VecDeque::new()),
+            dead: Mutex::new(Vec::new()),
+            fail_sends: Mutex::new(0),
+            sent: Mutex::new(0),
+        }
+    }
+}
+
+impl<M: Clone> MemoryQueue<M> {
+    /// Takes up to `max` messages.
+    pub fn take(&self, max: usize) -> Vec<M> {
+        let mut q = lock(&self.messages);
+        let n = max.min(q.len());
+        q.drain(..n).collect()
+    }
+
+    /// Puts a message back (or in, as if sent).
+    pub fn push(&self, message: M) {
+        lock(&self.messages).push_back(message);
+    }
+
+    /// The messages waiting.
+    pub fn pending(&self) -> Vec<M> {
+        lock(&self.messages).iter().cloned().collect()
+    }
+
+    /// The dead-lettered messages.
+    pub fn dead_letters(&self) -> Vec<M> {
+        lock(&self.dead).clone()
+    }
+
+    /// Makes the next `n` sends fail with a transient error.
+    pub fn fail_next_sends(&self, n: u32) {
+        *lock(&self.fail_sends) = n;
+    }
+
+    /// How many messages were sent in all.
+    pub fn sent(&self) -> u64 {
+        *lock(&self.sent)
+    }
+
+    fn accept(&self, message: &M) -> PortResult<()> {
+        {
+            let mut fail = lock(&self.fail_sends);
+            if *fail > 0 {
+                *fail -= 1;
+                return Err(PortError::Transient("injected send failure".into()));
+            }
+        }
+        *lock(&self.sent) += 1;
+        lock(&self.messages).push_back(message.clone());
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl WorkQueue for MemoryQueue<WorkMessage> {
+    async fn send(&self, message: &WorkMessage) -> PortResult<()> {
+        self.accept(message)
+    }
+}
+
+#[async_trait]
+impl DeliveryQueue for MemoryQueue<DeliveryMessage> {
+    async fn send(&self, message: &DeliveryMessage) -> PortResult<()> {
+        self.accept(message)
+    }
+
+    async fn dead_letter(&self, message: &DeliveryMessage) -> PortResult<()> {
+        lock(&self.dead).push(message.clone());
+        Ok(())
+    }
+}
+
+/// Secrets in memory, keyed by (ext, user, name).
+#[derive(Default)]
+pub struct MemorySecrets {
+    values: Mutex<HashMap<(String, String, String), String>>,
+}
+
+impl MemorySecrets {
+    /// Sets a secret.
+    pub fn set(&self, ext: &str, user: &str, name: &str, value: &str) {
+        lock(&self.values).insert((ext.into(), user.into(), name.into()), value.into());
+    }
+}
+
+#[async_trait]
+impl SecretStore for MemorySecrets {
+    async fn get(&self, ext: &str, user: &str, name: &str) -> PortResult<Option<Secret>> {
+        Ok(lock(&self.values)
+            .get(&(ext.into(), user.into(), name.into()))
+            .map(|v| Secret::new(v.clone())))
+    }
+}
+
+/// `ctx.store` in memory.
+#[derive(Default)]
+pub struct MemoryKv {
+    values: Mutex<HashMap<(String, String, String), Value>>,
+}
+
+#[async_trait]
+impl KvStore for MemoryKv {
+    async fn get(&self, ext: &str, user: &str, key: &str) -> PortResult<Option<Value>> {
+        Ok(lock(&self.values)
+            .get(&(ext.into(), user.into(), key.into()))
+            .cloned())
+    }
+    async fn set(&self, ext: &str, user: &str, key: &str, value: &Value) -> PortResult<()> {
+        lock(&self.values).insert((ext.into(), user.into(), key.into()), value.clone());
+        Ok(())
+    }
+    async fn delete(&self, ext: &str, user: &str, key: &str) -> PortResult<()> {
+        lock(&self.values).remove(&(ext.into(), user.into(), key.into()));
+        Ok(())
+    }
+}
+
+/// A message the chat received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Posted {
+    /// The chat it was posted to.
+    pub chat: String,
+    /// The idempotency key it was posted under.
+    pub idempotency_key: String,
+    /// The body as posted: a result or a progress update.
+    pub message: ChatMessage,
+}
+
+/// A chat platform in memory: records every message once per idempotency key (a repeat gets
+/// 409, as the contract allows) and can be told to fail.
+#[derive(Default)]
+pub struct MemoryChat {
+    posted: Mutex<Vec<Posted>>,
+    keys: Mutex<HashSet<String>>,
+    script: Mutex<VecDeque<ChatOutcome>>,
+    attempts: Mutex<u64>,
+}
+
+impl MemoryChat {
+    /// The messages delivered, in order.
+    pub fn posted(&self) -> Vec<Posted> {
+        lock(&self.posted).clone()
+    }
+
+    /// The messages delivered to `chat`.
+    pub fn in_chat(&self, chat: &str) -> Vec<ChatMessage> {
+        self.posted()
+            .into_iter()
+            .filter(|p| p.chat == chat)
+            .map(|p| p.message)
+            .collect()
+    }
+
+    /// The next posts answer these outcomes instead of delivering.
+    pub fn script(&self, outcomes: impl IntoIterator<Item = ChatOutcome>) {
+        lock(&self.script).extend(outcomes);
+    }
+
+    /// How many POSTs were attempted, repeats and failures included.
+    pub fn attempts(&self) -> u64 {
+        *lock(&self.attempts)
+    }
+}
+
+#[async_trait]
+impl ChatApi for MemoryChat {
+    async fn post(&self, chat: &str, idempotency_key: &str, message: &ChatMessage) -> ChatOutcome {
+        *lock(&self.attempts) += 1;
+        if let Some(outcome) = lock(&self.script).pop_front() {
+            return outcome;
+        }
+        if !lock(&self.keys).insert(idempotency_key.to_owned()) {
+            return ChatOutcome::Delivered; // 409: already there
+        }
+        lock(&self.posted).push(Posted {
+            chat: chat.to_owned(),
+            idempotency_key: idempotency_key.to_owned(),
+            message: message.clone(),
+        });
+        ChatOutcome::Delivered
+    }
+}

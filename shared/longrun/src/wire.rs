@@ -1,0 +1,429 @@
+//! Wire contracts: the intake event and its response, the work and delivery queue messages,
+//! and the chat API body. These shapes are what other systems see; change them with care.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ActionResult;
+use crate::task::{Progress, Task, TaskId, TaskKind, TaskState};
+
+/// Largest accepted `params`, serialized: the task record keeps them, and a DynamoDB item
+/// holds 400 KB in all (result, audit fields and attribute names included).
+pub const MAX_PARAMS_BYTES: usize = 128 * 1024;
+/// Largest `ActionResult` a task may end with, serialized.
+pub const MAX_RESULT_BYTES: usize = 128 * 1024;
+/// Largest intake event, serialized.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// Longest `ext`, `user`, `chat`, `function` or `request_id`.
+pub const MAX_NAME_CHARS: usize = 128;
+/// Most tasks one `list` returns.
+pub const MAX_LIST_LIMIT: usize = 100;
+
+/// `{"action":"call",…}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallRequest {
+    /// The extension to call; must be the one this deployment serves.
+    pub ext: String,
+    /// The calling user.
+    pub user: String,
+    /// The chat the call comes from, where a background result is posted.
+    pub chat: String,
+    /// The caller's idempotency key: a repeated call with the same one returns the first
+    /// task instead of starting another.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// The chat function to run.
+    pub function: String,
+    /// The function's params, checked against its schema; absent or `null` means none.
+    #[serde(default)]
+    pub params: Value,
+}
+
+/// `{"action":"status"|"cancel",…}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRequest {
+    /// The extension the task belongs to.
+    pub ext: String,
+    /// The calling user, who must own the task.
+    pub user: String,
+    /// The task's id as sent; a value that is not a ULID is refused as malformed.
+    pub task_id: String,
+}
+
+/// `{"action":"list",…}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListRequest {
+    /// The extension whose tasks to list.
+    pub ext: String,
+    /// The user whose tasks to list.
+    pub user: String,
+    /// The most tasks to return, 1 to [`MAX_LIST_LIMIT`] (default 20).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// An intake event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum IntakeRequest {
+    /// Run a chat function (inline, or in the background with an ack).
+    Call(CallRequest),
+    /// Read one of the caller's tasks.
+    Status(TaskRequest),
+    /// Cancel one of the caller's tasks.
+    Cancel(TaskRequest),
+    /// List the caller's tasks, newest first.
+    List(ListRequest),
+}
+
+/// `{"code":"…","message":"…"}` in a failed intake response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{status} {code}: {message}")]
+pub struct IntakeError {
+    /// The HTTP-style status, sent as the response's `status` rather than in this object.
+    #[serde(skip)]
+    pub status: u16,
+    /// A stable machine-readable code: `malformed`, `forbidden`, `not_found`, `conflict`,
+    /// `too_large`, `invalid_params`, `unavailable` or `internal`.
+    pub code: String,
+    /// What went wrong, for a human.
+    pub message: String,
+}
+
+impl IntakeError {
+    fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+    /// 400: the event is not a well-formed request.
+    pub fn malformed(message: impl Into<String>) -> Self {
+        Self::new(400, "malformed", message)
+    }
+    /// 403: the task belongs to another (ext, user).
+    pub fn forbidden() -> Self {
+        Self::new(403, "forbidden", "this task belongs to another user")
+    }
+    /// 404: no such task or function.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, "not_found", message)
+    }
+    /// 409: the task already finished.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, "conflict", message)
+    }
+    /// 413: params or result too large.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(413, "too_large", message)
+    }
+    /// 422: params fail the function's schema.
+    pub fn invalid_params(message: impl Into<String>) -> Self {
+        Self::new(422, "invalid_params", message)
+    }
+    /// 503: a dependency is unavailable; the caller may retry with the same `request_id`.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "unavailable", message)
+    }
+    /// 500: a failure on our side that a retry will not fix.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "internal", message)
+    }
+}
+
+/// The intake response: `{"status":200,"result":…}`, `{"status":200,"task":…}`,
+/// `{"status":200,"tasks":[…]}` or `{"status":4xx,"error":{…}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntakeResponse {
+    /// 200, or the error's status.
+    pub status: u16,
+    /// A `call`'s answer: the handler's result, or the background ack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<ActionResult>,
+    /// A `status` or `cancel`'s answer: the task as it now stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Task>,
+    /// A `list`'s answer: the caller's tasks, newest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Vec<Task>>,
+    /// Why the request was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<IntakeError>,
+}
+
+impl IntakeResponse {
+    fn ok() -> Self {
+        Self {
+            status: 200,
+            result: None,
+            task: None,
+            tasks: None,
+            error: None,
+        }
+    }
+    /// 200 with an `ActionResult`.
+    pub fn result(result: ActionResult) -> Self {
+        Self {
+            result: Some(result),
+            ..Self::ok()
+        }
+    }
+    /// 200 with a task.
+    pub fn task(task: Task) -> Self {
+        Self {
+            task: Some(task),
+            ..Self::ok()
+        }
+    }
+    /// 200 with a list of tasks.
+    pub fn tasks(tasks: Vec<Task>) -> Self {
+        Self {
+            tasks: Some(tasks),
+            ..Self::ok()
+        }
+    }
+}
+
+impl From<IntakeError> for IntakeResponse {
+    fn from(error: IntakeError) -> Self {
+        Self {
+            status: error.status,
+            error: Some(error),
+            ..Self::ok()
+        }
+    }
+}
+
+/// A work queue message: everything the worker needs, so a task record lost in transit can
+/// be written again from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkMessage {
+    /// The task to run.
+    pub task_id: TaskId,
+    /// The extension the task belongs to.
+    pub ext: String,
+    /// The user who started it.
+    pub user: String,
+    /// The chat its progress and result go to.
+    pub chat: String,
+    /// The chat function or job to run.
+    pub function: String,
+    /// Whether `function` names a chat function or a job.
+    pub kind: TaskKind,
+    /// The function's declared event name, sent with an ok result.
+    #[serde(default)]
+    pub event: Option<String>,
+    /// A human name for the task (`BackgroundOptions::name`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The handler's input.
+    #[serde(default)]
+    pub params: Value,
+    /// The task's cap in seconds.
+    pub cap_s: u64,
+    /// When intake accepted the task.
+    pub created_at: DateTime<Utc>,
+    /// The caller's `request_id`, if any; with `ext` and `user`, the task's request key.
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+impl WorkMessage {
+    /// The message that runs `task`.
+    pub fn for_task(task: &Task) -> Self {
+        Self {
+            task_id: task.task_id.clone(),
+            ext: task.ext.clone(),
+            user: task.user.clone(),
+            chat: task.chat.clone(),
+            function: task.function.clone(),
+            kind: task.kind,
+            event: task.event.clone(),
+            name: task.name.clone(),
+            params: task.params.clone(),
+            cap_s: task.cap_s,
+            created_at: task.created_at,
+            request_id: task.request_id.clone(),
+        }
+    }
+
+    /// The queued task this message describes.
+    pub fn to_task(&self) -> Task {
+        Task {
+            task_id: self.task_id.clone(),
+            ext: self.ext.clone(),
+            user: self.user.clone(),
+            chat: self.chat.clone(),
+            function: self.function.clone(),
+            kind: self.kind,
+            event: self.event.clone(),
+            name: self.name.clone(),
+            state: TaskState::Queued,
+            progress: Progress::default(),
+            progress_seq: 0,
+            attempt: 0,
+            cap_s: self.cap_s,
+            cancel_requested: false,
+            created_at: self.created_at,
+            started_at: None,
+            heartbeat_at: None,
+            finished_at: None,
+            delivered_at: None,
+            result: None,
+            params: self.params.clone(),
+            lease: None,
+            request_id: self.request_id.clone(),
+        }
+    }
+}
+
+/// A delivery queue message. It names the task only: who and where to deliver to is read
+/// from the stored task, never from the message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeliveryMessage {
+    /// The task's final result.
+    Result {
+        /// The finished task whose stored result is to be posted.
+        task_id: TaskId,
+    },
+    /// A progress checkpoint.
+    Progress {
+        /// The task that reported progress.
+        task_id: TaskId,
+        /// The task's `progress_seq` after this checkpoint; orders the chat's progress messages
+        /// and keys their idempotency.
+        seq: u64,
+        /// The checkpoint to post: percentage and message.
+        progress: Progress,
+    },
+}
+
+impl DeliveryMessage {
+    /// The task the message is about.
+    pub fn task_id(&self) -> &TaskId {
+        match self {
+            Self::Result { task_id } | Self::Progress { task_id, .. } => task_id,
+        }
+    }
+
+    /// The chat API idempotency key: `{task_id}:result` or `{task_id}:progress:{seq}`.
+    pub fn idempotency_key(&self) -> String {
+        match self {
+            Self::Result { task_id } => format!("{task_id}:result"),
+            Self::Progress { task_id, seq, .. } => format!("{task_id}:progress:{seq}"),
+        }
+    }
+}
+
+/// The body POSTed to `{LONGRUN_CHAT_API_URL}/chats/{chat}/messages`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ChatMessage {
+    /// A task's final result.
+    Result {
+        /// The user the task belongs to.
+        user: String,
+        /// The extension that ran it.
+        ext: String,
+        /// The task's id, as in the ack's `task_id`.
+        task_id: TaskId,
+        /// The chat function or job that ran.
+        function: String,
+        /// The function's declared event name; only with an ok result.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        event: Option<String>,
+        /// What the task ended with.
+        result: ActionResult,
+    },
+    /// A progress update for a running task.
+    Progress {
+        /// The user the task belongs to.
+        user: String,
+        /// The extension that runs it.
+        ext: String,
+        /// The task's id, as in the ack's `task_id`.
+        task_id: TaskId,
+        /// The checkpoint to show: percentage and message.
+        progress: Progress,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn intake_request_parses_each_action() {
+        let call: IntakeRequest = serde_json::from_value(json!({
+            "action":"call","ext":"text-tools","user":"u1","chat":"c1","request_id":"r1",
+            "function":"refine_output","params":{"input":"…"}
+        }))
+        .unwrap();
+        assert!(
+            matches!(call, IntakeRequest::Call(CallRequest { ref function, .. }) if function == "refine_output")
+        );
+        let list: IntakeRequest =
+            serde_json::from_value(json!({"action":"list","ext":"e","user":"u","limit":20}))
+                .unwrap();
+        assert!(matches!(
+            list,
+            IntakeRequest::List(ListRequest {
+                limit: Some(20),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn error_response_has_the_contract_shape() {
+        let response = IntakeResponse::from(IntakeError::forbidden());
+        assert_eq!(
+            serde_json::to_value(&response).unwrap(),
+            json!({"status":403,"error":{"code":"forbidden","message":"this task belongs to another user"}})
+        );
+    }
+
+    #[test]
+    fn chat_result_body_has_the_contract_shape() {
+        let task_id: TaskId = "01JDZQ6V4E1YQ7K3ZC6M4T9H8P".parse().unwrap();
+        let body = ChatMessage::Result {
+            user: "u1".into(),
+            ext: "text-tools".into(),
+            task_id,
+            function: "refine_output".into(),
+            event: Some("text_refined".into()),
+            result: ActionResult::success("done", json!({"text":"t"})),
+        };
+        assert_eq!(
+            serde_json::to_value(&body).unwrap(),
+            json!({"kind":"result","user":"u1","ext":"text-tools","task_id":"01JDZQ6V4E1YQ7K3ZC6M4T9H8P",
+                   "function":"refine_output","event":"text_refined",
+                   "result":{"ok":true,"summary":"done","data":{"text":"t"},"retryable":false}})
+        );
+    }
+
+    #[test]
+    fn idempotency_keys_follow_the_contract() {
+        let task_id: TaskId = "01JDZQ6V4E1YQ7K3ZC6M4T9H8P".parse().unwrap();
+        assert_eq!(
+            DeliveryMessage::Result {
+                task_id: task_id.clone()
+            }
+            .idempotency_key(),
+            "01JDZQ6V4E1YQ7K3ZC6M4T9H8P:result"
+        );
+        let progress = DeliveryMessage::Progress {
+            task_id,
+            seq: 3,
+            progress: Progress::default(),
+        };
+        assert_eq!(
+            progress.idempotency_key(),
+            "01JDZQ6V4E1YQ7K3ZC6M4T9H8P:progress:3"
+        );
+    }
+}

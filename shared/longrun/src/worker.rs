@@ -1,0 +1,940 @@
+//! The worker step: claim a task's lease, run its handler under the task cap with a
+//! heartbeat beside it, and end it — whatever happens — in a terminal state with a delivery
+//! message. Duplicate messages for a live lease are dropped; a finished task only re-sends its
+//! delivery.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{Mutex, Notify};
+use tokio::time::Instant;
+
+use crate::SecretError;
+use crate::ctx::{Caller, ProgressError, ProgressSink};
+use crate::outcome::{Outcome, panic_message};
+use crate::ports::{Claim, Finish, FinishGuard, PortError, RequestKey, Requeue};
+use crate::runtime::{Runtime, to_chrono};
+use crate::step::{StepError, StepLog, StepRecord};
+use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskState};
+use crate::wire::{DeliveryMessage, MAX_RESULT_BYTES, WorkMessage};
+
+/// How many messages of one batch run at once.
+pub const BATCH_CONCURRENCY: usize = 10;
+
+/// One SQS record: its message id and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRecord {
+    /// The SQS message id, returned in the partial batch response when the message is to be
+    /// redelivered.
+    pub message_id: String,
+    /// The message body: a JSON work or delivery message.
+    pub body: String,
+    /// How many times the queue has handed this message out (`ApproximateReceiveCount`).
+    pub receive_count: u32,
+}
+
+impl QueueRecord {
+    /// A record received for the first time.
+    pub fn new(message_id: impl Into<String>, body: impl Into<String>) -> Self {
+        Self {
+            message_id: message_id.into(),
+            body: body.into(),
+            receive_count: 1,
+        }
+    }
+}
+
+/// Works a batch of work messages; returns the ids of those to be redelivered (the partial
+/// batch response). `deadline` is the Lambda invocation's deadline, if any.
+pub async fn handle_batch(
+    rt: &Runtime,
+    records: Vec<QueueRecord>,
+    deadline: Option<Instant>,
+) -> Vec<String> {
+    futures::stream::iter(records)
+        .map(|record| async move {
+            match handle_message(rt, &record.body, deadline).await {
+                Ok(()) => None,
+                Err(err) => {
+                    tracing::warn!(message_id = %record.message_id, error = %err, "work message will be retried");
+                    Some(record.message_id)
+                }
+            }
+        })
+        .buffer_unordered(BATCH_CONCURRENCY)
+        .filter_map(|failed| async move { failed })
+        .collect()
+        .await
+}
+
+/// Works one work message. `Err` means "redeliver it later".
+pub async fn handle_message(
+    rt: &Runtime,
+    body: &str,
+    deadline: Option<Instant>,
+) -> Result<(), PortError> {
+    let message: WorkMessage = match serde_json::from_str(body) {
+        Ok(message) => message,
+        Err(err) => {
+            // Nothing names a task we could end; redelivery would not help either.
+            tracing::error!(error = %err, "malformed work message dropped");
+            return Ok(());
+        }
+    };
+    let task_id = message.task_id.clone();
+    let owner = ulid::Ulid::new().to_string();
+    let now = rt.now();
+    let lease = Lease {
+        owner,
+        until: now + to_chrono(rt.settings.lease),
+    };
+    let mut claim = rt.services.tasks.claim(&task_id, &lease, now).await?;
+    if claim == Claim::Missing {
+        if !recover_missing(rt, &message).await? {
+            return Ok(());
+        }
+        claim = rt.services.tasks.claim(&task_id, &lease, now).await?;
+    }
+    match claim {
+        Claim::Claimed(task) => run(rt, task, lease, deadline).await,
+        Claim::Busy(_) => {
+            tracing::info!(%task_id, "duplicate work message for a live lease dropped");
+            Ok(())
+        }
+        Claim::Finished(task) => {
+            if task.delivered_at.is_none() {
+                send_result(rt, &task).await?;
+            }
+            Ok(())
+        }
+        Claim::Missing => Ok(()),
+    }
+}
+
+/// The task record was never written (intake's write failed after its message went out):
+/// write it from the message, unless its request key names another task. Returns whether
+/// the task now exists.
+async fn recover_missing(rt: &Runtime, message: &WorkMessage) -> Result<bool, PortError> {
+    let request = message.request_id.as_ref().map(|request_id| RequestKey {
+        ext: message.ext.clone(),
+        user: message.user.clone(),
+        request_id: request_id.clone(),
+    });
+    if let Some(request) = &request
+        && let Some(existing) = rt.services.tasks.find_request(request).await?
+        && existing != message.task_id
+    {
+        tracing::info!(task_id = %message.task_id, %existing, "work message of a duplicate request dropped");
+        return Ok(false);
+    }
+    if rt.extension_name() != message.ext {
+        tracing::error!(task_id = %message.task_id, ext = %message.ext, "work message for another extension dropped");
+        return Ok(false);
+    }
+    let mut task = message.to_task();
+    task.lease = Some(rt.queue_lease(rt.now()));
+    rt.services.tasks.create(&task, request.as_ref()).await?;
+    // Usually the message simply overtook intake's concurrent PutItem (the conditional write
+    // makes this a no-op then); rarely that write was lost and this one restores the record.
+    tracing::info!(task_id = %task.task_id, "task record written from its work message");
+    Ok(true)
+}
+
+/// How the race between handler, cap, heartbeat and Lambda deadline ended.
+enum Ending {
+    Done(Outcome),
+    /// Another worker holds the task now; leave it alone.
+    LeaseLost,
+    /// The invocation is about to end: hand the task to a fresh one.
+    Continue,
+}
+
+async fn run(
+    rt: &Runtime,
+    task: Task,
+    lease: Lease,
+    deadline: Option<Instant>,
+) -> Result<(), PortError> {
+    let now = rt.now();
+    if task.attempt > 1 {
+        let audit = AuditItem::new(
+            &task,
+            format!("reclaimed#{}", task.attempt),
+            AuditKind::Reclaimed,
+            now,
+            format!("attempt {}", task.attempt),
+        );
+        rt.services.tasks.append_audit(&audit).await?;
+    }
+    let ending = if task.attempt > rt.settings.max_attempts {
+        Ending::Done(Outcome::failed(
+            &task.function,
+            "attempts_exhausted",
+            format!(
+                "the worker stopped on each of {} attempts",
+                rt.settings.max_attempts
+            ),
+            false,
+        ))
+    } else if task.cancel_requested {
+        Ending::Done(Outcome::cancelled(&task.function))
+    } else {
+        let remaining = task
+            .cap_deadline()
+            .map(|d| (d - now).to_std().unwrap_or(Duration::ZERO))
+            .unwrap_or(Duration::ZERO);
+        if remaining.is_zero() {
+            Ending::Done(Outcome::timed_out(&task.function, task.cap_s))
+        } else {
+            let recorded = match rt.services.tasks.steps(&task.task_id).await {
+                Ok(recorded) => recorded,
+                Err(err) => {
+                    // Give the task back so the redelivered message can claim it at once.
+                    let guard = Requeue::Owner(lease.owner.clone());
+                    rt.services
+                        .tasks
+                        .requeue(&task.task_id, &guard, &rt.queue_lease(rt.now()))
+                        .await?;
+                    return Err(err);
+                }
+            };
+            execute(
+                rt,
+                &task,
+                &lease,
+                Instant::now() + remaining,
+                deadline,
+                recorded,
+            )
+            .await
+        }
+    };
+    match ending {
+        Ending::Done(outcome) => {
+            end(rt, &task, FinishGuard::Owner(lease.owner.clone()), outcome).await
+        }
+        Ending::LeaseLost => {
+            tracing::warn!(task_id = %task.task_id, "lease lost; another worker carries on");
+            Ok(())
+        }
+        Ending::Continue => {
+            let guard = Requeue::Owner(lease.owner.clone());
+            rt.services
+                .tasks
+                .requeue(&task.task_id, &guard, &rt.queue_lease(rt.now()))
+                .await?;
+            rt.services.work.send(&WorkMessage::for_task(&task)).await?;
+            tracing::info!(task_id = %task.task_id, "handed on to a fresh invocation before the Lambda deadline");
+            Ok(())
+        }
+    }
+}
+
+async fn execute(
+    rt: &Runtime,
+    task: &Task,
+    lease: &Lease,
+    cap_deadline: Instant,
+    lambda_deadline: Option<Instant>,
+    recorded_steps: Vec<StepRecord>,
+) -> Ending {
+    let Some(handler) = rt
+        .extension()
+        .and_then(|e| e.handler(task.kind, &task.function))
+    else {
+        return Ending::Done(Outcome::failed(
+            &task.function,
+            "unknown_function",
+            format!("{:?} is not registered in this deployment", task.function),
+            false,
+        ));
+    };
+
+    let checkpoint = Arc::new(Checkpoint::new(rt.clone(), task, lease.clone()));
+    let caller = Caller {
+        ext: task.ext.clone(),
+        user: task.user.clone(),
+        chat: task.chat.clone(),
+    };
+    let yield_at = lambda_deadline
+        .map(|d| d.checked_sub(rt.settings.deadline_margin).unwrap_or(d))
+        .filter(|d| *d < cap_deadline);
+    let steps = Arc::new(StepLog::new(
+        Arc::clone(&rt.services.tasks),
+        Arc::clone(&rt.services.clock),
+        task.task_id.clone(),
+        recorded_steps,
+        yield_at,
+        rt.settings.step_budget,
+    ));
+    let ctx = rt.ctx(
+        caller,
+        Some(task.task_id.clone()),
+        Some(cap_deadline),
+        Some(Arc::clone(&checkpoint) as Arc<dyn ProgressSink>),
+        Some(Arc::clone(&steps)),
+        Some(format!("task:{}", task.task_id)),
+    );
+    let work = AssertUnwindSafe(handler(ctx, task.params.clone())).catch_unwind();
+    tokio::pin!(work);
+
+    let first = tokio::select! {
+        finished = &mut work => Some(finished),
+        _ = tokio::time::sleep_until(cap_deadline) => {
+            return Ending::Done(Outcome::timed_out(&task.function, task.cap_s));
+        }
+        _ = sleep_until_opt(yield_at) => return Ending::Continue,
+        _ = steps.handed_off() => {
+            checkpoint.flush().await;
+            return Ending::Continue;
+        }
+        stop = checkpoint.heartbeat() => match stop {
+            Stop::LeaseLost => return Ending::LeaseLost,
+            Stop::Cancelled => None,
+        },
+    };
+    let finished = match first {
+        Some(finished) => finished,
+        // Cancelled: give the handler a moment to notice at a progress call, then drop it —
+        // which aborts whatever it awaits, an HTTP call included.
+        None => match tokio::time::timeout(rt.settings.cancel_grace, &mut work).await {
+            Ok(finished) => finished,
+            Err(_) => {
+                tracing::info!(task_id = %task.task_id, "cancelled handler dropped after the grace period");
+                return Ending::Done(Outcome::cancelled(&task.function));
+            }
+        },
+    };
+    checkpoint.flush().await;
+    if checkpoint.is_lease_lost() {
+        return Ending::LeaseLost;
+    }
+    Ending::Done(match finished {
+        Ok(Ok(result)) if result.wire_size() > MAX_RESULT_BYTES => Outcome::failed(
+            &task.function,
+            "result_too_large",
+            format!(
+                "result is {} bytes; the limit is {MAX_RESULT_BYTES}",
+                result.wire_size()
+            ),
+            false,
+        ),
+        Ok(Ok(result)) => Outcome::returned(result),
+        Ok(Err(err)) if err.is_cancelled() => Outcome::cancelled(&task.function),
+        Ok(Err(ref err)) if let Some(missing) = err.downcast_ref::<SecretError>() => {
+            Outcome::returned(missing.to_result())
+        }
+        Ok(Err(err))
+            if matches!(
+                err.downcast_ref::<StepError>(),
+                Some(StepError::ReplayMismatch { .. })
+            ) =>
+        {
+            Outcome::failed(&task.function, "replay_mismatch", err.to_string(), false)
+        }
+        Ok(Err(err))
+            if matches!(
+                err.downcast_ref::<ProgressError>(),
+                Some(ProgressError::LeaseLost)
+            ) =>
+        {
+            return Ending::LeaseLost;
+        }
+        Ok(Err(err)) => Outcome::failed(&task.function, "handler_error", err.to_string(), true),
+        Err(panic) => Outcome::failed(
+            &task.function,
+            "handler_panic",
+            format!("handler panicked: {}", panic_message(&*panic)),
+            false,
+        ),
+    })
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes the terminal state (audit first, so a crash in between leaves the trail complete
+/// on redelivery), then sends the delivery message.
+pub(crate) async fn end(
+    rt: &Runtime,
+    task: &Task,
+    guard: FinishGuard,
+    outcome: Outcome,
+) -> Result<(), PortError> {
+    let now = rt.now();
+    if let Some(critical) = &outcome.critical {
+        tracing::error!(task_id = %task.task_id, ext = %task.ext, user = %task.user, reason = critical.reason, detail = %critical.detail, "critical: task failed");
+        let audit = AuditItem::new(
+            task,
+            format!("critical#{}", critical.reason),
+            AuditKind::Critical,
+            now,
+            critical.detail.clone(),
+        );
+        rt.services.tasks.append_audit(&audit).await?;
+    }
+    if outcome.state == TaskState::Cancelled {
+        let audit = AuditItem::new(task, "cancelled", AuditKind::Cancelled, now, "");
+        rt.services.tasks.append_audit(&audit).await?;
+    }
+    let finish = Finish {
+        state: outcome.state,
+        result: outcome.result,
+        at: now,
+        guard,
+    };
+    match rt.services.tasks.finish(&task.task_id, &finish).await {
+        Ok(ended) => {
+            tracing::info!(task_id = %ended.task_id, state = %ended.state, "task ended");
+            send_result(rt, &ended).await
+        }
+        Err(PortError::Conflict(reason)) => {
+            tracing::warn!(task_id = %task.task_id, %reason, "task was ended elsewhere");
+            Ok(())
+        }
+        Err(err) => Err(err),
+    }
+}
+
+pub(crate) async fn send_result(rt: &Runtime, task: &Task) -> Result<(), PortError> {
+    rt.services
+        .delivery
+        .send(&DeliveryMessage::Result {
+            task_id: task.task_id.clone(),
+        })
+        .await
+}
+
+/// Why the heartbeat stopped the handler.
+enum Stop {
+    Cancelled,
+    LeaseLost,
+}
+
+struct Written {
+    /// The last progress the handler reported.
+    reported: Progress,
+    /// The last progress written to the table.
+    written: Progress,
+    /// When the last write (progress or heartbeat) happened.
+    at: Instant,
+}
+
+/// The running task's checkpoint writer: the single place progress, heartbeats, lease renewal
+/// and the cancel flag meet. Progress bursts are coalesced to one write per
+/// `progress_interval`; the last value is written by the next heartbeat or at the end.
+struct Checkpoint {
+    rt: Runtime,
+    task: Task,
+    lease: Lease,
+    state: Mutex<Written>,
+    cancelled: AtomicBool,
+    lease_lost: AtomicBool,
+    stopped: Notify,
+}
+
+impl Checkpoint {
+    fn new(rt: Runtime, task: &Task, lease: Lease) -> Self {
+        Self {
+            task: task.clone(),
+            lease,
+            state: Mutex::new(Written {
+                reported: task.progress.clone(),
+                written: task.progress.clone(),
+                // The first progress call writes at once.
+                at: Instant::now()
+                    .checked_sub(rt.settings.progress_interval)
+                    .unwrap_or_else(Instant::now),
+            }),
+            cancelled: AtomicBool::new(false),
+            lease_lost: AtomicBool::new(false),
+            stopped: Notify::new(),
+            rt,
+        }
+    }
+
+    fn is_lease_lost(&self) -> bool {
+        self.lease_lost.load(Ordering::SeqCst)
+    }
+
+    fn check(&self) -> Result<(), ProgressError> {
+        if self.is_lease_lost() {
+            Err(ProgressError::LeaseLost)
+        } else if self.cancelled.load(Ordering::SeqCst) {
+            Err(ProgressError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// One conditional write: lease, heartbeat, and the checkpoint if it changed.
+    async fn write(&self, state: &mut Written) {
+        let now = self.rt.now();
+        let lease = Lease {
+            owner: self.lease.owner.clone(),
+            until: now + to_chrono(self.rt.settings.lease),
+        };
+        let progress = (state.reported != state.written).then(|| state.reported.clone());
+        match self
+            .rt
+            .services
+            .tasks
+            .beat(&self.task.task_id, &lease, progress.as_ref(), now)
+            .await
+        {
+            Ok(beat) => {
+                state.at = Instant::now();
+                if let Some(progress) = progress {
+                    state.written = progress.clone();
+                    let message = DeliveryMessage::Progress {
+                        task_id: self.task.task_id.clone(),
+                        seq: beat.progress_seq,
+                        progress,
+                    };
+                    if let Err(err) = self.rt.services.delivery.send(&message).await {
+                        // The record holds the checkpoint; the chat misses one update.
+                        tracing::warn!(task_id = %self.task.task_id, error = %err, "progress message not sent");
+                    }
+                }
+                if beat.cancel_requested && !self.cancelled.swap(true, Ordering::SeqCst) {
+                    tracing::info!(task_id = %self.task.task_id, "cancel observed");
+                    self.stopped.notify_waiters();
+                }
+            }
+            Err(PortError::Conflict(reason)) => {
+                tracing::warn!(task_id = %self.task.task_id, %reason, "lease lost");
+                self.lease_lost.store(true, Ordering::SeqCst);
+                self.stopped.notify_waiters();
+            }
+            Err(err) => {
+                // The lease outlives several heartbeats; the next one tries again.
+                tracing::warn!(task_id = %self.task.task_id, error = %err, "heartbeat failed");
+            }
+        }
+    }
+
+    /// Renews the lease every `heartbeat` until the task is cancelled or the lease is lost.
+    async fn heartbeat(&self) -> Stop {
+        let every = self.rt.settings.heartbeat;
+        loop {
+            let stopped = self.stopped.notified();
+            tokio::pin!(stopped);
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {
+                    let mut state = self.state.lock().await;
+                    // A write within the last period (progress stands in for a heartbeat) is
+                    // enough; a coalesced progress value goes out with this one.
+                    if state.at.elapsed() >= every {
+                        self.write(&mut state).await;
+                    }
+                }
+                _ = &mut stopped => {}
+            }
+            if self.is_lease_lost() {
+                return Stop::LeaseLost;
+            }
+            if self.cancelled.load(Ordering::SeqCst) {
+                return Stop::Cancelled;
+            }
+        }
+    }
+
+    /// Writes the last reported progress if it was coalesced away.
+    async fn flush(&self) {
+        let mut state = self.state.lock().await;
+        if state.reported != state.written && !self.is_lease_lost() {
+            self.write(&mut state).await;
+        }
+    }
+}
+
+#[async_trait]
+impl ProgressSink for Checkpoint {
+    async fn report(&self, mut progress: Progress) -> Result<(), ProgressError> {
+        self.check()?;
+        let mut state = self.state.lock().await;
+        // Progress in the chat never goes backwards.
+        progress.pct = progress.pct.max(state.reported.pct);
+        state.reported = progress;
+        if state.at.elapsed() >= self.rt.settings.progress_interval
+            && state.reported != state.written
+        {
+            self.write(&mut state).await;
+        }
+        drop(state);
+        self.check()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering as AtomicOrdering;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::ports::TaskStore;
+    use crate::task::TaskId;
+    use crate::testing::fixture::*;
+    use crate::wire::ChatMessage;
+    use crate::{ActionResult, Settings};
+
+    async fn cancel(stack: &crate::testing::MemoryStack, user: &str, task_id: &TaskId) -> u16 {
+        stack
+            .intake(json!({"action":"cancel","ext":EXT,"user":user,"task_id":task_id}))
+            .await
+            .status
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pattern_b_runs_reports_progress_and_delivers_once() {
+        // GIVEN a background call
+        let (stack, runs) = stack();
+        let task_id = task_id_of(
+            &stack
+                .intake(call_event("bg", "u1", json!({"input": "hi"})))
+                .await,
+        );
+        // WHEN the queues are worked
+        stack.drain(20).await;
+        // THEN the chat shows progress in order, then one result
+        assert_eq!(progress_in(&stack, "chat-u1"), vec![10, 50]);
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::success(
+                "Background done",
+                json!({"echo": "hi"})
+            )]
+        );
+        let posted = stack.chat.posted();
+        assert!(
+            matches!(posted.last().unwrap().message, ChatMessage::Result { ref event, .. } if event.as_deref() == Some("bg_done"))
+        );
+        // AND the record and the audit trail tell the story
+        let task = task(&stack, &task_id).await;
+        assert_eq!(task.state, TaskState::Succeeded);
+        assert_eq!(task.attempt, 1);
+        assert_eq!(task.progress.pct, 50);
+        assert!(
+            task.started_at.is_some() && task.finished_at.is_some() && task.delivered_at.is_some()
+        );
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert!(audit.contains(&(AuditKind::Delivered, "delivered#result".into())));
+        assert_eq!(
+            count(&audit, AuditKind::Delivered),
+            3,
+            "two progress messages and the result"
+        );
+        assert_eq!(count(&audit, AuditKind::Critical), 0);
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pattern_c_job_result_reaches_the_same_chat() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(
+            &stack
+                .intake(call_event("launch", "u1", json!({"input": "doc"})))
+                .await,
+        );
+        stack.drain(20).await;
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::success("Job done", json!({"echo": "doc"}))]
+        );
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_work_message_three_times_runs_once() {
+        // GIVEN a task whose work message arrives three times in one batch
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let message = stack.work.pending()[0].clone();
+        stack.work.push(message.clone());
+        stack.work.push(message.clone());
+        stack.drain(20).await;
+        // AND once more after it finished
+        stack.work.push(message);
+        stack.drain(20).await;
+        // THEN the handler ran once and the chat got one result
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 1);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert_eq!(task(&stack, &task_id).await.attempt, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exceeding_the_cap_times_out_with_a_fallback_and_a_critical_audit() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("sleepy", "u1", json!({}))).await);
+        let started = Instant::now();
+        stack.drain(20).await;
+        // The 180 s cap, on tokio's paused clock.
+        assert_eq!(started.elapsed().as_secs(), 180);
+        let task = task(&stack, &task_id).await;
+        assert_eq!(task.state, TaskState::TimedOut);
+        let results = results_in(&stack, "chat-u1");
+        assert_eq!(results.len(), 1);
+        assert!(!results[0].ok);
+        assert!(
+            results[0].summary.contains("180 s"),
+            "{}",
+            results[0].summary
+        );
+        assert!(
+            audit_kinds(&stack, &task_id)
+                .await
+                .contains(&(AuditKind::Critical, "critical#cap_exceeded".into()))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_returned_error_or_a_panic_delivers_a_fallback_and_a_critical_audit() {
+        for (function, reason) in [
+            ("fails", "critical#handler_error"),
+            ("panics", "critical#handler_panic"),
+        ] {
+            let (stack, _) = stack();
+            let task_id = task_id_of(&stack.intake(call_event(function, "u1", json!({}))).await);
+            stack.drain(20).await;
+            let task = task(&stack, &task_id).await;
+            assert_eq!(task.state, TaskState::Failed, "{function}");
+            let results = results_in(&stack, "chat-u1");
+            assert_eq!(results.len(), 1, "{function}");
+            assert!(!results[0].ok);
+            assert!(results[0].summary.contains(&format!("'{function}' failed")));
+            // The user sees no internals; the operator's audit item has them.
+            assert!(
+                !results[0].summary.contains("exploded") && !results[0].summary.contains("bug")
+            );
+            let trail = stack.tasks.audit_trail(&task_id).await.unwrap();
+            let critical = trail
+                .iter()
+                .find(|a| a.audit_id == reason)
+                .unwrap_or_else(|| panic!("{reason}"));
+            assert!(critical.detail.contains(if function == "fails" {
+                "upstream exploded"
+            } else {
+                "handler bug"
+            }));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_result_too_large_for_the_table_fails_clearly() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("huge", "u1", json!({}))).await);
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Failed);
+        assert!(
+            audit_kinds(&stack, &task_id)
+                .await
+                .contains(&(AuditKind::Critical, "critical#result_too_large".into()))
+        );
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_outside_0_to_100_is_a_typed_error_to_the_handler() {
+        for pct in [101, -1, 1000] {
+            let (stack, _) = stack();
+            stack
+                .intake(call_event("bad_progress", "u1", json!({"pct": pct})))
+                .await;
+            stack.drain(20).await;
+            let results = results_in(&stack, "chat-u1");
+            assert_eq!(
+                results[0].summary,
+                format!("progress pct {pct} is outside 0–100")
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_before_start_ends_the_task_without_running_it() {
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
+        stack.drain(20).await;
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 0);
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::error("'bg' was cancelled.", false)]
+        );
+        assert_eq!(
+            count(&audit_kinds(&stack, &task_id).await, AuditKind::Cancelled),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_whose_delivery_message_is_lost_is_delivered_by_the_worker() {
+        // GIVEN a queued task, and a delivery queue that refuses the cancel's message
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        stack.delivery.fail_next_sends(1);
+        assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
+        assert!(stack.delivery.pending().is_empty());
+        // WHEN the task's work message reaches a worker
+        stack.drain(20).await;
+        // THEN the handler never ran and the chat got one "cancelled" result
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 0);
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::error("'bg' was cancelled.", false)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_is_seen_at_the_next_progress_call() {
+        // GIVEN a handler that reports progress every second
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("ticker", "u1", json!({}))).await);
+        let worker = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // WHEN the user cancels
+        let cancelled_at = Instant::now();
+        assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
+        worker.await.unwrap();
+        // THEN it stops within a heartbeat, and the chat gets one "cancelled" result
+        assert!(cancelled_at.elapsed() <= Settings::default().heartbeat);
+        stack.drain(20).await;
+        let task = task(&stack, &task_id).await;
+        assert_eq!(task.state, TaskState::Cancelled);
+        assert!(task.progress.pct < 20);
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::error("'ticker' was cancelled.", false)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_during_a_slow_http_call_drops_the_handler_and_the_connection() {
+        // GIVEN a handler waiting on an AI server that never answers (120 s timeout)
+        let (url, dropped) = hanging_server().await;
+        let (stack, _) = stack();
+        let task_id = task_id_of(
+            &stack
+                .intake(call_event("http", "u1", json!({"url": url})))
+                .await,
+        );
+        let worker = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        // WHEN the user cancels
+        let cancelled_at = Instant::now();
+        assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
+        worker.await.unwrap();
+        // THEN the handler is dropped within a heartbeat plus the grace period
+        let settings = Settings::default();
+        assert!(cancelled_at.elapsed() <= settings.heartbeat + settings.cancel_grace);
+        // AND the in-flight request was aborted: the server saw the connection close
+        for _ in 0..100 {
+            if dropped.load(AtomicOrdering::SeqCst) {
+                break;
+            }
+            tokio::task::yield_now().await;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            dropped.load(AtomicOrdering::SeqCst),
+            "connection still open"
+        );
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_bursts_are_coalesced_and_the_last_value_kept() {
+        // GIVEN a handler that reports progress 10 000 times without pausing
+        let (stack, _) = stack();
+        let task_id = task_id_of(
+            &stack
+                .intake(call_event("burst", "u1", json!({"n": 10_000})))
+                .await,
+        );
+        let before = stack.tasks.writes();
+        stack.drain(20).await;
+        // THEN a handful of writes, not 10 000, and the record holds the last value
+        let writes = stack.tasks.writes() - before;
+        assert!(writes < 20, "{writes} writes");
+        let task = task(&stack, &task_id).await;
+        assert_eq!(task.progress.pct, 100);
+        assert_eq!(task.progress.message, "burst done");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_task_record_is_rebuilt_from_its_work_message() {
+        // GIVEN a work message whose task record was never written
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let message = stack.work.take(1).remove(0);
+        let (stack2, runs2) = stack_with(Settings::default());
+        stack2.work.push(message);
+        // WHEN a worker takes it
+        stack2.drain(20).await;
+        // THEN the task runs and its result reaches the chat
+        assert_eq!(runs2.started.load(AtomicOrdering::SeqCst), 1);
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 0);
+        assert_eq!(task(&stack2, &task_id).await.state, TaskState::Succeeded);
+        assert_eq!(results_in(&stack2, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_malformed_work_message_is_dropped_without_panic() {
+        let (stack, _) = stack();
+        let records = vec![
+            QueueRecord::new("a", "{"),
+            QueueRecord::new("b", "{\"task_id\":\"nope\"}"),
+            QueueRecord::new("c", "null"),
+        ];
+        assert!(handle_batch(&stack.rt, records, None).await.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn near_the_lambda_deadline_the_task_is_handed_on() {
+        // GIVEN an invocation with 60 s left and a task that needs 100 s
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("ticker", "u1", json!({}))).await);
+        let batch = stack.work.take(10);
+        let records = batch
+            .iter()
+            .map(|m| QueueRecord::new("m", serde_json::to_string(m).unwrap()))
+            .collect();
+        let failed = handle_batch(
+            &stack.rt,
+            records,
+            Some(Instant::now() + Duration::from_secs(60)),
+        )
+        .await;
+        // THEN the invocation ends cleanly with the task queued again
+        assert!(failed.is_empty());
+        let task = task(&stack, &task_id).await;
+        assert_eq!(task.state, TaskState::Queued);
+        assert_eq!(stack.work.pending().len(), 1);
+        // AND a fresh invocation carries it to the end, progress never going backwards
+        stack.drain(20).await;
+        assert_eq!(
+            crate::testing::fixture::task(&stack, &task_id).await.state,
+            TaskState::Succeeded
+        );
+        let pcts = progress_in(&stack, "chat-u1");
+        assert!(pcts.windows(2).all(|w| w[0] <= w[1]), "{pcts:?}");
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+}
