@@ -6,6 +6,7 @@ use longrun::config::vars;
 
 use crate::cli::{AwsArgs, Failure};
 
+/// The arguments of `longrun bootstrap`.
 #[derive(Debug, Args)]
 pub struct BootstrapArgs {
     /// Name prefix of the queues (`{prefix}-work`, `{prefix}-delivery`, and their `-dlq`s).
@@ -19,6 +20,8 @@ pub struct BootstrapArgs {
     pub secrets_prefix: String,
 }
 
+/// Creates the table and the four queues where they are missing, and prints the deployment's
+/// configuration as `KEY=value` lines (with `--local`, the dev stack's endpoints and region).
 pub async fn run(aws: &AwsArgs, args: BootstrapArgs) -> Result<(), Failure> {
     let clients = crate::aws::clients(aws).await?;
     let table = args

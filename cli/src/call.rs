@@ -27,6 +27,7 @@ const MAX_STATUS_FAILURES: u32 = 10;
 /// How long `call` follows a task by default: the longest cap and two minutes.
 const DEFAULT_WAIT: Duration = Duration::from_secs(1800 + 120);
 
+/// The arguments of `longrun call`.
 #[derive(Debug, Args)]
 pub struct CallArgs {
     /// The function to call, e.g. refine, refine_output, start_refinement.
@@ -233,6 +234,8 @@ fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Sends one intake `call` event, prints the answer and, for a background task, follows it
+/// (unless `--no-follow`) to its result; `Err` on an error answer or result.
 pub async fn run(aws: &AwsArgs, args: CallArgs) -> Result<(), Failure> {
     let params: Value = serde_json::from_str(&args.params)
         .map_err(|e| Failure::Usage(format!("--params is not JSON: {e}")))?;

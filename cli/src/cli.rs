@@ -27,11 +27,13 @@ use crate::{bootstrap, call, dev, dlq, new, secrets, tasks};
 #[derive(Debug, Parser)]
 #[command(name = "longrun", version, propagate_version = true)]
 pub struct Args {
+    /// Where commands act: AWS, an emulator or the local dev stack.
     #[command(flatten)]
     pub aws: AwsArgs,
     /// Log what the command does (to stderr).
     #[arg(long, short, global = true)]
     pub verbose: bool,
+    /// The command to run.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -65,6 +67,7 @@ pub struct AwsArgs {
     pub state_dir: std::path::PathBuf,
 }
 
+/// The commands of `longrun`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the project's extension on this machine: its dev binary (`cargo run --release --bin
@@ -95,16 +98,24 @@ pub enum Command {
 /// How a command failed.
 #[derive(Debug)]
 pub enum Failure {
+    /// The arguments or input are invalid (exit code 2).
     Usage(String),
+    /// What the command names does not exist (exit code 3).
     NotFound(String),
+    /// The request conflicts with the current state, e.g. a cancel of a finished task (exit
+    /// code 4).
     Conflict(String),
+    /// Configuration is missing, e.g. no dev stack running for `--local` (exit code 5).
     Config(String),
+    /// Any other failure (exit code 1).
     Other(String),
     /// A child process's own exit code, passed on.
     Exit(i32),
 }
 
 impl Failure {
+    /// The process exit code for this failure: 1 to 5 by kind, or a child's own code (1 if
+    /// it does not fit in a `u8`).
     pub fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
             Self::Other(_) => 1,
@@ -192,6 +203,7 @@ pub fn init_logging(args: &Args) {
         .init();
 }
 
+/// Runs the command `args` names.
 pub async fn run(args: Args) -> Result<(), Failure> {
     match args.command {
         Command::Dev(cmd) => dev::run(&args.aws, cmd).await,

@@ -5,6 +5,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use crate::cli::{AwsArgs, Failure};
 
+/// The subcommands of `longrun dlq`.
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
     /// The messages waiting in a dead-letter queue (they stay there).
@@ -13,14 +14,19 @@ pub enum DlqCommand {
     Redrive(RedriveArgs),
 }
 
+/// Which dead-letter queue a command acts on.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Which {
+    /// The work queue's dead-letter queue (`LONGRUN_WORK_DLQ_URL`).
     Work,
+    /// The delivery queue's dead-letter queue (`LONGRUN_DELIVERY_DLQ_URL`).
     Delivery,
 }
 
+/// The arguments of `longrun dlq list`.
 #[derive(Debug, Args)]
 pub struct QueueArgs {
+    /// The dead-letter queue to list.
     #[arg(value_enum, default_value = "delivery")]
     pub queue: Which,
     /// JSON for scripts instead of a table.
@@ -28,8 +34,10 @@ pub struct QueueArgs {
     pub json: bool,
 }
 
+/// The arguments of `longrun dlq redrive`.
 #[derive(Debug, Args)]
 pub struct RedriveArgs {
+    /// The dead-letter queue to move back to its queue.
     #[arg(value_enum, default_value = "delivery")]
     pub queue: Which,
     /// Move at most this many messages.
@@ -56,6 +64,8 @@ fn urls(config: &longrun::config::Config, which: Which) -> Result<(String, Strin
     Ok((dlq, main.clone()))
 }
 
+/// Lists the messages of a dead-letter queue (up to 10, left in place) or moves them back to
+/// its queue.
 pub async fn run(aws: &AwsArgs, command: DlqCommand) -> Result<(), Failure> {
     let (_, clients, config) = crate::aws::deployment(aws).await?;
     match command {

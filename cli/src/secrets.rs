@@ -10,6 +10,7 @@ use longrun::Secret;
 
 use crate::cli::{AwsArgs, Failure};
 
+/// The subcommands of `longrun secrets`.
 #[derive(Debug, Subcommand)]
 pub enum SecretsCommand {
     /// Set NAME for (ext, user) to the value on stdin: `printf %s "$KEY" | longrun secrets set …`.
@@ -18,6 +19,7 @@ pub enum SecretsCommand {
     Delete(SecretArgs),
 }
 
+/// The arguments of `longrun secrets set` and `longrun secrets delete`.
 #[derive(Debug, Args)]
 pub struct SecretArgs {
     /// The extension, e.g. text-tools.
@@ -51,6 +53,8 @@ fn value_from_stdin() -> Result<Secret, Failure> {
     Ok(Secret::new(value))
 }
 
+/// Sets (from stdin) or deletes one user's secret, in Secrets Manager or, with `--local`, in
+/// the dev stack's secrets file.
 pub async fn run(aws: &AwsArgs, command: SecretsCommand) -> Result<(), Failure> {
     if aws.local {
         return run_local(aws, command);

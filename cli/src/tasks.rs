@@ -6,6 +6,7 @@ use longrun::task::{AuditItem, Task, TaskId, TaskState};
 
 use crate::cli::{AwsArgs, Failure};
 
+/// The subcommands of `longrun tasks`.
 #[derive(Debug, Subcommand)]
 pub enum TasksCommand {
     /// A user's tasks, newest first.
@@ -18,15 +19,19 @@ pub enum TasksCommand {
     Retry(IdArgs),
 }
 
+/// The arguments of `longrun tasks list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// The extension.
     #[arg(long)]
     pub ext: String,
+    /// The user whose tasks to list.
     #[arg(long)]
     pub user: String,
     /// Only tasks in this state (queued, running, succeeded, failed, cancelled, timed_out).
     #[arg(long)]
     pub state: Option<TaskState>,
+    /// Fetch at most this many of the newest tasks (clamped to 1–1000); --state filters those.
     #[arg(long, default_value_t = 20)]
     pub limit: usize,
     /// JSON for scripts instead of a table.
@@ -34,6 +39,7 @@ pub struct ListArgs {
     pub json: bool,
 }
 
+/// The arguments of `longrun tasks show`, `cancel` and `retry`.
 #[derive(Debug, Args)]
 pub struct IdArgs {
     /// The task id (a ULID).
@@ -43,6 +49,7 @@ pub struct IdArgs {
     pub json: bool,
 }
 
+/// Lists, shows, cancels or retries tasks in the deployment's task table.
 pub async fn run(aws: &AwsArgs, command: TasksCommand) -> Result<(), Failure> {
     let (rt, _, _) = crate::aws::deployment(aws).await?;
     let store = &rt.services.tasks;

@@ -38,7 +38,9 @@ pub const MAX_BATCH: i32 = 10;
 /// One queue → function mapping.
 #[derive(Debug, Clone)]
 pub struct Mapping {
+    /// The queue the player receives from.
     pub queue_url: String,
+    /// The function it invokes with each batch, e.g. `worker`.
     pub function: String,
     /// At most this many records per invocation (1–10).
     pub batch_size: i32,
@@ -83,11 +85,17 @@ impl MappingStats {
 /// Snapshot of [`MappingStats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatsSnapshot {
+    /// Invocations, copies included.
     pub invocations: usize,
+    /// Records handed to the function, copies included.
     pub records: usize,
+    /// Records named in `batchItemFailures`.
     pub reported_failures: usize,
+    /// Invocations that errored, timed out or answered something that is not a batch response.
     pub failed_invocations: usize,
+    /// Messages deleted from the queue.
     pub deleted: usize,
+    /// Messages the player itself moved to the dead-letter queue.
     pub dead_lettered: usize,
 }
 

@@ -19,8 +19,11 @@ use serde_json::{Value, json};
 /// One accepted message.
 #[derive(Debug, Clone)]
 pub struct ChatPost {
+    /// The chat posted to, from the path `/chats/{chat}/messages`.
     pub chat: String,
+    /// The request's `Idempotency-Key` header.
     pub idempotency_key: String,
+    /// The message as JSON: a `result` or a `progress` update.
     pub body: Value,
 }
 

@@ -51,6 +51,7 @@ pub struct AiCall {
     pub input: String,
     /// Whether `Authorization: Bearer …` carried the expected key (true when none is expected).
     pub key_ok: bool,
+    /// How the request ended, or that it has not yet.
     pub state: CallState,
     /// The caller's address: its port identifies the calling process's socket.
     pub client: SocketAddr,

@@ -93,8 +93,9 @@ pub const AMBIENT_AWS: &[&str] = &[
 /// A process (and everything it starts) that is killed when this handle drops.
 pub struct Guarded {
     child: Child,
-    /// Where stdout and stderr go.
+    /// The file stdout goes to.
     pub stdout: PathBuf,
+    /// The file stderr goes to.
     pub stderr: PathBuf,
     started: Instant,
 }

@@ -31,9 +31,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct ChatEvent {
     /// 1, 2, 3, … across all chats.
     pub seq: u64,
+    /// When the chat recorded it.
     pub at: DateTime<Utc>,
+    /// The chat it happened in.
     pub chat: String,
+    /// The user who called, or whose task it is.
     pub user: String,
+    /// What happened, serialized flat beside the fields above with its `kind` tag.
     #[serde(flatten)]
     pub body: ChatEventBody,
 }
@@ -44,38 +48,55 @@ pub struct ChatEvent {
 pub enum ChatEventBody {
     /// The user called a function.
     Call {
+        /// The extension called.
         ext: String,
+        /// The function called.
         function: String,
+        /// The params the user passed, as sent.
         params: Value,
     },
     /// Intake answered the call: the result itself (Pattern A, or C's fast path), or the
     /// acknowledgement of a background task, which names it in `task_id`.
     Reply {
+        /// The function called.
         function: String,
+        /// Intake's result: the answer itself, or the ack of a background task.
         result: ActionResult,
+        /// The background task the ack names (its data's `task_id`); none for an inline
+        /// answer.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         task_id: Option<TaskId>,
     },
     /// Intake refused the call (bad params, unknown function, …).
     Refused {
+        /// The function called.
         function: String,
+        /// Intake's HTTP-style status, e.g. 422.
         status: u16,
+        /// Intake's machine-readable error code, e.g. `invalid_params`.
         code: String,
+        /// What went wrong, for a human.
         message: String,
     },
     /// Delivery posted a progress update.
     Progress {
+        /// The running task.
         task_id: TaskId,
         /// The checkpoint's sequence number (from the idempotency key).
         progress_seq: u64,
+        /// The checkpoint posted: percentage and message.
         progress: Progress,
     },
     /// Delivery posted a task's result.
     Result {
+        /// The finished task.
         task_id: TaskId,
+        /// The chat function or job that ran.
         function: String,
+        /// The function's declared event name; only with an ok result.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         event: Option<String>,
+        /// What the task ended with.
         result: ActionResult,
     },
 }

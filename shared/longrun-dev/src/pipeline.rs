@@ -215,8 +215,13 @@ async fn sweep_loop(
 /// What one local sweep did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepSummary {
+    /// Tasks whose lease lapsed that were sent back to the work queue.
     pub requeued: usize,
+    /// Tasks whose lease lapsed that were ended (attempts or cap used up, or cancelled while
+    /// their worker was gone).
     pub ended: usize,
+    /// Tasks ended with a fallback error because their work message was dead-lettered (each
+    /// such message is deleted from the work dead-letter queue).
     pub dead_letters_ended: usize,
 }
 

@@ -37,9 +37,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A message handed out by [`LocalQueue::receive`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
+    /// The id the queue gave the message when it was sent.
     pub message_id: String,
     /// Names this receive: [`LocalQueue::delete`] and [`LocalQueue::change_visibility`] take it.
     pub receipt_handle: String,
+    /// The message body, as sent.
     pub body: String,
     /// How many times the message has been received, this time included.
     pub receive_count: u32,
@@ -378,9 +380,15 @@ impl Default for QueueTimeouts {
 /// `{prefix}-work`, `{prefix}-delivery` and their `-dlq`s, with `maxReceiveCount` 5.
 #[derive(Debug, Clone)]
 pub struct LocalQueues {
+    /// `{prefix}-work`: tasks for the worker; dead-letters to [`Self::work_dlq`].
     pub work: Arc<LocalQueue>,
+    /// `{prefix}-work-dlq`: work messages received too often, ended by the sweeper.
     pub work_dlq: Arc<LocalQueue>,
+    /// `{prefix}-delivery`: progress updates and results for delivery to post to the chat;
+    /// dead-letters to [`Self::delivery_dlq`].
     pub delivery: Arc<LocalQueue>,
+    /// `{prefix}-delivery-dlq`: delivery messages received too often, kept for
+    /// `longrun dlq`.
     pub delivery_dlq: Arc<LocalQueue>,
 }
 

@@ -23,7 +23,9 @@ pub const MODEL: &str = "longrun-simulator";
 /// How long the simulator takes to answer: uniformly between `min` and `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Latency {
+    /// The shortest time an answer takes.
     pub min: Duration,
+    /// The longest time an answer takes.
     pub max: Duration,
 }
 

@@ -90,6 +90,8 @@ fn number(input: &Value, field: &str) -> Result<Option<u64>, SqsError> {
 }
 
 impl SqsApi {
+    /// The API over `queues`, whose queue URLs start with `endpoint`; long-polling receives
+    /// return empty once `stop` turns true.
     pub fn new(queues: LocalQueues, endpoint: String, stop: watch::Receiver<bool>) -> Self {
         Self {
             queues,

@@ -53,7 +53,9 @@ pub fn create_state_dir(state_dir: &Path) -> Result<(), DevError> {
 /// Where a running dev stack listens, and what it is called there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DevEndpoints {
+    /// The process id of the running dev stack.
     pub pid: u32,
+    /// When the stack started.
     pub started_at: DateTime<Utc>,
     /// The chat page and its API, e.g. `http://127.0.0.1:8787`.
     pub chat_url: String,
@@ -61,13 +63,21 @@ pub struct DevEndpoints {
     pub dynamodb_endpoint: String,
     /// The SQS API over the in-process queues.
     pub sqs_endpoint: String,
+    /// The region local clients use (`us-east-1`).
     pub region: String,
+    /// The extension the stack runs.
     pub ext: String,
+    /// The task table's name in its DynamoDB.
     pub table: String,
+    /// The work queue's URL on the local SQS API.
     pub work_queue_url: String,
+    /// The work dead-letter queue's URL on the local SQS API.
     pub work_dlq_url: String,
+    /// The delivery queue's URL on the local SQS API.
     pub delivery_queue_url: String,
+    /// The delivery dead-letter queue's URL on the local SQS API.
     pub delivery_dlq_url: String,
+    /// The state folder's secrets file, where the stack reads per-user secrets.
     pub secrets_file: PathBuf,
 }
 

@@ -43,21 +43,31 @@ pub const PAGE: &str = include_str!("../static/chat.html");
 /// What the page starts with.
 #[derive(Debug, Clone, Serialize)]
 pub struct PageConfig {
+    /// The extension the stack runs, which the page calls.
     pub ext: String,
+    /// The user the page calls as by default.
     pub user: String,
+    /// The chat the page calls from by default.
     pub chat: String,
     /// Where the model answers from, in words.
     pub model: String,
+    /// Whether the answers come from the offline simulator (the page shows a badge).
     pub simulated_model: bool,
 }
 
 /// Everything a request may need.
 #[derive(Clone)]
 pub struct AppState {
+    /// The runtime `/api/intake` and `/api/tools` answer with.
     pub rt: Runtime,
+    /// The conversation: calls through `/api/intake` are recorded in it, `/api/events`
+    /// streams it.
     pub chat: Arc<LocalChat>,
+    /// The SQS API `/sqs` serves.
     pub sqs: SqsApi,
+    /// What `/api/config` answers.
     pub page: PageConfig,
+    /// Turns true when the stack stops; open event streams end then.
     pub stop: watch::Receiver<bool>,
 }
 
