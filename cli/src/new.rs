@@ -209,13 +209,13 @@ pub fn run(args: NewArgs) -> Result<(), Failure> {
         (Some(path), None) => Source::Path(path.clone()),
         (None, None) => Source::Path(built_from()),
     };
-    if let Source::Path(root) = &source {
-        if !root.join("shared/longrun/Cargo.toml").is_file() {
-            return Err(Failure::Config(format!(
-                "{} is not a longrun checkout (no shared/longrun/Cargo.toml); pass --longrun-path DIR or --longrun-git URL",
-                root.display()
-            )));
-        }
+    if let Source::Path(root) = &source
+        && !root.join("shared/longrun/Cargo.toml").is_file()
+    {
+        return Err(Failure::Config(format!(
+            "{} is not a longrun checkout (no shared/longrun/Cargo.toml); pass --longrun-path DIR or --longrun-git URL",
+            root.display()
+        )));
     }
     let source = match source {
         Source::Path(root) => Source::Path(

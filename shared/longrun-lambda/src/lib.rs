@@ -161,7 +161,7 @@ impl Function {
     /// Handles one event as this function's role says (or as its shape says).
     pub async fn handle(&self, event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
         let role = match self.role {
-            Role::FromEvent => self.role_of(&event.payload),
+            Role::FromEvent => role_of(&self.config, &event.payload),
             role => role,
         };
         let LambdaEvent { payload, context } = event;
@@ -185,44 +185,45 @@ impl Function {
             }
         }
     }
+}
 
-    /// The role an event's shape names: an SQS batch from the work or the delivery queue, an
-    /// EventBridge schedule, or anything else for intake.
-    fn role_of(&self, payload: &Value) -> Role {
-        if payload.get("source").and_then(Value::as_str) == Some("aws.events")
-            || payload.get("detail-type").and_then(Value::as_str) == Some("Scheduled Event")
-        {
-            return Role::Sweeper;
-        }
-        let Some(first) = payload
-            .get("Records")
-            .and_then(Value::as_array)
-            .and_then(|r| r.first())
-            .filter(|r| r.get("eventSource").and_then(Value::as_str) == Some("aws:sqs"))
-        else {
-            return Role::Intake;
-        };
-        let arn = first
-            .get("eventSourceARN")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let queue = arn.rsplit(':').next().unwrap_or_default();
-        let named = |url: &str| !queue.is_empty() && url.rsplit('/').next() == Some(queue);
-        if named(&self.config.delivery_queue_url) {
-            return Role::Delivery;
-        }
-        if named(&self.config.work_queue_url) {
-            return Role::Worker;
-        }
-        let body = first
-            .get("body")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        if serde_json::from_str::<DeliveryMessage>(body).is_ok() {
-            Role::Delivery
-        } else {
-            Role::Worker
-        }
+/// The role an event's shape names: an SQS batch from the work or the delivery queue (by the
+/// queue's name in `eventSourceARN`, else by the message body), an EventBridge schedule, or
+/// anything else for intake.
+fn role_of(config: &Config, payload: &Value) -> Role {
+    if payload.get("source").and_then(Value::as_str) == Some("aws.events")
+        || payload.get("detail-type").and_then(Value::as_str) == Some("Scheduled Event")
+    {
+        return Role::Sweeper;
+    }
+    let Some(first) = payload
+        .get("Records")
+        .and_then(Value::as_array)
+        .and_then(|r| r.first())
+        .filter(|r| r.get("eventSource").and_then(Value::as_str) == Some("aws:sqs"))
+    else {
+        return Role::Intake;
+    };
+    let arn = first
+        .get("eventSourceARN")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let queue = arn.rsplit(':').next().unwrap_or_default();
+    let named = |url: &str| !queue.is_empty() && url.rsplit('/').next() == Some(queue);
+    if named(&config.delivery_queue_url) {
+        return Role::Delivery;
+    }
+    if named(&config.work_queue_url) {
+        return Role::Worker;
+    }
+    let body = first
+        .get("body")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if serde_json::from_str::<DeliveryMessage>(body).is_ok() {
+        Role::Delivery
+    } else {
+        Role::Worker
     }
 }
 
@@ -468,5 +469,69 @@ mod tests {
             .map(|f| f.item_identifier.clone())
             .collect();
         assert_eq!(failed, vec!["m-1".to_owned()]);
+    }
+}
+
+#[cfg(test)]
+mod role_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn config() -> Config {
+        Config::from_lookup(|name| match name {
+            "LONGRUN_TABLE" => Some("t".into()),
+            "LONGRUN_WORK_QUEUE_URL" => Some("http://sqs/000000000000/app-WorkQueue-1".into()),
+            "LONGRUN_DELIVERY_QUEUE_URL" => {
+                Some("http://sqs/000000000000/app-DeliveryQueue-1".into())
+            }
+            _ => None,
+        })
+        .unwrap()
+    }
+
+    fn batch(arn: &str, body: &str) -> Value {
+        json!({"Records": [{"messageId": "m", "body": body, "eventSource": "aws:sqs",
+                            "eventSourceARN": arn, "attributes": {}}]})
+    }
+
+    #[test]
+    fn an_events_shape_names_its_role() {
+        let config = config();
+        let arn = |q: &str| format!("arn:aws:sqs:us-east-1:000000000000:{q}");
+        assert_eq!(
+            role_of(&config, &batch(&arn("app-WorkQueue-1"), "{}")),
+            Role::Worker
+        );
+        assert_eq!(
+            role_of(&config, &batch(&arn("app-DeliveryQueue-1"), "{}")),
+            Role::Delivery
+        );
+        // An unknown queue: the body tells (a delivery message is tagged by `kind`).
+        let result = r#"{"kind":"result","task_id":"01M8997DG01YQ7K3ZC6M4T9H8P"}"#;
+        assert_eq!(
+            role_of(&config, &batch(&arn("other"), result)),
+            Role::Delivery
+        );
+        assert_eq!(role_of(&config, &batch(&arn("other"), "{}")), Role::Worker);
+        let schedule = json!({"source": "aws.events", "detail-type": "Scheduled Event"});
+        assert_eq!(role_of(&config, &schedule), Role::Sweeper);
+        for intake in [
+            json!({"action": "list", "ext": "e", "user": "u"}),
+            json!({"Records": []}),
+            json!([1, 2]),
+            Value::Null,
+        ] {
+            assert_eq!(role_of(&config, &intake), Role::Intake, "{intake}");
+        }
+    }
+
+    #[test]
+    fn longrun_role_names_one_of_four() {
+        assert_eq!("worker".parse::<Role>().unwrap(), Role::Worker);
+        let err = "workers".parse::<Role>().err().unwrap();
+        assert!(err.to_string().contains("LONGRUN_ROLE"), "{err}");
+        assert!(Role::Intake.needs_extension() && Role::Worker.needs_extension());
+        assert!(!Role::Delivery.needs_extension() && !Role::Sweeper.needs_extension());
     }
 }

@@ -225,3 +225,98 @@ impl TestStack {
         &self.stack
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::{ChatFunction, Ctx, TaskState};
+
+    #[derive(Deserialize, schemars::JsonSchema)]
+    struct Params {
+        #[serde(default)]
+        input: String,
+    }
+
+    struct Greeting(&'static str);
+
+    async fn keyed(ctx: Ctx, p: Params) -> crate::Result<ActionResult> {
+        let key = ctx.secrets.require("api_key").await?;
+        let greeting = ctx.state::<Greeting>()?;
+        ctx.progress(50, "Working").await?;
+        Ok(ActionResult::success(
+            greeting.0,
+            json!({"input": p.input, "key_len": key.expose().len()}),
+        ))
+    }
+
+    async fn stateless(ctx: Ctx, _p: Params) -> crate::Result<ActionResult> {
+        let missing = ctx.state::<String>().unwrap_err();
+        Ok(ActionResult::success(missing.to_string(), ()))
+    }
+
+    fn extension() -> Extension {
+        Extension::new("kit")
+            .secret("api_key", "Example key")
+            .with_state(Greeting("Hello"))
+            .function(ChatFunction::new("inline", keyed))
+            .function(ChatFunction::new("later", keyed).background(true))
+            .function(ChatFunction::new("stateless", stateless))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_secret_not_connected_answers_the_user_inline_and_in_the_background() {
+        // GIVEN a user who connected nothing
+        let stack = TestStack::new(extension());
+        // WHEN they call the inline and the background function
+        let inline = stack.call("u1", "inline", json!({})).await;
+        let later = stack.call("u1", "later", json!({})).await;
+        stack.run_until_idle().await;
+        // THEN both answers name the declared secret, not retryable, with no critical audit
+        let inline = inline.result().unwrap();
+        assert_eq!(
+            (inline.ok, inline.summary.as_str(), inline.retryable),
+            (false, "Example key not connected", false)
+        );
+        let results = stack.results("u1");
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0].summary, "Example key not connected");
+        let task_id = later.task_id().unwrap();
+        assert_eq!(stack.audit_count(&task_id, AuditKind::Critical).await, 0);
+        assert_eq!(
+            stack.task(&task_id).await.unwrap().state,
+            TaskState::Succeeded
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn state_and_secrets_reach_every_handler() {
+        let stack = TestStack::new(extension());
+        stack.secret("u1", "api_key", "sk-1234");
+        let inline = stack.call("u1", "inline", json!({"input": "x"})).await;
+        assert_eq!(inline.result().unwrap().summary, "Hello");
+        assert_eq!(
+            inline.result().unwrap().data.as_ref().unwrap()["key_len"],
+            7
+        );
+        let later = stack.call("u1", "later", json!({"input": "y"})).await;
+        stack.run_until_idle().await;
+        assert_eq!(stack.results("u1")[0].summary, "Hello");
+        let task = stack.task(&later.task_id().unwrap()).await.unwrap();
+        assert_eq!(task.progress.pct, 50);
+        // Another user's secret is not this one's.
+        stack.call("u2", "later", json!({})).await;
+        stack.run_until_idle().await;
+        assert_eq!(stack.results("u2")[0].summary, "Example key not connected");
+        let missing = stack.call("u1", "stateless", json!({})).await;
+        assert!(
+            missing
+                .result()
+                .unwrap()
+                .summary
+                .contains("no state of type alloc::string::String"),
+            "{missing:?}"
+        );
+    }
+}
