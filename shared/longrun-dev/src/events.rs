@@ -1,4 +1,5 @@
-//! Sample events for an extension, from its functions' example params: one `call` per function,
+//! Sample events for an extension, from its functions' example params: one `call` per function
+//! that declares them,
 //! `status`, `cancel` and `list`, a work-queue and a delivery-queue batch, and the sweeper's
 //! schedule — what `sam local invoke -e` and `cargo lambda invoke --data-file` take.
 
@@ -26,8 +27,11 @@ pub fn samples(extension: &Extension) -> Vec<(String, Value)> {
 pub fn samples_for(ext: &str, tools: &[ToolSpec]) -> Vec<(String, Value)> {
     let mut samples = Vec::new();
     let mut first_background = None;
+    // A function without example params gets no sample: `{}` would only show a 422.
     for tool in tools {
-        let params = tool.examples.first().cloned().unwrap_or(json!({}));
+        let Some(params) = tool.examples.first().cloned() else {
+            continue;
+        };
         if tool.background && first_background.is_none() {
             first_background = Some((tool, params.clone()));
         }
