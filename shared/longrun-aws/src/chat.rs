@@ -1,22 +1,49 @@
 //! The chat API adapter: `POST {LONGRUN_CHAT_API_URL}/chats/{chat}/messages` with an
 //! `Idempotency-Key` header and, when configured, a bearer token. Maps the answer to
-//! [`ChatOutcome`]: 2xx or 409 delivered, other 4xx rejected, 5xx or timeout unavailable.
+//! [`ChatOutcome`]:
+//!
+//! - 2xx or 409: delivered;
+//! - 408, 425, 429, 5xx, a timeout or no connection: unavailable — delivery tries again later.
+//!   A `Retry-After` of at most [`INLINE_RETRY_AFTER`] is waited out and the post tried once
+//!   more at once; a longer one is left to the queue's redelivery;
+//! - 401: the token is read again from its secret (it may have been rotated) and the post
+//!   tried once more; a second 401 is a rejection;
+//! - any other 4xx: rejected — trying again will not help.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use longrun::ports::{ChatApi, ChatOutcome, Secret};
+use longrun::ports::{ChatApi, ChatOutcome, PortResult, Secret};
 use longrun::wire::ChatMessage;
 
 /// How long one POST may take before it counts as unavailable.
 pub const CHAT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `Retry-After` waited out inline, before one more try.
+pub const INLINE_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// Reads the chat token again (from Secrets Manager), after a 401.
+pub type TokenSource =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = PortResult<Option<Secret>>> + Send>> + Send + Sync>;
 
 /// The chat platform's message API over HTTP(S).
 pub struct HttpChat {
     client: reqwest::Client,
     base_url: String,
-    token: Option<Secret>,
+    token: RwLock<Option<Secret>>,
+    refresh: Option<TokenSource>,
+}
+
+/// What one POST got back.
+enum Answer {
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    Failed(String),
 }
 
 impl HttpChat {
@@ -29,12 +56,111 @@ impl HttpChat {
         Self {
             client,
             base_url: base_url.into().trim_end_matches('/').to_owned(),
-            token,
+            token: RwLock::new(token),
+            refresh: None,
         }
+    }
+
+    /// Reads the token again through `source` when the API answers 401 (a rotated token).
+    pub fn refreshing_with(mut self, source: TokenSource) -> Self {
+        self.refresh = Some(source);
+        self
     }
 
     fn url(&self, chat: &str) -> String {
         format!("{}/chats/{}/messages", self.base_url, encode_segment(chat))
+    }
+
+    fn token(&self) -> Option<Secret> {
+        self.token
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    async fn send(&self, chat: &str, idempotency_key: &str, message: &ChatMessage) -> Answer {
+        let mut request = self
+            .client
+            .post(self.url(chat))
+            .header("Idempotency-Key", idempotency_key)
+            .json(message)
+            .timeout(CHAT_TIMEOUT);
+        if let Some(token) = self.token() {
+            request = request.bearer_auth(token.expose());
+        }
+        match request.send().await {
+            Ok(response) => Answer::Status {
+                status: response.status().as_u16(),
+                retry_after: retry_after(response.headers()),
+            },
+            Err(err) if err.is_timeout() => {
+                Answer::Failed(format!("chat API did not answer within {CHAT_TIMEOUT:?}"))
+            }
+            Err(err) => Answer::Failed(format!("chat API unreachable: {}", err.without_url())),
+        }
+    }
+
+    /// Reads the token again; whether it changed.
+    async fn refreshed(&self) -> bool {
+        let Some(source) = &self.refresh else {
+            return false;
+        };
+        match source().await {
+            Ok(Some(fresh)) if Some(&fresh) != self.token().as_ref() => {
+                *self
+                    .token
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(fresh);
+                tracing::info!("chat token read again after a 401");
+                true
+            }
+            Ok(_) => false,
+            Err(err) => {
+                tracing::warn!(error = %err, "chat token could not be read again");
+                false
+            }
+        }
+    }
+}
+
+/// A `Retry-After` given in seconds (the HTTP-date form is left to the queue's redelivery).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// Whether a status means "later" rather than "never".
+fn is_transient(status: u16) -> bool {
+    matches!(status, 408 | 425 | 429) || status >= 500
+}
+
+fn outcome(answer: Answer) -> ChatOutcome {
+    match answer {
+        Answer::Status { status, .. } if (200..=299).contains(&status) || status == 409 => {
+            ChatOutcome::Delivered
+        }
+        Answer::Status {
+            status,
+            retry_after,
+        } if is_transient(status) => ChatOutcome::Unavailable {
+            reason: match retry_after {
+                Some(after) => format!("chat API answered {status} (retry after {after:?})"),
+                None => format!("chat API answered {status}"),
+            },
+        },
+        Answer::Status { status, .. } if (400..=499).contains(&status) => {
+            ChatOutcome::Rejected { status }
+        }
+        Answer::Status { status, .. } => ChatOutcome::Unavailable {
+            reason: format!("chat API answered {status}"),
+        },
+        Answer::Failed(reason) => ChatOutcome::Unavailable { reason },
     }
 }
 
@@ -54,33 +180,22 @@ fn encode_segment(segment: &str) -> String {
 #[async_trait]
 impl ChatApi for HttpChat {
     async fn post(&self, chat: &str, idempotency_key: &str, message: &ChatMessage) -> ChatOutcome {
-        let mut request = self
-            .client
-            .post(self.url(chat))
-            .header("Idempotency-Key", idempotency_key)
-            .json(message)
-            .timeout(CHAT_TIMEOUT);
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token.expose());
-        }
-        match request.send().await {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                match status {
-                    200..=299 | 409 => ChatOutcome::Delivered,
-                    400..=499 => ChatOutcome::Rejected { status },
-                    _ => ChatOutcome::Unavailable {
-                        reason: format!("chat API answered {status}"),
-                    },
-                }
+        let answer = self.send(chat, idempotency_key, message).await;
+        let again = match &answer {
+            Answer::Status { status: 401, .. } => self.refreshed().await,
+            Answer::Status {
+                status,
+                retry_after: Some(after),
+            } if is_transient(*status) && *after <= INLINE_RETRY_AFTER => {
+                tokio::time::sleep(*after).await;
+                true
             }
-            Err(err) if err.is_timeout() => ChatOutcome::Unavailable {
-                reason: format!("chat API did not answer within {CHAT_TIMEOUT:?}"),
-            },
-            Err(err) => ChatOutcome::Unavailable {
-                reason: format!("chat API unreachable: {}", err.without_url()),
-            },
+            _ => false,
+        };
+        if again {
+            return outcome(self.send(chat, idempotency_key, message).await);
         }
+        outcome(answer)
     }
 }
 
@@ -169,17 +284,120 @@ mod tests {
             (409, ChatOutcome::Delivered),
             (404, ChatOutcome::Rejected { status: 404 }),
             (403, ChatOutcome::Rejected { status: 403 }),
+            (401, ChatOutcome::Rejected { status: 401 }),
         ] {
             let (url, _) = server(status).await;
             let chat = HttpChat::new(reqwest::Client::new(), url, None);
             assert_eq!(chat.post("c", "k", &message()).await, expected, "{status}");
         }
-        let (url, _) = server(503).await;
-        let chat = HttpChat::new(reqwest::Client::new(), url, None);
-        assert!(matches!(
+        // Throttled, timed out, too early and 5xx are "later", not "never".
+        for status in [408, 425, 429, 500, 503] {
+            let (url, _) = server(status).await;
+            let chat = HttpChat::new(reqwest::Client::new(), url, None);
+            assert!(
+                matches!(
+                    chat.post("c", "k", &message()).await,
+                    ChatOutcome::Unavailable { .. }
+                ),
+                "{status}"
+            );
+        }
+    }
+
+    type Authorizations = Arc<Mutex<Vec<Option<String>>>>;
+    type Script = Arc<Mutex<std::collections::VecDeque<(u16, Option<&'static str>)>>>;
+
+    /// A server that answers each POST with the next of `answers` (status, Retry-After) and
+    /// then 201; it records the Authorization header of each.
+    async fn scripted(answers: Vec<(u16, Option<&'static str>)>) -> (String, Authorizations) {
+        let seen: Authorizations = Arc::default();
+        let answers = Arc::new(Mutex::new(std::collections::VecDeque::from(answers)));
+        let state = (Arc::clone(&seen), answers);
+        let app = axum::Router::new()
+            .route(
+                "/chats/{chat}/messages",
+                post(
+                    |State((seen, answers)): State<(Authorizations, Script)>,
+                     headers: HeaderMap| async move {
+                        seen.lock().unwrap().push(
+                            headers
+                                .get("authorization")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned),
+                        );
+                        let (status, after) =
+                            answers.lock().unwrap().pop_front().unwrap_or((201, None));
+                        let mut response = axum::response::Response::new(axum::body::Body::empty());
+                        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                        if let Some(after) = after {
+                            response
+                                .headers_mut()
+                                .insert("retry-after", after.parse().unwrap());
+                        }
+                        response
+                    },
+                ),
+            )
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, seen)
+    }
+
+    fn source(token: &'static str) -> TokenSource {
+        Arc::new(move || Box::pin(async move { Ok(Some(Secret::new(token))) }))
+    }
+
+    #[tokio::test]
+    async fn a_401_reads_the_rotated_token_once_and_posts_again() {
+        // GIVEN an API that refuses the old token once
+        let (url, seen) = scripted(vec![(401, None)]).await;
+        let chat = HttpChat::new(reqwest::Client::new(), url, Some(Secret::new("old")))
+            .refreshing_with(source("new"));
+        // WHEN a message is posted, THEN it is delivered with the token read again
+        assert_eq!(
             chat.post("c", "k", &message()).await,
-            ChatOutcome::Unavailable { .. }
-        ));
+            ChatOutcome::Delivered
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![Some("Bearer old".to_owned()), Some("Bearer new".to_owned())]
+        );
+        // AND the next message uses the new token from the start
+        chat.post("c", "k2", &message()).await;
+        assert_eq!(seen.lock().unwrap()[2].as_deref(), Some("Bearer new"));
+    }
+
+    #[tokio::test]
+    async fn a_401_with_an_unchanged_token_is_rejected_without_a_second_post() {
+        let (url, seen) = scripted(vec![(401, None), (401, None)]).await;
+        let chat = HttpChat::new(reqwest::Client::new(), url, Some(Secret::new("same")))
+            .refreshing_with(source("same"));
+        assert_eq!(
+            chat.post("c", "k", &message()).await,
+            ChatOutcome::Rejected { status: 401 }
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_short_retry_after_is_waited_out_and_a_long_one_left_to_redelivery() {
+        let (url, seen) = scripted(vec![(429, Some("1"))]).await;
+        let chat = HttpChat::new(reqwest::Client::new(), url, None);
+        assert_eq!(
+            chat.post("c", "k", &message()).await,
+            ChatOutcome::Delivered
+        );
+        assert_eq!(seen.lock().unwrap().len(), 2);
+
+        let (url, seen) = scripted(vec![(429, Some("120"))]).await;
+        let chat = HttpChat::new(reqwest::Client::new(), url, None);
+        match chat.post("c", "k", &message()).await {
+            ChatOutcome::Unavailable { reason } => assert!(reason.contains("429"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(seen.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -154,8 +154,9 @@ impl longrun::ports::ChatApi for NoChat {
     }
 }
 
-/// The chat adapter for `config`: the HTTP API with the bearer token read once from
-/// `LONGRUN_CHAT_TOKEN_SECRET` when that is set.
+/// The chat adapter for `config`: the HTTP API with the bearer token read from
+/// `LONGRUN_CHAT_TOKEN_SECRET` when that is set — at cold start, and again after a 401 (a
+/// rotated token reaches running functions without a redeploy).
 pub async fn chat_from_config(
     clients: &AwsClients,
     config: &longrun::config::Config,
@@ -170,7 +171,17 @@ pub async fn chat_from_config(
         ),
         None => None,
     };
-    Ok(chat::HttpChat::new(http, url, token))
+    let chat = chat::HttpChat::new(http, url, token);
+    Ok(match &config.chat_token_secret {
+        Some(name) => {
+            let (client, name) = (clients.secrets.clone(), name.clone());
+            chat.refreshing_with(std::sync::Arc::new(move || {
+                let (client, name) = (client.clone(), name.clone());
+                Box::pin(async move { secrets::get_plain(&client, &name).await })
+            }))
+        }
+        None => chat,
+    })
 }
 
 /// Why a function could not start.
