@@ -476,6 +476,82 @@ async fn the_chat_page_shows_ack_progress_result_and_cancels_a_task() {
 /// with one more task in progress. Run it by hand:
 /// `LONGRUN_SCREENSHOT=docs/chat-page.png cargo test -p longrun-tests --test chat_page -- --ignored`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_opened_after_the_demo_shows_the_history_live_and_without_errors() {
+    let Some(chromium) = find_chromium() else {
+        if required() {
+            panic!(
+                "chromium is required under CI=true: run scripts/install-tools (apt-get install chromium)"
+            );
+        }
+        eprintln!("SKIPPED: chromium is not installed (scripts/install-tools installs it)");
+        return;
+    };
+    // GIVEN a dev stack whose demo has run to the end: its background tasks are finished and
+    // delivered before any page is open
+    let dev = DevProcess::start(
+        "chat-page-after-demo",
+        &["--simulate-model", "--simulate-latency-ms", "100..300"],
+        FAST_SETTINGS,
+    );
+    let http = reqwest::Client::new();
+    let list = serde_json::json!({"action": "list", "ext": "text-tools", "user": "dev-user"});
+    let started = std::time::Instant::now();
+    loop {
+        let answer: Value = http
+            .post(format!("{}/api/intake", dev.url))
+            .json(&list)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let tasks = answer["tasks"].as_array().cloned().unwrap_or_default();
+        if tasks.len() >= 2 && tasks.iter().all(|t| !t["delivered_at"].is_null()) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(90),
+            "the demo did not finish: {answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // WHEN the page opens on that history and the task list refreshes again and again
+    let browser = Browser::launch(&chromium);
+    let mut page = Page::open(&browser, &dev.url, 900).await;
+    page.ready().await;
+    let seen = page
+        .eval(
+            r##"(async () => {
+              const errors = [];
+              window.addEventListener("error", (e) => errors.push(String(e.message)));
+              window.addEventListener("unhandledrejection", (e) => errors.push(String(e.reason)));
+              for (let i = 0; i < 3; i++) {
+                document.querySelector("#refresh").click();
+                await new Promise((r) => setTimeout(r, 300));
+              }
+              const conn = document.querySelector("#conn");
+              return {
+                errors,
+                badge: conn.textContent,
+                badgeClass: conn.className,
+                results: document.querySelectorAll('.msg[data-kind="result"]').length,
+                rows: document.querySelectorAll("#tasks tbody tr").length,
+                cancels: document.querySelectorAll(".task-card button.cancel").length,
+              };
+            })()"##,
+        )
+        .await;
+    // THEN the finished tasks are there, the connection badge is live, and nothing threw
+    assert_eq!(seen["errors"], serde_json::json!([]), "{seen}");
+    assert_eq!(seen["badge"], "live", "{seen}");
+    assert_eq!(seen["badgeClass"], "badge live", "{seen}");
+    assert!(seen["results"].as_u64().unwrap() >= 2, "{seen}");
+    assert!(seen["rows"].as_u64().unwrap() >= 2, "{seen}");
+    assert_eq!(seen["cancels"], 0, "finished tasks offer no cancel: {seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "makes the README screenshot; run by hand"]
 async fn screenshot_after_the_demo() {
     let chromium = find_chromium().expect("chromium");
