@@ -27,19 +27,22 @@ pub struct DevArgs {
     pub args: Vec<OsString>,
 }
 
-/// Runs `cargo run [--release] --bin dev -- [--state-dir DIR] ARGS` in the current folder and
-/// exits as it exits.
+/// Runs `cargo run [--release] --bin dev -- [--state-dir DIR] ARGS` at the root of the
+/// workspace the current folder belongs to, and exits as it exits. The state folder stays
+/// where it would be for this folder.
 pub async fn run(aws: &AwsArgs, args: DevArgs) -> Result<(), Failure> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let root = workspace_root(&cargo).await?;
+    let state_dir = std::path::absolute(&aws.state_dir)?;
     let mut command = tokio::process::Command::new(cargo);
-    command.args(["run", "--quiet"]);
+    command.current_dir(root).args(["run", "--quiet"]);
     if !args.debug {
         command.arg("--release");
     }
     command.args(["--bin", "dev", "--"]);
     let asks_help = args.args.iter().any(|a| a == "--help" || a == "-h");
     if !asks_help {
-        command.arg("--state-dir").arg(&aws.state_dir);
+        command.arg("--state-dir").arg(&state_dir);
     }
     command.args(&args.args);
     let status = command.status().await.map_err(|e| {
@@ -54,4 +57,23 @@ pub async fn run(aws: &AwsArgs, args: DevArgs) -> Result<(), Failure> {
         )),
         code => Err(Failure::Exit(code.unwrap_or(1))),
     }
+}
+
+/// The folder of the workspace root manifest (`cargo locate-project --workspace`).
+async fn workspace_root(cargo: &std::ffi::OsStr) -> Result<std::path::PathBuf, Failure> {
+    let output = tokio::process::Command::new(cargo)
+        .args(["locate-project", "--workspace", "--message-format", "plain"])
+        .output()
+        .await
+        .map_err(|e| Failure::Config(format!("cannot run cargo ({e})")))?;
+    if !output.status.success() {
+        return Err(Failure::Config(
+            "`longrun dev` runs in a Cargo project: this folder is in none (make one with `longrun new`)".into(),
+        ));
+    }
+    let manifest = std::path::PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    Ok(manifest
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or(manifest))
 }

@@ -270,7 +270,7 @@ fn scaffold(name: &str, source: &Source, dir: &Path) -> Result<usize, Failure> {
             "__LONGRUN_TESTING__",
             &source.dependency("longrun", &["testing"]),
         )
-        .replace("__LONGRUN_HOME__", &source.home())
+        .replace("__LONGRUN_HOME__", env!("CARGO_PKG_REPOSITORY"))
         .replace("__LONGRUN__", &source.dependency("longrun", &[]))
         .replace("__CRATE__", &krate)
         .replace("__NAME__", name)

@@ -37,8 +37,10 @@ use crate::watch::{Invoked, LambdaWatch};
 
 /// The extension every scenario talks to.
 pub const EXT: &str = text_tools::NAME;
-/// The model names the functions are configured with.
+/// The model the functions are configured with (`OPENAI_MODEL`).
 pub const MODEL: &str = "gpt-e2e";
+/// The fast model the functions are configured with (`OPENAI_FAST_MODEL`, for
+/// `start_refinement`'s fast path).
 pub const FAST_MODEL: &str = "gpt-e2e-mini";
 /// Where the chat token lives in Secrets Manager.
 pub const CHAT_TOKEN_SECRET: &str = "e2e/chat-api-token";
@@ -50,17 +52,24 @@ pub struct Options {
     pub label: String,
     /// The one binary that serves intake, worker, delivery and sweeper.
     pub binary: String,
+    /// The extension that binary serves (the `ext` of every request).
+    pub ext: String,
+    /// The workspace `cargo lambda watch` runs the binary from: this one, or a project of an
+    /// author's own (`longrun new`), built beforehand into `CARGO_TARGET_DIR`.
+    pub project: Option<std::path::PathBuf>,
     /// `LONGRUN_*` settings overrides for every function.
     pub settings: BTreeMap<String, String>,
     /// Instances per function in `cargo lambda watch`, and invocations at once per mapping.
     pub concurrency: usize,
     /// Whether the chat API requires a bearer token (kept in Secrets Manager).
     pub chat_token: bool,
-    /// Visibility timeouts of the work and delivery queues, in seconds.
+    /// Visibility timeout of the work queue, in seconds.
     pub work_visibility_s: u32,
+    /// Visibility timeout of the delivery queue, in seconds.
     pub delivery_visibility_s: u32,
-    /// The worker's and delivery's function timeouts (the player's wait per invocation).
+    /// The worker's function timeout (the player's wait per invocation).
     pub worker_timeout: Duration,
+    /// Delivery's function timeout (the player's wait per invocation).
     pub delivery_timeout: Duration,
     /// How often the sweeper runs, if at all.
     pub sweep_every: Option<Duration>,
@@ -89,6 +98,8 @@ impl Options {
         Self {
             label: label.to_owned(),
             binary: "text-tools".into(),
+            ext: EXT.into(),
+            project: None,
             settings,
             concurrency: 4,
             chat_token: true,
@@ -118,17 +129,25 @@ impl Options {
 /// One run of the `longrun` CLI.
 #[derive(Debug, Clone)]
 pub struct CliRun {
+    /// The exit code; `None` when a signal ended the process.
     pub code: Option<i32>,
+    /// Everything it wrote to stdout.
     pub stdout: String,
+    /// Everything it wrote to stderr.
     pub stderr: String,
 }
 
 /// The running deployment. Fields drop in order: the player stops invoking before the
 /// functions stop, and the functions before the emulators.
 pub struct Stack {
+    /// The event-source-mapping player (queues to `worker` and `delivery`) and the
+    /// `sweeper` schedule.
     pub esm: Player,
+    /// `cargo lambda watch` serving the functions.
     pub watch: LambdaWatch,
+    /// The fake OpenAI-compatible server the functions call.
     pub openai: FakeOpenAi,
+    /// The fake chat API delivery posts to.
     pub chat: FakeChat,
     /// What `longrun bootstrap` printed, by name.
     pub config: BTreeMap<String, String>,
@@ -136,13 +155,17 @@ pub struct Stack {
     pub env: Vec<(String, String)>,
     /// The task table through longrun's adapter.
     pub tasks: DynamoTaskStore,
+    /// A DynamoDB client of the dynoxide emulator.
     pub dynamodb: aws_sdk_dynamodb::Client,
+    /// An SQS client of moto.
     pub sqs: aws_sdk_sqs::Client,
+    /// A Secrets Manager client of moto.
     pub secretsmanager: aws_sdk_secretsmanager::Client,
     /// The OpenAI key users connect (`longrun secrets set`); the fake accepts only it.
     pub openai_key: String,
     /// The chat API token, when the options asked for one.
     pub chat_token: Option<String>,
+    /// The options the stack was started with.
     pub options: Options,
     /// Scratch directory: the env file, every process's output.
     pub dir: PathBuf,
@@ -271,7 +294,11 @@ impl Stack {
                 .expect("shorten the visibility timeout");
         }
 
-        let watch = LambdaWatch::start(&env, options.concurrency, &dir)
+        let project = options
+            .project
+            .clone()
+            .unwrap_or_else(crate::workspace_root);
+        let watch = LambdaWatch::start(&env, options.concurrency, &dir, &project)
             .await
             .unwrap_or_else(|e| panic!("{e}"))
             .serving(&options.binary);
@@ -336,7 +363,7 @@ impl Stack {
         // warm every function before the scenario, so its timing is the pipeline's own.
         let empty_batch = json!({"Records": []});
         let worker = "worker";
-        let list = json!({"action": "list", "ext": EXT, "user": "warm-up"});
+        let list = json!({"action": "list", "ext": stack.options.ext, "user": "warm-up"});
         let (warm, _, _) = tokio::join!(
             stack.invoke_intake(&list),
             stack.invoke_json(worker, &empty_batch),
@@ -385,8 +412,9 @@ impl Stack {
 
     /// Calls `function` for `user` in `chat`; the intake response.
     pub async fn call(&self, user: &str, chat: &str, function: &str, params: Value) -> Value {
-        self.invoke_intake(&Self::call_event(user, chat, function, params))
-            .await
+        let mut event = Self::call_event(user, chat, function, params);
+        event["ext"] = json!(self.options.ext);
+        self.invoke_intake(&event).await
     }
 
     /// Calls a background function and returns the task id from its ack.
@@ -407,8 +435,10 @@ impl Stack {
 
     /// `status`, `cancel` or `list` for `user`.
     pub async fn ask(&self, action: &str, user: &str, task_id: &str) -> Value {
-        self.invoke_intake(&json!({"action": action, "ext": EXT, "user": user, "task_id": task_id}))
-            .await
+        self.invoke_intake(
+            &json!({"action": action, "ext": self.options.ext, "user": user, "task_id": task_id}),
+        )
+        .await
     }
 
     /// Connects `user`'s OpenAI key with `longrun secrets set` (the value on stdin).
@@ -420,7 +450,7 @@ impl Stack {
                     "secrets",
                     "set",
                     "--ext",
-                    EXT,
+                    &self.options.ext,
                     "--user",
                     user,
                     text_tools::API_KEY_SECRET,

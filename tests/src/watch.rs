@@ -42,7 +42,12 @@ pub enum Invoked {
     Answer(String),
     /// The function (or the runtime around it) reported an error: the emulator's status and
     /// body (`{"errorType", "errorMessage"}`).
-    FunctionError { status: u16, body: String },
+    FunctionError {
+        /// The emulator's HTTP status.
+        status: u16,
+        /// The error body, `{"errorType", "errorMessage"}`.
+        body: String,
+    },
     /// No answer within the timeout (a killed or hung instance).
     TimedOut,
     /// The emulator could not be reached.
@@ -130,11 +135,12 @@ impl Invoker {
 
 impl LambdaWatch {
     /// Starts `cargo lambda watch` in the workspace with `env` for every function, at most
-    /// `concurrency` instances per function, logging to `log_dir`.
+    /// `concurrency` instances per function, logging to `log_dir`, in the workspace `project`.
     pub async fn start(
         env: &[(String, String)],
         concurrency: usize,
         log_dir: &Path,
+        project: &Path,
     ) -> Result<Self, String> {
         let env_file = log_dir.join("functions.env");
         let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
@@ -164,10 +170,15 @@ impl LambdaWatch {
                 &format!("cargo-lambda-watch-{attempt}"),
                 "cargo",
                 &args,
-                &crate::workspace_root(),
+                project,
                 &[
                     ("CARGO_TERM_COLOR".into(), "never".into()),
                     ("NO_COLOR".into(), "1".into()),
+                    // A project of an author's own shares this workspace's target folder.
+                    (
+                        "CARGO_TARGET_DIR".into(),
+                        crate::target_dir().to_string_lossy().into_owned(),
+                    ),
                 ],
                 log_dir,
             )?;

@@ -721,6 +721,10 @@ async fn local_commands_without_a_running_stack_say_how_to_start_one() {
         run.contains("--simulate-model") && run.contains("--demo-only"),
         "{run}"
     );
+    // `longrun dev` links no extension: it runs the project's dev binary (here functions/dev).
+    let run = longrun(empty.path(), &["dev", "--debug", "--help"], None).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("--simulate-model"), "{run:?}");
     let run = longrun(empty.path(), &["call", "--help"], None).await;
     assert!(run.stdout.contains("--function-name") && run.stdout.contains("--params"));
 }

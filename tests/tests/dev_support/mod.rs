@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Settings that make a task take a second instead of minutes (env overrides of `Settings`).
-pub const FAST_SETTINGS: &[(&str, &str)] = &[
+pub(crate) const FAST_SETTINGS: &[(&str, &str)] = &[
     ("LONGRUN_HEARTBEAT_MS", "150"),
     ("LONGRUN_PROGRESS_INTERVAL_MS", "100"),
     ("LONGRUN_LEASE_MS", "3000"),
@@ -18,10 +18,14 @@ pub const FAST_SETTINGS: &[(&str, &str)] = &[
 ];
 
 /// A folder under the system temp dir, removed when dropped.
-pub struct TempDir(pub PathBuf);
+pub(crate) struct TempDir(
+    /// The folder's path.
+    pub(crate) PathBuf,
+);
 
 impl TempDir {
-    pub fn new(name: &str) -> Self {
+    /// Creates a fresh folder `longrun-NAME-PID-ULID` under the system temp dir.
+    pub(crate) fn new(name: &str) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "longrun-{name}-{}-{}",
             std::process::id(),
@@ -31,7 +35,8 @@ impl TempDir {
         Self(dir)
     }
 
-    pub fn path(&self) -> &Path {
+    /// The folder's path.
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -45,7 +50,7 @@ impl Drop for TempDir {
 /// The `longrun` binary, built once per test process by `cargo build` (a no-op when it is up to
 /// date) and located from cargo's own report, so a custom target folder or profile is no
 /// guesswork.
-pub fn longrun_binary() -> PathBuf {
+pub(crate) fn longrun_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
         .get_or_init(|| built("longrun-cli", "longrun"))
@@ -54,7 +59,7 @@ pub fn longrun_binary() -> PathBuf {
 
 /// The reference extension's dev binary (`functions/dev`: `longrun_dev::main(text-tools)`),
 /// built like [`longrun_binary`].
-pub fn dev_binary() -> PathBuf {
+pub(crate) fn dev_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
         .get_or_init(|| built("text-tools-dev", "dev"))
@@ -95,14 +100,18 @@ fn built(package: &str, bin: &str) -> PathBuf {
 
 /// What a finished `longrun` command printed and how it exited.
 #[derive(Debug)]
-pub struct Run {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
+pub(crate) struct Run {
+    /// The exit code (-1 when the process was ended by a signal).
+    pub(crate) code: i32,
+    /// Everything it wrote to stdout.
+    pub(crate) stdout: String,
+    /// Everything it wrote to stderr.
+    pub(crate) stderr: String,
 }
 
 impl Run {
-    pub fn json(&self) -> serde_json::Value {
+    /// Stdout parsed as one JSON value; panics, showing stdout, when it is not JSON.
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
     }
@@ -110,12 +119,12 @@ impl Run {
 
 /// Runs `longrun ARGS` for the state folder `state`, with `stdin` as its input, an
 /// environment free of the developer's AWS settings, and a time limit.
-pub async fn longrun(state: &Path, args: &[&str], stdin: Option<&str>) -> Run {
+pub(crate) async fn longrun(state: &Path, args: &[&str], stdin: Option<&str>) -> Run {
     longrun_env(state, args, stdin, &[]).await
 }
 
 /// [`longrun`] with extra environment variables.
-pub async fn longrun_env(
+pub(crate) async fn longrun_env(
     state: &Path,
     args: &[&str],
     stdin: Option<&str>,
@@ -160,19 +169,20 @@ pub async fn longrun_env(
 
 /// A dev stack process (the reference extension's dev binary, what `longrun dev` runs).
 /// Dropping it kills it.
-pub struct DevProcess {
+pub(crate) struct DevProcess {
     child: std::process::Child,
-    pub state: TempDir,
+    /// The throw-away state folder passed as `--state-dir`.
+    pub(crate) state: TempDir,
     /// `http://127.0.0.1:PORT` of the chat page.
-    pub url: String,
+    pub(crate) url: String,
     /// What `dev.json` says.
-    pub endpoints: serde_json::Value,
+    pub(crate) endpoints: serde_json::Value,
     log: PathBuf,
 }
 
 impl DevProcess {
     /// Starts `dev --port 0 ARGS` with `env`, and waits until it answers.
-    pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+    pub(crate) fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let state = TempDir::new(name);
         let log = state.path().with_extension("log");
         let out = std::fs::File::create(&log).expect("log file");
@@ -227,7 +237,7 @@ impl DevProcess {
     }
 
     /// What the process printed so far.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -265,12 +275,12 @@ fn health(url: &str) -> bool {
 }
 
 /// Whether tests that need a tool must fail rather than skip when it is missing (`CI=true`).
-pub fn required() -> bool {
+pub(crate) fn required() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 /// What the dev binary's `--help` prints.
-pub async fn dev_help() -> String {
+pub(crate) async fn dev_help() -> String {
     let output = tokio::process::Command::new(dev_binary())
         .arg("--help")
         .output()

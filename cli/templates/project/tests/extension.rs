@@ -43,10 +43,11 @@ async fn a_background_summary_acks_at_once_then_reaches_the_chat_exactly_once() 
     assert!(results[0].ok, "{results:?}");
     let text = results[0].data.as_ref().unwrap()["text"].as_str().unwrap();
     assert!(text.starts_with(LABEL), "{text}");
-    assert!(!stack.progress("u1").is_empty());
-    // AND the task record and its audit trail tell the operator the same story
+    // AND the task record and its audit trail tell the operator the same story (progress
+    // messages in the chat depend on timing: a task this quick may finish before any is sent)
     let task = stack.task(&task_id).await.unwrap();
     assert_eq!(task.state, TaskState::Succeeded);
+    assert_eq!(task.progress.pct, 90);
     assert!(task.delivered_at.is_some());
     assert_eq!(stack.audit_count(&task_id, AuditKind::Delivered).await, 1);
     assert_eq!(stack.stored("u1", "last_summary").await, Some(json!(text)));
