@@ -222,6 +222,23 @@ pub enum StoreError {
     InvalidKey(usize),
 }
 
+/// The longest progress message, in characters: a longer one is cut (with `…`), so every
+/// checkpoint — each one a heartbeat and a cancellation point — stays a small write.
+pub const MAX_PROGRESS_MESSAGE_CHARS: usize = 500;
+
+/// `message`, cut to [`MAX_PROGRESS_MESSAGE_CHARS`] characters.
+fn bounded(message: String) -> String {
+    if message.chars().nth(MAX_PROGRESS_MESSAGE_CHARS).is_none() {
+        return message;
+    }
+    let mut cut: String = message
+        .chars()
+        .take(MAX_PROGRESS_MESSAGE_CHARS - 1)
+        .collect();
+    cut.push('…');
+    cut
+}
+
 /// The longest `ctx.store` key, in bytes.
 pub const MAX_STORE_KEY_BYTES: usize = 1024;
 
@@ -370,7 +387,7 @@ impl Ctx {
             Some(sink) => {
                 sink.report(Progress {
                     pct,
-                    message: message.into(),
+                    message: bounded(message.into()),
                 })
                 .await
             }
@@ -443,6 +460,16 @@ mod tests {
         ));
         store.delete("last").await.unwrap();
         assert_eq!(store.get::<Vec<u8>>("last").await.unwrap(), None);
+    }
+
+    #[test]
+    fn progress_messages_are_cut_to_their_bound() {
+        let short = "é".repeat(MAX_PROGRESS_MESSAGE_CHARS);
+        assert_eq!(bounded(short.clone()), short);
+        let long = bounded("é".repeat(MAX_PROGRESS_MESSAGE_CHARS * 1000));
+        assert_eq!(long.chars().count(), MAX_PROGRESS_MESSAGE_CHARS);
+        assert!(long.ends_with('…'));
+        assert_eq!(bounded("Saving".into()), "Saving");
     }
 
     #[tokio::test]

@@ -91,8 +91,8 @@ pub mod worker;
 
 pub use action::ActionResult;
 pub use ctx::{
-    BackgroundError, BackgroundOptions, Caller, Ctx, MAX_STORE_KEY_BYTES, MissingState,
-    ProgressError, SecretError, Secrets, Store, StoreError,
+    BackgroundError, BackgroundOptions, Caller, Ctx, MAX_PROGRESS_MESSAGE_CHARS,
+    MAX_STORE_KEY_BYTES, MissingState, ProgressError, SecretError, Secrets, Store, StoreError,
 };
 pub use error::{Cancelled, Error, Result};
 pub use extension::{
