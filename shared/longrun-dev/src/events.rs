@@ -60,7 +60,9 @@ pub fn samples_for(ext: &str, tools: &[ToolSpec]) -> Vec<(String, Value)> {
             "function": tool.name, "kind": "function", "event": tool.event,
             "name": null, "params": params,
             "cap_s": if tool.long_running { 1800 } else { 180 },
-            "created_at": "2026-11-25T12:00:00.000Z", "request_id": format!("r-{}", tool.name),
+            // Not the `call` sample's request id: played after it, the worker would take this
+            // for a retry of that call and drop it.
+            "created_at": "2026-11-25T12:00:00.000Z", "request_id": "r-sample-task",
         });
         samples.push((
             "worker-sqs.json".to_owned(),
