@@ -472,9 +472,6 @@ async fn the_chat_page_shows_ack_progress_result_and_cancels_a_task() {
     }
 }
 
-/// Makes `docs/chat-page.png`: the page after `longrun dev --simulate-model` ran the seed demo,
-/// with one more task in progress. Run it by hand:
-/// `LONGRUN_SCREENSHOT=docs/chat-page.png cargo test -p longrun-tests --test chat_page -- --ignored`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_opened_after_the_demo_shows_the_history_live_and_without_errors() {
     let Some(chromium) = find_chromium() else {
@@ -490,7 +487,7 @@ async fn a_page_opened_after_the_demo_shows_the_history_live_and_without_errors(
     // delivered before any page is open
     let dev = DevProcess::start(
         "chat-page-after-demo",
-        &["--simulate-model", "--simulate-latency-ms", "100..300"],
+        &["--simulate-model", "--simulate-latency-ms", "2500..3500"],
         FAST_SETTINGS,
     );
     let http = reqwest::Client::new();
@@ -549,8 +546,72 @@ async fn a_page_opened_after_the_demo_shows_the_history_live_and_without_errors(
     assert!(seen["results"].as_u64().unwrap() >= 2, "{seen}");
     assert!(seen["rows"].as_u64().unwrap() >= 2, "{seen}");
     assert_eq!(seen["cancels"], 0, "finished tasks offer no cancel: {seen}");
+
+    // WHEN the user switches to another chat and another user, and back
+    let switched = page
+        .eval(
+            r##"(async () => {
+              const set = (id, value) => { const i = document.querySelector(id); i.value = value; i.dispatchEvent(new Event("change")); };
+              set("#chat", "another-chat");
+              await __t.wait(() => document.querySelector("#empty"), 10000, "an empty conversation");
+              const otherChat = document.querySelectorAll('.msg[data-kind="result"]').length;
+              set("#user", "someone-else");
+              await __t.wait(() => document.querySelectorAll("#tasks tbody tr").length === 0, 10000, "an empty task list");
+              set("#user", "dev-user");
+              set("#chat", "dev-chat");
+              await __t.wait(() => document.querySelectorAll("#tasks tbody tr").length >= 2, 10000, "dev-user's tasks");
+              await __t.wait(() => document.querySelectorAll('.msg[data-kind="result"]').length >= 2, 10000, "dev-chat's results");
+              return { otherChat };
+            })()"##,
+        )
+        .await;
+    // THEN each chat shows its own conversation and each user their own tasks
+    assert_eq!(switched["otherChat"], 0, "{switched}");
+
+    // WHEN a running task is cancelled from the task list (not from its card)
+    let started = page
+        .eval(r#"__t.call("refine_output", "cancel me from the list")"#)
+        .await;
+    let id = started["taskId"].as_str().unwrap().to_owned();
+    let cancelled = page
+        .eval(&format!(
+            r#"(async () => {{
+              const id = {id:?};
+              const button = await __t.wait(() => document.querySelector(`#tasks tr[data-task-id="${{id}}"] button.cancel`), 30000, "the list's Cancel button");
+              button.click();
+              const row = await __t.wait(() => document.querySelector(`#tasks tr[data-task-id="${{id}}"][data-state="cancelled"]`), 30000, "the row cancelled");
+              const result = await __t.wait(() => document.querySelector(`.msg[data-kind="result"][data-task-id="${{id}}"]`), 30000, "the cancellation");
+              return {{ row: row.dataset.state, text: result.innerText, buttons: row.querySelectorAll("button").length }};
+            }})()"#
+        ))
+        .await;
+    // THEN it ends cancelled, with one message saying so and no Cancel button left
+    assert_eq!(cancelled["row"], "cancelled", "{cancelled}");
+    assert!(
+        cancelled["text"]
+            .as_str()
+            .unwrap()
+            .contains("'refine_output' was cancelled."),
+        "{cancelled}"
+    );
+    assert_eq!(cancelled["buttons"], 0, "{cancelled}");
+
+    // A screenshot of the page as the user left it, kept as a test artifact.
+    let shot = longrun_tests::target_dir().join("test-artifacts/chat-page-after-demo.png");
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    page.screenshot(&shot.to_string_lossy()).await;
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{}",
+        shot.display()
+    );
+    eprintln!("screenshot: {}", shot.display());
 }
 
+/// Makes `docs/chat-page.png`: the page after `longrun dev --simulate-model` ran the seed demo,
+/// with one more task in progress. Run it by hand:
+/// `LONGRUN_SCREENSHOT=docs/chat-page.png cargo test -p longrun-tests --test chat_page -- --ignored`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "makes the README screenshot; run by hand"]
 async fn screenshot_after_the_demo() {
