@@ -361,6 +361,23 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[test]
+    fn dependencies_point_at_the_checkout_or_the_repository() {
+        let path = Source::Path(PathBuf::from("/src/longrun"));
+        assert_eq!(
+            path.dependency("longrun", &["testing"]),
+            r#"{ path = "/src/longrun/shared/longrun", features = ["testing"] }"#
+        );
+        let git = Source::Git {
+            url: "https://example.com/longrun.git".into(),
+            rev: Some("v0.1".into()),
+        };
+        assert_eq!(
+            git.dependency("longrun-lambda", &[]),
+            r#"{ git = "https://example.com/longrun.git", rev = "v0.1" }"#
+        );
+    }
+
     fn walk(dir: &Path) -> Vec<PathBuf> {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(dir).unwrap().flatten() {
