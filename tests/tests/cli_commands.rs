@@ -16,6 +16,9 @@ use serde_json::{Value, json};
 const SIMULATED: &str = "(simulated answer";
 
 fn fast_dev(name: &str, latency: &str) -> DevProcess {
+    // Both binaries built before any stack starts: a build (a minute, cold) never runs down
+    // a scenario's own time limits.
+    dev_support::longrun_binary();
     DevProcess::start(
         name,
         &[
