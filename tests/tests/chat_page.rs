@@ -356,15 +356,23 @@ window.__t = {
 true
 "##;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_chat_page_shows_ack_progress_result_and_cancels_a_task() {
-    let Some(chromium) = find_chromium() else {
+/// The browser, or `None` with a `SKIPPED:` line — a failure instead under `CI=true`.
+fn chromium_or_skip() -> Option<String> {
+    let found = find_chromium();
+    if found.is_none() {
         if required() {
             panic!(
                 "chromium is required under CI=true: run scripts/install-tools (apt-get install chromium)"
             );
         }
         eprintln!("SKIPPED: chromium is not installed (scripts/install-tools installs it)");
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_shows_ack_progress_result_and_cancels_a_task() {
+    let Some(chromium) = chromium_or_skip() else {
         return;
     };
     // GIVEN a dev stack whose simulated model takes 3–4 s, and the page open in Chromium
@@ -474,13 +482,7 @@ async fn the_chat_page_shows_ack_progress_result_and_cancels_a_task() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_opened_after_the_demo_shows_the_history_live_and_without_errors() {
-    let Some(chromium) = find_chromium() else {
-        if required() {
-            panic!(
-                "chromium is required under CI=true: run scripts/install-tools (apt-get install chromium)"
-            );
-        }
-        eprintln!("SKIPPED: chromium is not installed (scripts/install-tools installs it)");
+    let Some(chromium) = chromium_or_skip() else {
         return;
     };
     // GIVEN a dev stack whose demo has run to the end: its background tasks are finished and
