@@ -287,11 +287,6 @@ fn scaffold(name: &str, source: &Source, dir: &Path) -> Result<usize, Failure> {
         "samconfig.toml".into(),
         SAMCONFIG.replace("\"longrun\"", &format!("\"{name}\"")),
     ));
-    for (file, event) in longrun_dev::events::samples_for(name, &scaffold_tools()) {
-        let text =
-            serde_json::to_string_pretty(&event).map_err(|e| Failure::Other(e.to_string()))?;
-        files.push((PathBuf::from("events").join(file), text + "\n"));
-    }
     // The checkout's lock file: the project resolves to the versions longrun is tested with,
     // and builds offline from the local crate cache.
     if let Source::Path(root) = source
@@ -308,7 +303,12 @@ fn scaffold(name: &str, source: &Source, dir: &Path) -> Result<usize, Failure> {
         std::fs::write(&path, text)
             .map_err(|e| Failure::Other(format!("{}: {e}", path.display())))?;
     }
-    Ok(files.len())
+    // The sample events as the project's dev binary writes them (`--write-events events`).
+    let events = longrun_dev::events::write_samples(
+        longrun_dev::events::samples_for(name, &scaffold_tools()),
+        &dir.join("events"),
+    )?;
+    Ok(files.len() + events.len())
 }
 
 #[cfg(test)]
