@@ -134,13 +134,14 @@ pub async fn init(extension: Extension, role: Role) -> Result<Function, InitErro
     let settings = Settings::from_env()?;
     let clients = AwsClients::from_env().await;
     let http = reqwest::Client::new();
-    let chat: Option<Arc<dyn ChatApi>> = match role {
-        Role::Delivery => Some(Arc::new(chat_from_config(&clients, &config, http).await?)),
-        // Serving every role: the chat API when it is configured (delivery fails without).
-        Role::FromEvent if config.chat_api_url.is_some() => {
-            Some(Arc::new(chat_from_config(&clients, &config, http).await?))
-        }
-        _ => None,
+    // Delivery posts into the chat; a process serving every role does so when the chat API
+    // is configured (its delivery fails without).
+    let posts =
+        role == Role::Delivery || (role == Role::FromEvent && config.chat_api_url.is_some());
+    let chat: Option<Arc<dyn ChatApi>> = if posts {
+        Some(Arc::new(chat_from_config(&clients, &config, http).await?))
+    } else {
+        None
     };
     let services = services(&clients, &config, chat);
     let rt = if role.needs_extension() {
