@@ -145,16 +145,14 @@ async fn a_new_project_builds_tests_runs_locally_validates_and_delivers_through_
     let state = home.path().join("state");
     let mut env: Vec<(&str, &str)> = FAST_SETTINGS.to_vec();
     env.push(("LONGRUN_CAP_S", "60"));
-    let demo = run(
-        &project,
-        &cargo,
+    // The project's dev binary, as its README runs it (offline).
+    let dev = |args: &[&str], env: &[(&str, &str)]| {
+        let mut all = vec!["run", "--offline", "--quiet", "--bin", "dev", "--"];
+        all.extend_from_slice(args);
+        run(&project, &cargo, &all, env)
+    };
+    let demo = dev(
         &[
-            "run",
-            "--offline",
-            "--quiet",
-            "--bin",
-            "dev",
-            "--",
             "--simulate-model",
             "--simulate-latency-ms",
             "50..150",
@@ -182,21 +180,7 @@ async fn a_new_project_builds_tests_runs_locally_validates_and_delivers_through_
 
     // AND its sample events are what its dev binary writes from the code
     let written = home.path().join("events");
-    run(
-        &project,
-        &cargo,
-        &[
-            "run",
-            "--offline",
-            "--quiet",
-            "--bin",
-            "dev",
-            "--",
-            "--write-events",
-            written.to_str().unwrap(),
-        ],
-        &[],
-    );
+    dev(&["--write-events", written.to_str().unwrap()], &[]);
     for entry in std::fs::read_dir(project.join("events")).unwrap().flatten() {
         let shipped = std::fs::read_to_string(entry.path()).unwrap();
         let fresh = std::fs::read_to_string(written.join(entry.file_name())).unwrap_or_default();
