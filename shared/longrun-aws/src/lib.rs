@@ -91,11 +91,46 @@ impl AwsClients {
         }
     }
 
-    /// Clients from the environment: the standard AWS variables and profile files.
+    /// Clients from the environment: the standard AWS variables and profile files, then
+    /// [`ENDPOINT_VARS`] where set and not empty.
     pub async fn from_env() -> Self {
-        Self::new(&aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await)
+        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        Self::new(&sdk).with_endpoints(|name| std::env::var(name).ok())
+    }
+
+    /// Points each client whose [`ENDPOINT_VARS`] entry `lookup` answers (not empty) at that
+    /// endpoint.
+    pub fn with_endpoints(mut self, lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let [dynamodb, sqs, secrets] = ENDPOINT_VARS.map(|name| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        });
+        if let Some(url) = dynamodb {
+            let config = self.dynamodb.config().to_builder().endpoint_url(url);
+            self.dynamodb = aws_sdk_dynamodb::Client::from_conf(config.build());
+        }
+        if let Some(url) = sqs {
+            let config = self.sqs.config().to_builder().endpoint_url(url);
+            self.sqs = aws_sdk_sqs::Client::from_conf(config.build());
+        }
+        if let Some(url) = secrets {
+            let config = self.secrets.config().to_builder().endpoint_url(url);
+            self.secrets = aws_sdk_secretsmanager::Client::from_conf(config.build());
+        }
+        self
     }
 }
+
+/// Endpoint overrides for DynamoDB, SQS and Secrets Manager, in that order — for local
+/// emulators under `sam local`, which passes a function only the variables its template
+/// declares. `template.yaml` declares them empty (empty = the SDK's own resolution, which also
+/// honours the standard `AWS_ENDPOINT_URL_*` variables).
+pub const ENDPOINT_VARS: [&str; 3] = [
+    "LONGRUN_ENDPOINT_URL_DYNAMODB",
+    "LONGRUN_ENDPOINT_URL_SQS",
+    "LONGRUN_ENDPOINT_URL_SECRETS_MANAGER",
+];
 
 /// The pipeline's ports on AWS, for `config`. `chat` is the chat API adapter (delivery's);
 /// functions that never post pass `None`.
@@ -205,5 +240,38 @@ pub enum InitError {
 impl std::fmt::Debug for InitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn sdk() -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                "testing", "testing", None, None, "test",
+            ))
+            .load()
+            .await
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_variable_sends_its_service_there() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        // DynamoDB's set (spaces around it are trimmed), SQS's empty: SQS keeps the SDK's.
+        let clients = AwsClients::new(&sdk().await).with_endpoints(|name| match name {
+            "LONGRUN_ENDPOINT_URL_DYNAMODB" => Some(format!(" {url} ")),
+            "LONGRUN_ENDPOINT_URL_SQS" => Some("  ".into()),
+            _ => None,
+        });
+        tokio::select! {
+            accepted = listener.accept() => assert!(accepted.is_ok()),
+            answered = clients.dynamodb.list_tables().send() => {
+                panic!("the request went elsewhere: {answered:?}")
+            }
+        }
     }
 }
