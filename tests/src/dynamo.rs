@@ -7,16 +7,23 @@ use tokio::sync::oneshot;
 
 /// A running dynoxide HTTP server. It stops when dropped.
 pub struct Dynoxide {
-    /// `http://127.0.0.1:{port}`.
+    /// `http://{host}:{port}`.
     pub endpoint: String,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
 impl Dynoxide {
-    /// Starts a server over a fresh in-memory database. Must be called inside a Tokio runtime.
+    /// Starts a server over a fresh in-memory database on loopback. Must be called inside a
+    /// Tokio runtime.
     pub async fn start() -> Result<Self, String> {
+        Self::start_on(crate::LOOPBACK).await
+    }
+
+    /// Starts a server listening on `host` (e.g. the Docker bridge's address, so containers
+    /// reach it).
+    pub async fn start_on(host: std::net::IpAddr) -> Result<Self, String> {
         let db = dynoxide::Database::memory().map_err(|e| format!("dynoxide database: {e}"))?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind((host, 0))
             .await
             .map_err(|e| format!("bind: {e}"))?;
         let addr = listener

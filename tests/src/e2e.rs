@@ -77,6 +77,8 @@ pub struct Options {
     pub esm: bool,
     /// `RUST_LOG` of the functions.
     pub rust_log: String,
+    /// Where moto, dynoxide and the fakes listen (loopback unless containers must reach them).
+    pub host: std::net::IpAddr,
 }
 
 impl Options {
@@ -110,6 +112,7 @@ impl Options {
             sweep_every: Some(Duration::from_secs(1)),
             esm: true,
             rust_log: "info".into(),
+            host: crate::LOOPBACK,
         }
     }
 
@@ -181,15 +184,19 @@ impl Stack {
             crate::skip_or_fail("cargo-lambda (pip install cargo-lambda)");
             return None;
         }
-        let moto = Moto::start().await?;
+        let moto = Moto::start_on(options.host).await?;
         tokio::task::spawn_blocking(crate::build_stack_binaries)
             .await
             .expect("build task")
             .unwrap_or_else(|e| panic!("{e}"));
         let dir = crate::scratch_dir(&options.label);
-        let dynoxide = Dynoxide::start().await.expect("dynoxide");
-        let openai = FakeOpenAi::start().await.expect("fake OpenAI server");
-        let chat = FakeChat::start().await.expect("fake chat API");
+        let dynoxide = Dynoxide::start_on(options.host).await.expect("dynoxide");
+        let openai = FakeOpenAi::start_on(options.host)
+            .await
+            .expect("fake OpenAI server");
+        let chat = FakeChat::start_on(options.host)
+            .await
+            .expect("fake chat API");
         let openai_key = format!("sk-e2e-{}", ulid::Ulid::new().to_string().to_lowercase());
         openai.expect_key(&openai_key);
 

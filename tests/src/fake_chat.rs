@@ -58,7 +58,7 @@ type Shared = Arc<Mutex<Inner>>;
 
 /// A running fake. Stops when dropped.
 pub struct FakeChat {
-    /// `http://127.0.0.1:PORT`: the value for `LONGRUN_CHAT_API_URL`.
+    /// `http://HOST:PORT`: the value for `LONGRUN_CHAT_API_URL`.
     pub url: String,
     inner: Shared,
     server: tokio::task::JoinHandle<()>,
@@ -67,11 +67,16 @@ pub struct FakeChat {
 impl FakeChat {
     /// Starts the server on a free loopback port.
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_on(crate::LOOPBACK).await
+    }
+
+    /// Starts the server on a free port of `host`.
+    pub async fn start_on(host: std::net::IpAddr) -> std::io::Result<Self> {
         let inner: Shared = Arc::default();
         let app = axum::Router::new()
             .route("/chats/{chat}/messages", post(post_message))
             .with_state(Arc::clone(&inner));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind((host, 0)).await?;
         let url = format!("http://{}", listener.local_addr()?);
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

@@ -67,7 +67,7 @@ type Shared = Arc<Mutex<Inner>>;
 
 /// A running fake. Stops when dropped.
 pub struct FakeOpenAi {
-    /// `http://127.0.0.1:PORT/v1`: the value for `OPENAI_BASE_URL`.
+    /// `http://HOST:PORT/v1`: the value for `OPENAI_BASE_URL`.
     pub base_url: String,
     inner: Shared,
     server: tokio::task::JoinHandle<()>,
@@ -76,11 +76,16 @@ pub struct FakeOpenAi {
 impl FakeOpenAi {
     /// Starts the server on a free loopback port.
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_on(crate::LOOPBACK).await
+    }
+
+    /// Starts the server on a free port of `host`.
+    pub async fn start_on(host: std::net::IpAddr) -> std::io::Result<Self> {
         let inner: Shared = Arc::default();
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(completions))
             .with_state(Arc::clone(&inner));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind((host, 0)).await?;
         let base_url = format!("http://{}/v1", listener.local_addr()?);
         let server = tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<SocketAddr>();

@@ -14,6 +14,7 @@ pub mod fake_openai;
 pub mod faults;
 pub mod moto;
 pub mod procs;
+pub mod sample_events;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -127,6 +128,9 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Where the harness's servers listen unless a test says otherwise.
+pub const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// A free loopback port (another process may take it before it is used: callers retry).
 pub fn free_port() -> std::io::Result<u16> {

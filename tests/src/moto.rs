@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_sqs::config::Credentials;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// How long moto may take to answer after it was spawned.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,16 +31,21 @@ main(sys.argv[1:])
 
 /// A running moto server.
 pub struct Moto {
-    /// `http://127.0.0.1:PORT`.
+    /// `http://HOST:PORT`.
     pub endpoint: String,
     child: Child,
     log: PathBuf,
 }
 
 impl Moto {
-    /// Starts moto, or returns `None` (after saying why on stderr) when moto is not
-    /// installed. Under `CI=true` a missing moto is a failure, not a skip.
+    /// Starts moto on loopback, or returns `None` (after saying why on stderr) when moto is
+    /// not installed. Under `CI=true` a missing moto is a failure, not a skip.
     pub async fn start() -> Option<Moto> {
+        Self::start_on(crate::LOOPBACK).await
+    }
+
+    /// [`Moto::start`], listening on `host`.
+    pub async fn start_on(host: std::net::IpAddr) -> Option<Moto> {
         if !moto_installed().await {
             if crate::emulators_required() {
                 panic!("moto server is required under CI=true: pip install 'moto[server]'");
@@ -54,7 +57,7 @@ impl Moto {
         }
         let mut last_failure = String::new();
         for _ in 0..SPAWN_ATTEMPTS {
-            match spawn().await {
+            match spawn(host).await {
                 Ok(moto) => return Some(moto),
                 Err(why) => last_failure = why,
             }
@@ -126,8 +129,8 @@ async fn moto_installed() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-async fn spawn() -> Result<Moto, String> {
-    let port = TcpListener::bind("127.0.0.1:0")
+async fn spawn(host: std::net::IpAddr) -> Result<Moto, String> {
+    let port = TcpListener::bind((host, 0))
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("no free port: {e}"))?
         .port();
@@ -137,7 +140,14 @@ async fn spawn() -> Result<Moto, String> {
         .try_clone()
         .map_err(|e| format!("{}: {e}", log.display()))?;
     let child = Command::new("python3")
-        .args(["-c", LAUNCHER, "-H", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-c",
+            LAUNCHER,
+            "-H",
+            &host.to_string(),
+            "-p",
+            &port.to_string(),
+        ])
         // The pipe's write end lives in `child.stdin` and closes when this process ends.
         .stdin(Stdio::piped())
         .stdout(out)
@@ -145,13 +155,13 @@ async fn spawn() -> Result<Moto, String> {
         .spawn()
         .map_err(|e| format!("cannot run python3: {e}"))?;
     let mut moto = Moto {
-        endpoint: format!("http://127.0.0.1:{port}"),
+        endpoint: format!("http://{host}:{port}"),
         child,
         log,
     };
     let started = Instant::now();
     loop {
-        if answers_http(port).await {
+        if answers_http(&moto.endpoint).await {
             eprintln!(
                 "moto ready on port {port} in {} ms",
                 started.elapsed().as_millis()
@@ -172,23 +182,14 @@ async fn spawn() -> Result<Moto, String> {
     }
 }
 
-/// Whether something on `port` answers an HTTP request (moto's dashboard API).
-async fn answers_http(port: u16) -> bool {
-    let probe = async {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        stream
-            .write_all(b"GET /moto-api/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .await
-            .ok()?;
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.ok()?;
-        Some(head.starts_with(b"HTTP/1."))
-    };
-    tokio::time::timeout(Duration::from_secs(2), probe)
+/// Whether moto's dashboard API (`/moto-api/`) answers at `endpoint`.
+async fn answers_http(endpoint: &str) -> bool {
+    reqwest::Client::new()
+        .get(format!("{endpoint}/moto-api/"))
+        .timeout(Duration::from_secs(2))
+        .send()
         .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+        .is_ok()
 }
 
 fn log_tail(log: &Path) -> String {

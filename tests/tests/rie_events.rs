@@ -11,13 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use longrun::TaskState;
 use longrun_tests::e2e::{Options, Stack};
 use longrun_tests::procs::Guarded;
-use serde_json::{Value, json};
-
-/// The task the sample events name (`longrun_dev::events::SAMPLE_TASK_ID`).
-const SAMPLE_TASK: &str = longrun_dev::events::SAMPLE_TASK_ID;
+use longrun_tests::sample_events;
+use serde_json::Value;
 
 /// The emulator binary inside the installed aws-sam-cli wheel.
 fn emulator() -> Option<PathBuf> {
@@ -146,112 +143,14 @@ async fn every_sample_event_runs_under_the_runtime_interface_emulator() {
     let worker = Function::start(&rie, &bootstrap, "worker", &stack, &logs).await;
     let delivery = Function::start(&rie, &bootstrap, "delivery", &stack, &logs).await;
     let sweeper = Function::start(&rie, &bootstrap, "sweeper", &stack, &logs).await;
-
-    // Pattern A: answered inline, from the (fake) model.
-    let refine = intake.invoke("intake-call-refine.json").await;
-    assert_eq!(refine["status"], 200, "{refine}");
-    assert_eq!(
-        refine["result"]["summary"], "Refined text ready!",
-        "{refine}"
-    );
-
-    // Pattern B: the ack, a queued task record and its work message.
-    let before = stack.queue_depth("LONGRUN_WORK_QUEUE_URL").await;
-    let ack = intake.invoke("intake-call-refine_output.json").await;
-    assert_eq!(ack["status"], 200, "{ack}");
-    let task_b = ack["result"]["data"]["task_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(
-        ack["result"]["summary"]
-            .as_str()
-            .unwrap()
-            .starts_with("Started 'refine_output' in background"),
-        "{ack}"
-    );
-    let record = stack.task(&task_b).await;
-    assert_eq!(
-        (record.state, record.user.as_str(), record.chat.as_str()),
-        (TaskState::Queued, "u1", "c1")
-    );
-    assert_eq!(
-        stack.queue_depth("LONGRUN_WORK_QUEUE_URL").await,
-        before + 1
-    );
-
-    // Pattern C: the handler's own ack, and the job's task.
-    let job = intake.invoke("intake-call-start_refinement.json").await;
-    assert_eq!(job["status"], 200, "{job}");
-    assert_eq!(
-        job["result"]["summary"],
-        "Got it — refining (≈90s). I'll send the result here."
-    );
-    let task_c = job["result"]["data"]["task_id"].as_str().unwrap();
-    assert_eq!(stack.task(task_c).await.function, "refine_job");
-
-    // The sample task does not exist yet: status and cancel are 404, the list has B and C.
-    let status = intake.invoke("intake-status.json").await;
-    assert_eq!(status["status"], 404, "{status}");
-    let list = intake.invoke("intake-list.json").await;
-    assert_eq!(list["status"], 200, "{list}");
-    assert_eq!(list["tasks"].as_array().unwrap().len(), 2, "{list}");
-
-    // The worker's batch names the sample task: its record is written from the message, the
-    // handler runs, and a result message goes to the delivery queue.
-    let batch = worker.invoke("worker-sqs.json").await;
-    assert_eq!(batch["batchItemFailures"], json!([]), "{batch}");
-    let ran = stack.task(SAMPLE_TASK).await;
-    assert_eq!(ran.state, TaskState::Succeeded, "{ran:?}");
-    assert_eq!(
-        ran.result.as_ref().unwrap().summary,
-        "Refined output ready! 🎉"
-    );
-    assert!(stack.queue_depth("LONGRUN_DELIVERY_QUEUE_URL").await >= 1);
-
-    // Delivery's batch (a progress and the result of the sample task) posts into c1, once.
-    let posted = delivery.invoke("delivery-sqs.json").await;
-    assert_eq!(posted["batchItemFailures"], json!([]), "{posted}");
-    let results = stack.chat.results_for(SAMPLE_TASK);
-    assert_eq!(results.len(), 1, "{results:?}");
-    assert_eq!(results[0]["summary"], "Refined output ready! 🎉");
-    assert!(!stack.chat.in_chat("c1").is_empty());
-    assert!(stack.task(SAMPLE_TASK).await.delivered_at.is_some());
-
-    // Now the sample task exists: its status, and a cancel of a finished task is 409.
-    let status = intake.invoke("intake-status.json").await;
-    assert_eq!(status["status"], 200, "{status}");
-    assert_eq!(status["task"]["state"], "succeeded");
-    let cancel = intake.invoke("intake-cancel.json").await;
-    assert_eq!(cancel["status"], 409, "{cancel}");
-
-    // The sweeper's schedule: a sweep's summary (B and C wait in the queue, unswept unless
-    // their queue lease has lapsed meanwhile), and no dead-lettered work.
-    let swept = sweeper.invoke("sweeper-schedule.json").await;
-    assert!(
-        swept["requeued"].is_u64() && swept["ended"].is_u64(),
-        "{swept}"
-    );
-    assert_eq!(swept["dead_letters_ended"], 0, "{swept}");
-
-    // Every event file was played.
-    let played = [
-        "intake-call-refine.json",
-        "intake-call-refine_output.json",
-        "intake-call-start_refinement.json",
-        "intake-status.json",
-        "intake-cancel.json",
-        "intake-list.json",
-        "worker-sqs.json",
-        "delivery-sqs.json",
-        "sweeper-schedule.json",
-    ];
-    for entry in std::fs::read_dir(longrun_tests::workspace_root().join("events")).unwrap() {
-        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
-        assert!(
-            played.contains(&name.as_str()),
-            "events/{name} is not played here"
-        );
-    }
-    stack.assert_no_secret_in_output();
+    sample_events::play(&stack, |role, file| {
+        let function = match role {
+            "intake" => &intake,
+            "worker" => &worker,
+            "delivery" => &delivery,
+            _ => &sweeper,
+        };
+        function.invoke(file)
+    })
+    .await;
 }
