@@ -127,6 +127,7 @@ fn queued_task(ext: &str, user: &str, at: DateTime<Utc>) -> Task {
         heartbeat_at: None,
         finished_at: None,
         delivered_at: None,
+        redeliver_at: None,
         result: None,
         params: json!({"input": "hello"}),
         lease: Some(lease("queue", at + secs(30))),
@@ -148,6 +149,7 @@ fn finish(state: TaskState, at: DateTime<Utc>, guard: FinishGuard) -> Finish {
         result: ActionResult::success("Refined output ready! 🎉", json!({"text": "done"})),
         at,
         guard,
+        redeliver_at: at + secs(120),
     }
 }
 
@@ -594,7 +596,7 @@ async fn the_sweeper_finishes_only_after_the_lease_lapsed() {
 }
 
 #[tokio::test]
-async fn finish_sets_the_ttl_and_leaves_the_sweeper_index() {
+async fn finish_sets_the_ttl_and_keys_the_sweeper_index_by_redelivery() {
     // GIVEN a running task, in the sweeper's index
     let f = fixture().await;
     let (task, held) = f.running("w1", t0()).await;
@@ -610,11 +612,22 @@ async fn finish_sets_the_ttl_and_leaves_the_sweeper_index() {
         )
         .await
         .unwrap();
-    // THEN it expires `ttl` after it finished, and left the index with its lease
+    // THEN it expires `ttl` after it finished, its lease is gone, and it stays in the
+    // sweeper's index by when its (undelivered) result is due again
     let raw = f.raw(&pk, "TASK").await.unwrap();
     let expected = at.timestamp() + TTL.as_secs() as i64;
     assert_eq!(raw[TTL_ATTRIBUTE], AttributeValue::N(expected.to_string()));
-    for gone in ["gsi2pk", "gsi2sk", "lease_owner", "lease_until"] {
+    for gone in ["lease_owner", "lease_until"] {
+        assert!(!raw.contains_key(gone), "{gone} must be removed");
+    }
+    assert_eq!(
+        raw["gsi2sk"],
+        AttributeValue::S(format!("2030-05-01T12:02:09.123Z#{}", task.task_id))
+    );
+    // AND once delivered it leaves the index
+    f.store.mark_delivered(&task.task_id, at).await.unwrap();
+    let raw = f.raw(&pk, "TASK").await.unwrap();
+    for gone in ["gsi2pk", "gsi2sk", "redeliver_at"] {
         assert!(!raw.contains_key(gone), "{gone} must be removed");
     }
     assert_eq!(
@@ -782,6 +795,78 @@ async fn expired_leases_are_only_lapsed_live_tasks() {
     assert!(
         f.store
             .expired_leases(t0() + secs(1), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn an_undelivered_result_is_swept_at_its_redeliver_time_until_delivered() {
+    // GIVEN a task that finished at t0, its result due again at t0+120s
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    let id = &task.task_id;
+    f.store
+        .finish(
+            id,
+            &finish(TaskState::Succeeded, t0(), FinishGuard::Owner(held.owner)),
+        )
+        .await
+        .unwrap();
+    let due = |at| {
+        let store = &f.store;
+        async move {
+            let tasks = store.expired_leases(at, 10).await.unwrap();
+            tasks.iter().any(|t| &t.task_id == id)
+        }
+    };
+    // THEN the sweeper does not see it before then, and does after
+    assert!(!due(t0() + secs(119)).await);
+    assert!(due(t0() + secs(121)).await);
+    let stored = f.store.get(id).await.unwrap().unwrap();
+    assert_eq!(stored.redeliver_at, Some(t0() + secs(120)));
+    // WHEN the sweeper moves it on, it is due at the new time only
+    assert!(
+        f.store
+            .reschedule_delivery(id, Some(t0() + secs(1000)))
+            .await
+            .unwrap()
+    );
+    assert!(!due(t0() + secs(999)).await);
+    assert!(due(t0() + secs(1001)).await);
+    // WHEN delivery marks it delivered, it leaves the sweeper's index for good
+    assert!(f.store.mark_delivered(id, t0() + secs(1002)).await.unwrap());
+    assert!(!due(t0() + secs(5000)).await);
+    let stored = f.store.get(id).await.unwrap().unwrap();
+    assert_eq!(stored.redeliver_at, None);
+    // AND a delivered task is not rescheduled, nor is a live one
+    assert!(!f.store.reschedule_delivery(id, Some(t0())).await.unwrap());
+    let (live, _) = f.running("w2", t0()).await;
+    assert!(is_conflict(
+        f.store.reschedule_delivery(&live.task_id, Some(t0())).await
+    ));
+}
+
+#[tokio::test]
+async fn a_result_the_chat_refused_leaves_the_sweepers_index() {
+    // GIVEN a finished, undelivered task
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    let id = &task.task_id;
+    f.store
+        .finish(
+            id,
+            &finish(TaskState::Failed, t0(), FinishGuard::Owner(held.owner)),
+        )
+        .await
+        .unwrap();
+    // WHEN its re-sends are stopped
+    assert!(f.store.reschedule_delivery(id, None).await.unwrap());
+    // THEN no sweep sees it again
+    assert!(
+        f.store
+            .expired_leases(t0() + secs(100_000), 10)
             .await
             .unwrap()
             .is_empty()

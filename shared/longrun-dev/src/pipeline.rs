@@ -220,6 +220,8 @@ pub struct SweepSummary {
     /// Tasks whose lease lapsed that were ended (attempts or cap used up, or cancelled while
     /// their worker was gone).
     pub ended: usize,
+    /// Finished tasks whose undelivered result was sent again.
+    pub redelivered: usize,
     /// Tasks ended with a fallback error because their work message was dead-lettered (each
     /// such message is deleted from the work dead-letter queue).
     pub dead_letters_ended: usize,
@@ -233,6 +235,7 @@ pub async fn sweep_once(rt: &Runtime, queues: &LocalQueues) -> SweepSummary {
         Ok(report) => {
             summary.requeued = report.requeued;
             summary.ended = report.ended;
+            summary.redelivered = report.redelivered;
         }
         Err(err) => tracing::warn!(error = %err, "sweep failed; the next one tries again"),
     }

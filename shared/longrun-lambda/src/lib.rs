@@ -321,6 +321,8 @@ pub struct SweepSummary {
     pub requeued: usize,
     /// Tasks ended because they could not finish.
     pub ended: usize,
+    /// Finished tasks whose undelivered result was sent again.
+    pub redelivered: usize,
     /// Tasks of dead-lettered work messages ended.
     pub dead_letters_ended: usize,
 }
@@ -355,6 +357,7 @@ pub async fn sweep(
     Ok(SweepSummary {
         requeued: report.requeued,
         ended: report.ended,
+        redelivered: report.redelivered,
         dead_letters_ended,
     })
 }

@@ -134,6 +134,11 @@ pub async fn handle_message(rt: &Runtime, message: &DeliveryMessage) -> Result<(
             );
             rt.services.tasks.append_audit(&audit).await?;
             if matches!(message, DeliveryMessage::Result { .. }) {
+                // Refused for good: the sweeper stops sending it; an operator may redrive it.
+                rt.services
+                    .tasks
+                    .reschedule_delivery(&task.task_id, None)
+                    .await?;
                 rt.services.delivery.dead_letter(message).await?;
             }
             Ok(())
@@ -295,9 +300,14 @@ mod tests {
         let audit = audit_kinds(&stack, &task_id).await;
         assert!(audit.contains(&(AuditKind::Critical, "critical#delivered#result".into())));
         assert_eq!(count(&audit, AuditKind::Delivered), 0);
+        let ended = stack.tasks.get(&task_id).await.unwrap().unwrap();
+        assert_eq!(ended.state, TaskState::Succeeded);
+        // AND the sweeper no longer sends it: the dead-letter queue is where it waits
+        assert_eq!(ended.redeliver_at, None);
+        tokio::time::sleep(stack.rt.settings.queue_grace * 2).await;
         assert_eq!(
-            stack.tasks.get(&task_id).await.unwrap().unwrap().state,
-            TaskState::Succeeded
+            crate::sweeper::sweep(&stack.rt).await.unwrap(),
+            crate::sweeper::SweepReport::default()
         );
     }
 

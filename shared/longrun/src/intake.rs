@@ -276,6 +276,7 @@ pub async fn cancel_task(rt: &Runtime, task: Task) -> Result<Task, IntakeError> 
                 result: cancelled_result(&task.function),
                 at: now,
                 guard: FinishGuard::Queued,
+                redeliver_at: rt.redeliver_at(now),
             };
             match tasks.finish(&task.task_id, &finish).await {
                 Ok(ended) => {

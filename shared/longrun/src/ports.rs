@@ -118,6 +118,9 @@ pub struct Finish {
     pub at: DateTime<Utc>,
     /// Who may end it; the write is refused with `Conflict` if the guard does not hold.
     pub guard: FinishGuard,
+    /// When the sweeper sends the result again if it is still not delivered by then (the
+    /// task's `redeliver_at`).
+    pub redeliver_at: DateTime<Utc>,
 }
 
 /// The task table: records, leases, checkpoints, audit items and request keys.
@@ -159,8 +162,16 @@ pub trait TaskStore: Send + Sync {
     /// Sets the cancel flag on a `running` task. `Conflict` if it is not running.
     async fn request_cancel(&self, task_id: &TaskId, now: DateTime<Utc>) -> PortResult<Task>;
 
-    /// Marks the result delivered. `Ok(false)` if it already was.
+    /// Marks the result delivered (and clears `redeliver_at`). `Ok(false)` if it already was.
     async fn mark_delivered(&self, task_id: &TaskId, now: DateTime<Utc>) -> PortResult<bool>;
+
+    /// Moves a finished, undelivered task's `redeliver_at` to `at`, or clears it (`None`: the
+    /// sweeper no longer sends its result). `Ok(false)` if the result was delivered meanwhile.
+    async fn reschedule_delivery(
+        &self,
+        task_id: &TaskId,
+        at: Option<DateTime<Utc>>,
+    ) -> PortResult<bool>;
 
     /// Writes an audit item unless one with the same `(task_id, audit_id)` exists.
     async fn append_audit(&self, item: &AuditItem) -> PortResult<()>;
@@ -177,7 +188,8 @@ pub trait TaskStore: Send + Sync {
     /// The task's completed steps, in order.
     async fn steps(&self, task_id: &TaskId) -> PortResult<Vec<StepRecord>>;
 
-    /// Tasks whose lease lapsed before `now` (running) — the sweeper's work.
+    /// The sweeper's work: live tasks whose lease lapsed before `now` (queued or running),
+    /// and finished tasks whose result is undelivered and whose `redeliver_at` passed.
     async fn expired_leases(&self, now: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>>;
 }
 

@@ -194,6 +194,12 @@ impl Runtime {
         }
     }
 
+    /// When a result finished at `now` is sent again if it is still not delivered: the
+    /// queue grace later, as for a work message that never arrived.
+    pub(crate) fn redeliver_at(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now + to_chrono(self.settings.queue_grace)
+    }
+
     /// A fresh queued task.
     pub(crate) fn new_task(&self, spec: TaskSpec, request_id: Option<String>) -> Task {
         let now = self.now();
@@ -217,6 +223,7 @@ impl Runtime {
             heartbeat_at: None,
             finished_at: None,
             delivered_at: None,
+            redeliver_at: None,
             result: None,
             params: spec.params,
             lease: Some(self.queue_lease(now)),

@@ -16,7 +16,13 @@ pub struct SweepReport {
     pub requeued: usize,
     /// Tasks ended (attempts or cap used up, or cancelled while their worker was gone).
     pub ended: usize,
+    /// Finished tasks whose undelivered result was sent to the delivery queue again.
+    pub redelivered: usize,
 }
+
+/// How long after one re-send of an undelivered result the sweeper sends it again: the time
+/// delivery may spend on one message (5 receives, 180 s apart).
+pub const REDELIVER_EVERY: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// How many expired leases one sweep handles.
 pub const SWEEP_LIMIT: usize = 100;
@@ -26,6 +32,15 @@ pub async fn sweep(rt: &Runtime) -> Result<SweepReport, PortError> {
     let now = rt.now();
     let mut report = SweepReport::default();
     for task in rt.services.tasks.expired_leases(now, SWEEP_LIMIT).await? {
+        if task.state.is_terminal() {
+            match redeliver(rt, &task).await {
+                Ok(()) => report.redelivered += 1,
+                Err(err) => {
+                    tracing::warn!(task_id = %task.task_id, error = %err, "re-send of result failed")
+                }
+            }
+            continue;
+        }
         match revive(rt, &task).await {
             Ok(true) => report.requeued += 1,
             Ok(false) => report.ended += 1,
@@ -39,10 +54,27 @@ pub async fn sweep(rt: &Runtime) -> Result<SweepReport, PortError> {
         tracing::info!(
             requeued = report.requeued,
             ended = report.ended,
+            redelivered = report.redelivered,
             "sweep done"
         );
     }
     Ok(report)
+}
+
+/// Sends a finished task's undelivered result again, and when to do so next. The next time
+/// is written first, so a crash in between costs one sweep's delay, never the result.
+async fn redeliver(rt: &Runtime, task: &Task) -> Result<(), PortError> {
+    let next = rt.now() + chrono::Duration::from_std(REDELIVER_EVERY).unwrap_or_default();
+    if !rt
+        .services
+        .tasks
+        .reschedule_delivery(&task.task_id, Some(next))
+        .await?
+    {
+        return Ok(()); // delivered meanwhile
+    }
+    tracing::warn!(task_id = %task.task_id, state = %task.state, "result not delivered yet; sent again");
+    crate::worker::send_result(rt, task).await
 }
 
 /// Requeues `task` (`Ok(true)`) or ends it (`Ok(false)`).
@@ -158,7 +190,7 @@ mod tests {
             sweep(&stack.rt).await.unwrap(),
             SweepReport {
                 requeued: 1,
-                ended: 0
+                ..SweepReport::default()
             }
         );
         // THEN a fresh worker runs it to one result, and the audit says it was reclaimed
@@ -206,6 +238,79 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_result_the_sweeper_could_not_send_is_sent_again_and_delivered_once() {
+        // GIVEN a task whose worker died on every attempt, and a delivery queue that refuses
+        // the send of its fallback result
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        for attempt in 1..=stack.rt.settings.max_attempts {
+            claim_and_die(&stack, &task_id).await;
+            tokio::time::sleep(Duration::from_secs(61)).await;
+            if attempt == stack.rt.settings.max_attempts {
+                stack.delivery.fail_next_sends(1);
+            }
+            sweep(&stack.rt).await.unwrap();
+        }
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Failed);
+        assert!(results_in(&stack, "chat-u1").is_empty());
+        // WHEN the redelivery time passes and the sweeper runs (twice)
+        tokio::time::sleep(stack.rt.settings.queue_grace + Duration::from_secs(1)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().redelivered, 1);
+        assert_eq!(sweep(&stack.rt).await.unwrap(), SweepReport::default());
+        stack.drain(20).await;
+        // THEN the fallback reaches the chat once, and the task leaves the sweeper's work
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        let ended = task(&stack, &task_id).await;
+        assert!(ended.delivered_at.is_some() && ended.redeliver_at.is_none());
+        tokio::time::sleep(REDELIVER_EVERY * 2).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap(), SweepReport::default());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_task_cancelled_while_its_result_could_not_be_sent_gets_it_later() {
+        // GIVEN a queued task whose work message was lost
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        stack.work.take(10);
+        // WHEN the user cancels it while the delivery queue refuses sends
+        stack.delivery.fail_next_sends(1);
+        let cancel = json!({"action":"cancel","ext":EXT,"user":"u1","task_id":task_id});
+        let _ = stack.intake(cancel).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
+        stack.drain(20).await;
+        assert!(results_in(&stack, "chat-u1").is_empty());
+        // THEN the sweeper sends the "cancelled" result once the redelivery time passed
+        tokio::time::sleep(stack.rt.settings.queue_grace + Duration::from_secs(1)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().redelivered, 1);
+        stack.drain(20).await;
+        let results = results_in(&stack, "chat-u1");
+        assert_eq!(results.len(), 1);
+        assert!(!results[0].ok);
+        assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_result_still_undelivered_is_sent_again_every_period_until_delivered() {
+        // GIVEN a finished task whose result message keeps getting lost
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        stack.work_once().await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
+        stack.delivery.take(10); // lost
+        tokio::time::sleep(stack.rt.settings.queue_grace + Duration::from_secs(1)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().redelivered, 1);
+        stack.delivery.take(10); // lost again
+        // THEN it is not sent again before the period is over, and is after
+        tokio::time::sleep(REDELIVER_EVERY - Duration::from_secs(2)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().redelivered, 0);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().redelivered, 1);
+        stack.drain(20).await;
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_queued_task_whose_message_was_lost_is_sent_again() {
         let (stack, runs) = stack();
         let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
@@ -234,7 +339,7 @@ mod tests {
             sweep(&stack.rt).await.unwrap(),
             SweepReport {
                 requeued: 1,
-                ended: 0
+                ..SweepReport::default()
             }
         );
         // AND the worker that claims it ends it timed out, without running the handler

@@ -276,6 +276,11 @@ pub struct Task {
     /// When the result reached the chat; once set, delivery does not post the result again.
     #[serde(default)]
     pub delivered_at: Option<DateTime<Utc>>,
+    /// While a finished task's result is not in the chat: when the sweeper sends its result
+    /// message again (the first send may have failed, or its message been lost). Cleared once
+    /// delivered, or when the chat API refused the result for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redeliver_at: Option<DateTime<Utc>>,
     /// The result for the chat once the task ended: the handler's own, or the fallback for a
     /// failed, cancelled or timed-out task.
     #[serde(default)]
@@ -293,6 +298,17 @@ pub struct Task {
 }
 
 impl Task {
+    /// Whether the sweeper has work with this task at `now`: a live task whose lease lapsed
+    /// (its worker died, or its work message was lost), or a finished one whose result is
+    /// still undelivered at its `redeliver_at`.
+    pub fn due_for_sweep(&self, now: DateTime<Utc>) -> bool {
+        if self.state.is_terminal() {
+            self.delivered_at.is_none() && self.redeliver_at.is_some_and(|at| at < now)
+        } else {
+            self.lease.as_ref().is_none_or(|l| l.until < now)
+        }
+    }
+
     /// The moment the cap runs out, once the task has started.
     pub fn cap_deadline(&self) -> Option<DateTime<Utc>> {
         let cap = chrono::Duration::seconds(i64::try_from(self.cap_s).unwrap_or(i64::MAX / 2));

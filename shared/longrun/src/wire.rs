@@ -271,6 +271,7 @@ impl WorkMessage {
             heartbeat_at: None,
             finished_at: None,
             delivered_at: None,
+            redeliver_at: None,
             result: None,
             params: self.params.clone(),
             lease: None,

@@ -390,6 +390,7 @@ pub(crate) async fn end(
         result: outcome.result,
         at: now,
         guard,
+        redeliver_at: rt.redeliver_at(now),
     };
     match rt.services.tasks.finish(&task.task_id, &finish).await {
         Ok(ended) => {

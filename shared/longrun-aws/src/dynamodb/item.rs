@@ -159,6 +159,7 @@ pub(super) fn task_item(task: &Task, ttl: Duration) -> PortResult<Item> {
         ("heartbeat_at", task.heartbeat_at),
         ("finished_at", task.finished_at),
         ("delivered_at", task.delivered_at),
+        ("redeliver_at", task.redeliver_at),
     ] {
         if let Some(at) = at {
             put(name, s(iso(at)));
@@ -173,11 +174,19 @@ pub(super) fn task_item(task: &Task, ttl: Duration) -> PortResult<Item> {
     if let Some(lease) = &task.lease {
         put("lease_owner", s(&lease.owner));
         put("lease_until", s(iso(lease.until)));
-        // Only live tasks belong in the sweeper's index.
+        // Only live tasks belong in the sweeper's index by their lease...
         if !task.state.is_terminal() {
             put(GSI2_PK, s(LEASE_PK));
             put(GSI2_SK, s(lease_sk(lease.until, &task.task_id)));
         }
+    }
+    // ... and finished ones by when their undelivered result is due again.
+    if task.state.is_terminal()
+        && task.delivered_at.is_none()
+        && let Some(at) = task.redeliver_at
+    {
+        put(GSI2_PK, s(LEASE_PK));
+        put(GSI2_SK, s(lease_sk(at, &task.task_id)));
     }
     if let Some(request_id) = &task.request_id {
         put("request_id", s(request_id));
@@ -327,6 +336,7 @@ pub(super) fn task_from_item(item: &Item) -> PortResult<Task> {
         heartbeat_at: f.opt_time("heartbeat_at")?,
         finished_at: f.opt_time("finished_at")?,
         delivered_at: f.opt_time("delivered_at")?,
+        redeliver_at: f.opt_time("redeliver_at")?,
         result,
         params: f.json("params")?.unwrap_or(Value::Null),
         lease,

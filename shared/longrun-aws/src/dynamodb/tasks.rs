@@ -591,10 +591,19 @@ impl TaskStore for DynamoTaskStore {
         };
         let result = serde_json::to_value(&finish.result)
             .map_err(|e| PortError::Permanent(format!("task {task_id}: result: {e}")))?;
+        // The task stays in the sweeper's index, keyed by when its result is due again, until
+        // delivery marks it delivered.
         let update = "SET #state = :next, #result = :result, #finished_at = :now, \
-                      #expires_at = :expires \
-                      REMOVE #lease_owner, #lease_until, #gsi2pk, #gsi2sk";
+                      #expires_at = :expires, #redeliver_at = :redeliver, \
+                      #gsi2pk = :lease_pk, #gsi2sk = :redeliver_sk \
+                      REMOVE #lease_owner, #lease_until";
         values.extend([
+            (":redeliver".to_owned(), s(iso(finish.redeliver_at))),
+            (":lease_pk".to_owned(), s(LEASE_PK)),
+            (
+                ":redeliver_sk".to_owned(),
+                s(lease_sk(finish.redeliver_at, task_id)),
+            ),
             (":next".to_owned(), s(finish.state.as_str())),
             (":result".to_owned(), json_to_attribute(&result)),
             (":now".to_owned(), s(iso(finish.at))),
@@ -663,7 +672,7 @@ impl TaskStore for DynamoTaskStore {
     async fn mark_delivered(&self, task_id: &TaskId, now: DateTime<Utc>) -> PortResult<bool> {
         let request = self.update_task(
             task_id,
-            "SET #delivered_at = :now",
+            "SET #delivered_at = :now REMOVE #redeliver_at, #gsi2pk, #gsi2sk",
             "attribute_exists(#pk) AND attribute_not_exists(#delivered_at)",
             [(":now".to_owned(), s(iso(now)))],
         );
@@ -673,6 +682,50 @@ impl TaskStore for DynamoTaskStore {
         {
             Updated::Written(_) => Ok(true),
             Updated::Refused(Some(_)) => Ok(false),
+            Updated::Refused(None) => Err(PortError::NotFound(task_id.to_string())),
+        }
+    }
+
+    async fn reschedule_delivery(
+        &self,
+        task_id: &TaskId,
+        at: Option<DateTime<Utc>>,
+    ) -> PortResult<bool> {
+        let (terminal, mut values) = state_in(&[
+            TaskState::Succeeded,
+            TaskState::Failed,
+            TaskState::Cancelled,
+            TaskState::TimedOut,
+        ]);
+        let condition = format!("{terminal} AND attribute_not_exists(#delivered_at)");
+        let update = match at {
+            Some(at) => {
+                values.extend([
+                    (":redeliver".to_owned(), s(iso(at))),
+                    (":lease_pk".to_owned(), s(LEASE_PK)),
+                    (":redeliver_sk".to_owned(), s(lease_sk(at, task_id))),
+                ]);
+                "SET #redeliver_at = :redeliver, #gsi2pk = :lease_pk, #gsi2sk = :redeliver_sk"
+            }
+            None => "REMOVE #redeliver_at, #gsi2pk, #gsi2sk",
+        };
+        let request = self.update_task(task_id, update, &condition, values);
+        match self
+            .send_update("UpdateItem reschedule_delivery", request)
+            .await?
+        {
+            Updated::Written(_) => Ok(true),
+            Updated::Refused(Some(item)) => {
+                let task = task_from_item(&item)?;
+                if task.delivered_at.is_some() {
+                    Ok(false)
+                } else {
+                    Err(PortError::Conflict(format!(
+                        "task {task_id}: {} has not finished",
+                        task.state
+                    )))
+                }
+            }
             Updated::Refused(None) => Err(PortError::NotFound(task_id.to_string())),
         }
     }
@@ -744,9 +797,7 @@ impl TaskStore for DynamoTaskStore {
         // conditional writes are the final word on anything that moved since.
         self.query("Query by-lease", query, Some(limit), |item| {
             let task = task_from_item(item)?;
-            let live = matches!(task.state, TaskState::Queued | TaskState::Running);
-            let lapsed = task.lease.as_ref().is_none_or(|l| l.until < now);
-            Ok((live && lapsed).then_some(task))
+            Ok(task.due_for_sweep(now).then_some(task))
         })
         .await
     }

@@ -199,6 +199,7 @@ impl TaskStore for MemoryTaskStore {
             .map_err(|e| conflict(task_id, &e.to_string()))?;
         task.result = Some(finish.result.clone());
         task.finished_at = Some(finish.at);
+        task.redeliver_at = Some(finish.redeliver_at);
         task.lease = None;
         let ended = task.clone();
         t.writes += 1;
@@ -260,6 +261,28 @@ impl TaskStore for MemoryTaskStore {
             return Ok(false);
         }
         task.delivered_at = Some(now);
+        task.redeliver_at = None;
+        t.writes += 1;
+        Ok(true)
+    }
+
+    async fn reschedule_delivery(
+        &self,
+        task_id: &TaskId,
+        at: Option<DateTime<Utc>>,
+    ) -> PortResult<bool> {
+        let mut t = lock(&self.tables);
+        let task = t
+            .tasks
+            .get_mut(task_id)
+            .ok_or_else(|| PortError::NotFound(task_id.to_string()))?;
+        if !task.state.is_terminal() {
+            return Err(conflict(task_id, "task has not finished"));
+        }
+        if task.delivered_at.is_some() {
+            return Ok(false);
+        }
+        task.redeliver_at = at;
         t.writes += 1;
         Ok(true)
     }
@@ -321,10 +344,7 @@ impl TaskStore for MemoryTaskStore {
         let mut tasks: Vec<Task> = t
             .tasks
             .values()
-            .filter(|task| {
-                matches!(task.state, TaskState::Queued | TaskState::Running)
-                    && lease_lapsed(task, now)
-            })
+            .filter(|task| task.due_for_sweep(now))
             .cloned()
             .collect();
         tasks.sort_by(|a, b| a.task_id.cmp(&b.task_id));
