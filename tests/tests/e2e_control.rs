@@ -13,7 +13,14 @@ const WAIT: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_stops_the_ai_call_and_the_chat_gets_one_cancelled_result() {
-    let Some(stack) = Stack::start(Options::new("cancel")).await else {
+    // The deployed timing (5 s heartbeat, 60 s lease), so the latency printed is the one
+    // users see.
+    let options = Options::new("cancel")
+        .setting("LONGRUN_HEARTBEAT_MS", 5000)
+        .setting("LONGRUN_PROGRESS_INTERVAL_MS", 5000)
+        .setting("LONGRUN_LEASE_MS", 60000)
+        .setting("LONGRUN_CANCEL_GRACE_MS", 2000);
+    let Some(stack) = Stack::start(options).await else {
         return;
     };
     stack.connect_openai_key("carol").await;
@@ -32,24 +39,31 @@ async fn a_cancel_stops_the_ai_call_and_the_chat_gets_one_cancelled_result() {
     .await;
 
     // WHEN its owner cancels it
+    let requested = std::time::Instant::now();
     let cancelled = stack.ask("cancel", "carol", &task_id).await;
     assert_eq!(cancelled["status"], 200, "{cancelled}");
     assert_eq!(cancelled["task"]["task_id"], task_id.as_str());
     assert_eq!(cancelled["task"]["cancel_requested"], true);
 
-    // THEN the chat gets the cancelled result long before the AI call would have ended (half
-    // of its 60 s), so the cancel reached the running handler
+    // THEN the AI server sees its connection dropped, and the chat gets the cancelled result
+    // long before the AI call would have ended (half of its 60 s)
+    eventually("the AI call to be dropped", WAIT, || async {
+        (stack.openai.calls_with("cancel me")[0].state == CallState::Dropped).then_some(())
+    })
+    .await;
+    let dropped_after = requested.elapsed();
     let result = stack.wait_result(&task_id, Duration::from_secs(30)).await;
+    let in_chat_after = requested.elapsed();
+    eprintln!(
+        "cancel latency (heartbeat 5 s): request -> AI connection dropped {} ms, -> 'cancelled' in the chat {} ms",
+        dropped_after.as_millis(),
+        in_chat_after.as_millis()
+    );
     assert_eq!(
         result,
         json!({"ok": false, "summary": "'refine_output' was cancelled.", "data": null,
                "retryable": false})
     );
-    // AND the AI server saw its connection dropped
-    eventually("the AI call to be dropped", WAIT, || async {
-        (stack.openai.calls_with("cancel me")[0].state == CallState::Dropped).then_some(())
-    })
-    .await;
     // AND the record says cancelled, delivered once, with the audit trail of both steps
     let task = stack.wait_delivered(&task_id, WAIT).await;
     assert_eq!(task.state, TaskState::Cancelled);

@@ -84,6 +84,11 @@ impl BackgroundOptions {
 #[async_trait]
 pub(crate) trait ProgressSink: Send + Sync {
     async fn report(&self, progress: Progress) -> Result<(), ProgressError>;
+
+    /// Turns `true` once the task is seen cancelled (stops `ctx.http` calls in flight).
+    fn cancel_signal(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// Where `background_task` goes: intake's (or the worker's) task launcher.

@@ -36,6 +36,10 @@ impl Error {
     pub fn is_cancelled(&self) -> bool {
         self.inner.is::<Cancelled>()
             || matches!(
+                self.inner.downcast_ref::<crate::HttpError>(),
+                Some(crate::HttpError::Cancelled)
+            )
+            || matches!(
                 self.inner.downcast_ref::<crate::ProgressError>(),
                 Some(crate::ProgressError::Cancelled)
             )

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// The timeout a call gets when the handler sets none.
@@ -40,6 +41,10 @@ pub enum HttpError {
     /// The body is not the JSON the caller expected.
     #[error("response body is not the expected JSON: {0}")]
     Decode(#[from] serde_json::Error),
+    /// The user cancelled the task while the call was in flight; the request was dropped
+    /// (its connection closed). A handler that passes this on with `?` ends cancelled.
+    #[error("the task was cancelled; the request was dropped")]
+    Cancelled,
 }
 
 /// The HTTP client handed to handlers as `ctx.http`.
@@ -48,12 +53,24 @@ pub struct Http {
     client: reqwest::Client,
     /// When the task's cap runs out; no call may outlive it.
     deadline: Option<Instant>,
+    /// Turns `true` when the worker sees the task's cancel flag: calls in flight stop then.
+    cancel: Option<watch::Receiver<bool>>,
 }
 
 impl Http {
     /// A client whose calls end no later than `deadline`.
     pub fn new(client: reqwest::Client, deadline: Option<Instant>) -> Self {
-        Self { client, deadline }
+        Self {
+            client,
+            deadline,
+            cancel: None,
+        }
+    }
+
+    /// Calls in flight when `cancel` turns `true` end at once with [`HttpError::Cancelled`].
+    pub(crate) fn cancelled_by(mut self, cancel: watch::Receiver<bool>) -> Self {
+        self.cancel = Some(cancel);
+        self
     }
 
     /// A POST to `url`.
@@ -72,6 +89,7 @@ impl Http {
             builder: self.client.request(method, url.as_ref()),
             timeout: DEFAULT_HTTP_TIMEOUT,
             deadline: self.deadline,
+            cancel: self.cancel.clone(),
         }
     }
 }
@@ -83,6 +101,7 @@ pub struct HttpRequest {
     builder: reqwest::RequestBuilder,
     timeout: Duration,
     deadline: Option<Instant>,
+    cancel: Option<watch::Receiver<bool>>,
 }
 
 impl HttpRequest {
@@ -137,9 +156,24 @@ impl HttpRequest {
             let body = response.bytes().await?.to_vec();
             Ok::<_, HttpError>(HttpResponse { status, body })
         };
-        match tokio::time::timeout(timeout, call).await {
-            Ok(result) => result,
-            Err(_) => Err(HttpError::TimedOut { after: timeout }),
+        let cancelled = async {
+            match self.cancel {
+                // A dropped sender (the task ended) is no cancel.
+                Some(mut cancel) => {
+                    let seen = cancel.wait_for(|c| *c).await.is_ok();
+                    if !seen {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            timed = tokio::time::timeout(timeout, call) => match timed {
+                Ok(result) => result,
+                Err(_) => Err(HttpError::TimedOut { after: timeout }),
+            },
+            () = cancelled => Err(HttpError::Cancelled),
         }
     }
 }

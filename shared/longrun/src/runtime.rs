@@ -306,11 +306,15 @@ impl Runtime {
             request_id,
             launched: AtomicU32::new(0),
         });
+        let mut http = Http::new(self.services.http.clone(), http_deadline);
+        if let Some(cancel) = progress.as_ref().and_then(|p| p.cancel_signal()) {
+            http = http.cancelled_by(cancel);
+        }
         Ctx::new(
             caller,
             self.extension.clone(),
             task_id,
-            Http::new(self.services.http.clone(), http_deadline),
+            http,
             Arc::clone(&self.services.secrets),
             Arc::clone(&self.services.kv),
             progress,

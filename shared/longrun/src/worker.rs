@@ -438,6 +438,8 @@ struct Checkpoint {
     lease: Lease,
     state: Mutex<Written>,
     cancelled: AtomicBool,
+    /// Tells `ctx.http` calls in flight that the task was cancelled.
+    cancel_signal: tokio::sync::watch::Sender<bool>,
     lease_lost: AtomicBool,
     stopped: Notify,
 }
@@ -456,6 +458,7 @@ impl Checkpoint {
                     .unwrap_or_else(Instant::now),
             }),
             cancelled: AtomicBool::new(false),
+            cancel_signal: tokio::sync::watch::Sender::new(false),
             lease_lost: AtomicBool::new(false),
             stopped: Notify::new(),
             rt,
@@ -507,6 +510,9 @@ impl Checkpoint {
                 }
                 if beat.cancel_requested && !self.cancelled.swap(true, Ordering::SeqCst) {
                     tracing::info!(task_id = %self.task.task_id, "cancel observed");
+                    // An HTTP call in flight (the AI call, typically) stops now, not after
+                    // the grace period.
+                    self.cancel_signal.send_replace(true);
                     self.stopped.notify_waiters();
                 }
             }
@@ -522,17 +528,22 @@ impl Checkpoint {
         }
     }
 
-    /// Renews the lease every `heartbeat` until the task is cancelled or the lease is lost.
+    /// Renews the lease until the task is cancelled or the lease is lost: one write a
+    /// `heartbeat` after the last write of any kind, so the cancel flag is read at least once
+    /// a heartbeat and a progress write stands in for a heartbeat (no extra writes).
     async fn heartbeat(&self) -> Stop {
         let every = self.rt.settings.heartbeat;
+        // The claim renewed the lease just now: the first heartbeat is one period away.
+        let claimed = Instant::now();
         loop {
             let stopped = self.stopped.notified();
             tokio::pin!(stopped);
+            let due = self.state.lock().await.at.max(claimed) + every;
             tokio::select! {
-                _ = tokio::time::sleep(every) => {
+                _ = tokio::time::sleep_until(due) => {
                     let mut state = self.state.lock().await;
-                    // A write within the last period (progress stands in for a heartbeat) is
-                    // enough; a coalesced progress value goes out with this one.
+                    // A progress write since `due` was set moved the next one on; a
+                    // coalesced progress value goes out with this one.
                     if state.at.elapsed() >= every {
                         self.write(&mut state).await;
                     }
@@ -559,6 +570,10 @@ impl Checkpoint {
 
 #[async_trait]
 impl ProgressSink for Checkpoint {
+    fn cancel_signal(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.cancel_signal.subscribe())
+    }
+
     async fn report(&self, mut progress: Progress) -> Result<(), ProgressError> {
         self.check()?;
         let mut state = self.state.lock().await;
@@ -840,9 +855,8 @@ mod tests {
         let cancelled_at = Instant::now();
         assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
         worker.await.unwrap();
-        // THEN the handler is dropped within a heartbeat plus the grace period
-        let settings = Settings::default();
-        assert!(cancelled_at.elapsed() <= settings.heartbeat + settings.cancel_grace);
+        // THEN the call is dropped within a heartbeat: the in-flight request ends at once
+        assert!(cancelled_at.elapsed() <= Settings::default().heartbeat);
         // AND the in-flight request was aborted: the server saw the connection close
         for _ in 0..100 {
             if dropped.load(AtomicOrdering::SeqCst) {
@@ -855,6 +869,51 @@ mod tests {
             dropped.load(AtomicOrdering::SeqCst),
             "connection still open"
         );
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_reaches_an_ai_call_within_a_heartbeat_even_after_a_progress_write() {
+        // GIVEN a handler that wrote progress just after a heartbeat (5.5 s in), then waits on
+        // an AI server that never answers
+        let (url, dropped) = hanging_server().await;
+        let (stack, _) = stack();
+        let task_id = task_id_of(
+            &stack
+                .intake(call_event("late_http", "u1", json!({"url": url})))
+                .await,
+        );
+        let worker = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let writes_before = stack.tasks.writes();
+        // WHEN the user cancels
+        let cancelled_at = Instant::now();
+        assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
+        worker.await.unwrap();
+        // THEN the call is dropped within one heartbeat of the request (the next write comes
+        // a heartbeat after the progress write, not two), with no grace period on top
+        let took = cancelled_at.elapsed();
+        assert!(took <= Settings::default().heartbeat, "{took:?}");
+        for _ in 0..100 {
+            if dropped.load(AtomicOrdering::SeqCst) {
+                break;
+            }
+            tokio::task::yield_now().await;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            dropped.load(AtomicOrdering::SeqCst),
+            "connection still open"
+        );
+        // AND no extra writes bought it: the cancel's flag and audit item, one heartbeat,
+        // the cancelled audit item and the finish
+        let writes = stack.tasks.writes() - writes_before;
+        assert!(writes <= 5, "{writes} writes");
         stack.drain(20).await;
         assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);

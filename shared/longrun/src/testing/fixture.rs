@@ -202,6 +202,24 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
             .background(true),
         )
         .function(
+            // A progress write just after a heartbeat, then a long AI call.
+            ChatFunction::new("late_http", |ctx: Ctx, p: Params| async move {
+                tokio::time::sleep(Duration::from_millis(5_500)).await;
+                ctx.progress(5, "Calling the AI").await?;
+                let response = ctx
+                    .http
+                    .post(&p.url)
+                    .timeout(Duration::from_secs(120))
+                    .send()
+                    .await?;
+                Ok(ActionResult::success(
+                    format!("AI said {}", response.status()),
+                    (),
+                ))
+            })
+            .background(true),
+        )
+        .function(
             ChatFunction::new("fails", |_ctx: Ctx, _p: Params| async move {
                 Err::<ActionResult, _>(crate::Error::msg("upstream exploded"))
             })
