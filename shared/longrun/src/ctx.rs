@@ -233,15 +233,7 @@ pub const MAX_PROGRESS_MESSAGE_CHARS: usize = 500;
 
 /// `message`, cut to [`MAX_PROGRESS_MESSAGE_CHARS`] characters.
 fn bounded(message: String) -> String {
-    if message.chars().nth(MAX_PROGRESS_MESSAGE_CHARS).is_none() {
-        return message;
-    }
-    let mut cut: String = message
-        .chars()
-        .take(MAX_PROGRESS_MESSAGE_CHARS - 1)
-        .collect();
-    cut.push('…');
-    cut
+    crate::task::cut_chars(message, MAX_PROGRESS_MESSAGE_CHARS)
 }
 
 /// The longest `ctx.store` key, in bytes.

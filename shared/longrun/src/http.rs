@@ -16,6 +16,9 @@ use tokio::time::Instant;
 pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest per-call timeout (I-LONGRUN-HTTP-CAP-180S).
 pub const MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(180);
+/// The largest response body a call reads, in bytes: a larger one fails the call with
+/// [`HttpError::BodyTooLarge`] instead of filling the worker's memory, which ten tasks share.
+pub const MAX_HTTP_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Why an HTTP call did not produce a response.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,12 @@ pub enum HttpError {
     /// The request could not be built or sent, or the body could not be read.
     #[error("request failed: {0}")]
     Request(#[from] reqwest::Error),
+    /// The response body is larger than [`MAX_HTTP_BODY_BYTES`]; reading stopped there.
+    #[error("response body is larger than {limit} bytes")]
+    BodyTooLarge {
+        /// The limit that was passed.
+        limit: usize,
+    },
     /// The body is not the JSON the caller expected.
     #[error("response body is not the expected JSON: {0}")]
     Decode(#[from] serde_json::Error),
@@ -151,9 +160,24 @@ impl HttpRequest {
     pub async fn send(self) -> Result<HttpResponse, HttpError> {
         let timeout = self.effective_timeout()?;
         let call = async {
-            let response = self.builder.send().await?;
+            let mut response = self.builder.send().await?;
             let status = response.status().as_u16();
-            let body = response.bytes().await?.to_vec();
+            let too_large = HttpError::BodyTooLarge {
+                limit: MAX_HTTP_BODY_BYTES,
+            };
+            if response
+                .content_length()
+                .is_some_and(|n| n > MAX_HTTP_BODY_BYTES as u64)
+            {
+                return Err(too_large);
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await? {
+                if body.len() + chunk.len() > MAX_HTTP_BODY_BYTES {
+                    return Err(too_large);
+                }
+                body.extend_from_slice(&chunk);
+            }
             Ok::<_, HttpError>(HttpResponse { status, body })
         };
         let cancelled = async {
@@ -288,6 +312,36 @@ mod tests {
         // THEN it ends after exactly the 30 s default (tokio's paused clock)
         assert!(matches!(err, HttpError::TimedOut { after } if after == DEFAULT_HTTP_TIMEOUT));
         assert_eq!(started.elapsed(), DEFAULT_HTTP_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_fails_the_call_without_reading_it_all() {
+        // GIVEN servers answering one byte more than the limit, with and without a length
+        let big = || "x".repeat(MAX_HTTP_BODY_BYTES + 1);
+        let sized = axum::Router::new().fallback(move || async move { big() });
+        let streamed = axum::Router::new().fallback(|| async {
+            let chunks = (0..17).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 1024 * 1024]));
+            axum::body::Body::from_stream(futures::stream::iter(chunks))
+        });
+        for app in [sized, streamed] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            // WHEN a handler calls it
+            let err = http(None).get(&url).send().await.unwrap_err();
+            // THEN the call fails with the typed error
+            assert!(
+                matches!(err, HttpError::BodyTooLarge { limit } if limit == MAX_HTTP_BODY_BYTES),
+                "{err}"
+            );
+        }
+        // AND a body at the limit is read whole
+        let app = axum::Router::new().fallback(|| async { "y".repeat(MAX_HTTP_BODY_BYTES) });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let ok = http(None).get(&url).send().await.unwrap();
+        assert_eq!(ok.text().len(), MAX_HTTP_BODY_BYTES);
     }
 
     async fn counting_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {

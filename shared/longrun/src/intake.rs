@@ -369,7 +369,22 @@ async fn list(rt: &Runtime, req: ListRequest) -> Result<IntakeResponse, IntakeEr
         .list_by_user(&req.ext, &req.user, limit)
         .await
         .map_err(port_error)?;
-    Ok(IntakeResponse::tasks(tasks))
+    Ok(IntakeResponse::tasks(
+        tasks.into_iter().map(list_entry).collect(),
+    ))
+}
+
+/// A task as `list` shows it: without its `params`, and without result `data` larger than
+/// [`crate::wire::MAX_LIST_DATA_BYTES`], so a full list stays within Lambda's response limit.
+fn list_entry(mut task: Task) -> Task {
+    task.params = Value::Null;
+    if let Some(result) = &mut task.result {
+        let size = serde_json::to_vec(&result.data).map_or(usize::MAX, |v| v.len());
+        if size > crate::wire::MAX_LIST_DATA_BYTES {
+            result.data = None;
+        }
+    }
+    task
 }
 
 #[cfg(test)]
@@ -532,6 +547,51 @@ mod tests {
             .map(|t| t.task_id)
             .collect();
         assert_eq!(ids, vec![second, first]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_largest_list_fits_lambdas_response_limit() {
+        // GIVEN a user with 100 tasks, each with the largest params
+        let (stack, _) = stack();
+        let big = "x".repeat(MAX_PARAMS_BYTES - 100);
+        for _ in 0..MAX_LIST_LIMIT {
+            let ack = stack
+                .intake(call_event("bg", "u1", json!({ "text": big })))
+                .await;
+            assert_eq!(ack.status, 200);
+        }
+        // WHEN they list them all
+        let response = stack
+            .intake(json!({"action":"list","ext":EXT,"user":"u1","limit":MAX_LIST_LIMIT}))
+            .await;
+        // THEN the answer holds all 100, without their params, under Lambda's 6 MB
+        let tasks = response.tasks.as_ref().unwrap();
+        assert_eq!(tasks.len(), MAX_LIST_LIMIT);
+        assert!(tasks.iter().all(|t| t.params.is_null()));
+        let size = serde_json::to_vec(&response).unwrap().len();
+        assert!(size < 6_000_000, "{size} bytes");
+        // AND status still returns the params whole
+        let id = tasks[0].task_id.clone();
+        let status = stack
+            .intake(json!({"action":"status","ext":EXT,"user":"u1","task_id":id}))
+            .await;
+        assert_eq!(status.task.unwrap().params["text"], json!(big));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_list_entry_drops_large_result_data_and_keeps_small() {
+        let (stack, _) = stack();
+        let id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let stored = task(&stack, &id).await;
+        let with = |data: Value| {
+            let mut t = stored.clone();
+            t.result = Some(ActionResult::success("done", data));
+            list_entry(t)
+        };
+        let small = with(json!({"text": "short"})).result.unwrap();
+        assert_eq!(small.data, Some(json!({"text": "short"})));
+        let large = with(json!({"text": "y".repeat(20_000)})).result.unwrap();
+        assert_eq!((large.summary.as_str(), large.data), ("done", None));
     }
 
     #[tokio::test(start_paused = true)]

@@ -99,7 +99,8 @@ pub use extension::{
     ActionType, ChatFunction, Extension, InvalidExtension, Job, ParamsError, SecretSpec, ToolSpec,
 };
 pub use http::{
-    DEFAULT_HTTP_TIMEOUT, Http, HttpError, HttpRequest, HttpResponse, MAX_HTTP_TIMEOUT,
+    DEFAULT_HTTP_TIMEOUT, Http, HttpError, HttpRequest, HttpResponse, MAX_HTTP_BODY_BYTES,
+    MAX_HTTP_TIMEOUT,
 };
 pub use ports::Secret;
 pub use runtime::{Runtime, Services, Settings};

@@ -362,8 +362,22 @@ pub struct AuditItem {
     pub detail: String,
 }
 
+/// The longest audit item `detail`, in characters: a longer one (a huge error message, say)
+/// is cut with `…`, so an audit write never fails for its size.
+pub const MAX_AUDIT_DETAIL_CHARS: usize = 2000;
+
+/// `text`, cut to `max` characters (the last one `…`) when longer.
+pub(crate) fn cut_chars(text: String, max: usize) -> String {
+    if text.chars().nth(max).is_none() {
+        return text;
+    }
+    let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
 impl AuditItem {
-    /// An audit item about `task`.
+    /// An audit item about `task`; `detail` is cut to [`MAX_AUDIT_DETAIL_CHARS`].
     pub fn new(
         task: &Task,
         audit_id: impl Into<String>,
@@ -379,7 +393,7 @@ impl AuditItem {
             ext: task.ext.clone(),
             user: task.user.clone(),
             chat: task.chat.clone(),
-            detail: detail.into(),
+            detail: cut_chars(detail.into(), MAX_AUDIT_DETAIL_CHARS),
         }
     }
 }
@@ -388,6 +402,15 @@ impl AuditItem {
 mod tests {
     use super::*;
     use TaskState::*;
+
+    #[test]
+    fn a_long_text_is_cut_to_its_limit_in_characters() {
+        assert_eq!(cut_chars("short".into(), 10), "short");
+        assert_eq!(cut_chars("é".repeat(10), 10), "é".repeat(10));
+        let cut = cut_chars("é".repeat(5000), MAX_AUDIT_DETAIL_CHARS);
+        assert_eq!(cut.chars().count(), MAX_AUDIT_DETAIL_CHARS);
+        assert!(cut.ends_with('…'));
+    }
 
     #[test]
     fn the_happy_path_is_legal() {

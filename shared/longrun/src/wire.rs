@@ -19,6 +19,10 @@ pub const MAX_EVENT_BYTES: usize = 256 * 1024;
 pub const MAX_NAME_CHARS: usize = 128;
 /// Most tasks one `list` returns.
 pub const MAX_LIST_LIMIT: usize = 100;
+/// Largest result `data` a `list` entry carries, serialized; larger data is left out there
+/// (`status` returns it whole). With `params` left out of `list`, this keeps the largest
+/// `list` answer well under Lambda's 6 MB response limit.
+pub const MAX_LIST_DATA_BYTES: usize = 16 * 1024;
 
 /// `{"action":"call",…}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
