@@ -1,263 +1,112 @@
 //! The chat page in headless Chromium, as a user uses it: load the page of a running
 //! `longrun dev`, call `refine_output` from the form, see the ack, the progress bar move and the
-//! result arrive as a fresh message; start another, press Cancel, see it cancelled.
+//! result arrive as a fresh message; start another, press Cancel, see it cancelled. In every
+//! test the page must throw nothing — no uncaught exception, no unhandled rejection — from the
+//! moment it starts to load.
 //!
-//! Chromium is driven over the DevTools protocol (a WebSocket; the few lines of client are
-//! below). It comes from Debian's `chromium` package (`scripts/install-tools` installs it).
+//! Chromium is driven by the `chromiumoxide` crate (the DevTools protocol over its own
+//! WebSocket). It comes from Debian's `chromium` package (`scripts/install-tools` installs it).
 //! Without it the test is skipped — and fails under `CI=true`. Set `LONGRUN_SCREENSHOT=path.png`
 //! to save what the page looked like at the end.
 
 mod dev_support;
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use chromiumoxide::cdp::js_protocol::runtime::{EventExceptionThrown, ExceptionDetails};
+use chromiumoxide::error::CdpError;
+use chromiumoxide::handler::viewport::Viewport;
+use chromiumoxide::listeners::EventStream;
+use chromiumoxide::page::ScreenshotParams;
+use chromiumoxide::{Browser, BrowserConfig};
 use dev_support::{DevProcess, FAST_SETTINGS, TempDir, required};
-use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use futures::{FutureExt, StreamExt};
+use serde_json::Value;
 
 /// How long one DevTools command (a page-side wait included) may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
 
-fn find_chromium() -> Option<String> {
-    let candidates = std::env::var("CHROMIUM")
-        .ok()
+/// `$CHROMIUM`, or the first of the usual names on `PATH`, that runs; as a path, which
+/// chromiumoxide wants.
+fn find_chromium() -> Option<PathBuf> {
+    let dirs: Vec<PathBuf> =
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect();
+    let on_path = |name: &str| dirs.iter().map(|dir| dir.join(name)).collect::<Vec<_>>();
+    let given = std::env::var_os("CHROMIUM").map(PathBuf::from);
+    given
         .into_iter()
-        .chain(["chromium", "chromium-browser", "google-chrome"].map(String::from));
-    candidates.into_iter().find(|c| {
-        Command::new(c)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-}
-
-/// A headless Chromium; killed when dropped.
-struct Browser {
-    child: Child,
-    _profile: TempDir,
-    /// `ws://127.0.0.1:PORT/devtools/browser/…`.
-    ws_url: String,
-}
-
-impl Browser {
-    fn launch(binary: &str) -> Self {
-        let profile = TempDir::new("chromium-profile");
-        let mut child = Command::new(binary)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-                "--remote-debugging-port=0",
-                "--window-size=1280,900",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg("about:blank")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("chromium starts");
-        // Chromium names its DevTools endpoint on stderr; keep draining stderr afterwards so
-        // it never blocks on a full pipe.
-        let stderr = child.stderr.take().expect("stderr");
-        let (found, url) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut found = Some(found);
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Some(at) = line.find("ws://")
-                    && line.contains("DevTools listening on")
-                    && let Some(found) = found.take()
-                {
-                    let _ = found.send(line[at..].trim().to_owned());
-                }
-            }
-        });
-        let ws_url = match url.recv_timeout(Duration::from_secs(30)) {
-            Ok(url) => url,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("chromium did not open its DevTools endpoint within 30 s");
-            }
-        };
-        Self {
-            child,
-            _profile: profile,
-            ws_url,
-        }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A DevTools protocol connection: a minimal WebSocket client (text frames, masked as clients
-/// must; pings answered) and request/response matching by id.
-struct DevTools {
-    stream: TcpStream,
-    next_id: u64,
-}
-
-impl DevTools {
-    async fn connect(ws_url: &str) -> Self {
-        let rest = ws_url.strip_prefix("ws://").expect("a ws:// URL");
-        let (host, path) = rest.split_once('/').expect("a path");
-        let mut stream = TcpStream::connect(host).await.expect("DevTools connects");
-        let request = format!(
-            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: bG9uZ3J1bi1jaGF0LXBhZ2U=\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        // Read the handshake answer byte by byte, so no frame byte is consumed with it.
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(stream.read_u8().await.expect("handshake"));
-            assert!(head.len() < 8192, "handshake too long");
-        }
-        let head = String::from_utf8_lossy(&head);
-        assert!(
-            head.starts_with("HTTP/1.1 101"),
-            "handshake refused: {head}"
-        );
-        Self { stream, next_id: 1 }
-    }
-
-    async fn send_text(&mut self, text: &str) {
-        let payload = text.as_bytes();
-        let mut frame = vec![0x81u8];
-        match payload.len() {
-            n if n < 126 => frame.push(0x80 | n as u8),
-            n if n < 65_536 => {
-                frame.push(0x80 | 126);
-                frame.extend((n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(0x80 | 127);
-                frame.extend((n as u64).to_be_bytes());
-            }
-        }
-        let mask = [0x4c, 0x52, 0x75, 0x6e];
-        frame.extend(mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.stream.write_all(&frame).await.expect("DevTools write");
-    }
-
-    async fn read_message(&mut self) -> String {
-        let mut message = Vec::new();
-        loop {
-            let b0 = self.stream.read_u8().await.expect("DevTools read");
-            let b1 = self.stream.read_u8().await.expect("DevTools read");
-            let (fin, opcode, masked) = (b0 & 0x80 != 0, b0 & 0x0f, b1 & 0x80 != 0);
-            let len = match b1 & 0x7f {
-                126 => u64::from(self.stream.read_u16().await.unwrap()),
-                127 => self.stream.read_u64().await.unwrap(),
-                n => u64::from(n),
-            };
-            let mut mask = [0u8; 4];
-            if masked {
-                self.stream.read_exact(&mut mask).await.unwrap();
-            }
-            let mut payload = vec![0u8; usize::try_from(len).expect("frame size")];
-            self.stream.read_exact(&mut payload).await.unwrap();
-            if masked {
-                for (i, b) in payload.iter_mut().enumerate() {
-                    *b ^= mask[i % 4];
-                }
-            }
-            match opcode {
-                0x0..=0x2 => {
-                    message.extend(payload);
-                    if fin {
-                        return String::from_utf8(message).expect("UTF-8 message");
-                    }
-                }
-                0x8 => panic!("DevTools closed the connection"),
-                0x9 => {
-                    // Ping: answer with a pong carrying the same payload.
-                    let mut pong = vec![0x8a, 0x80 | payload.len() as u8, 0, 0, 0, 0];
-                    pong.extend(&payload);
-                    self.stream.write_all(&pong).await.unwrap();
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Sends a command (to a page when `session` is given) and returns its result.
-    async fn call(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut command = json!({"id": id, "method": method, "params": params});
-        if let Some(session) = session {
-            command["sessionId"] = json!(session);
-        }
-        self.send_text(&command.to_string()).await;
-        let answer = tokio::time::timeout(COMMAND_TIMEOUT, async {
-            loop {
-                let message: Value = serde_json::from_str(&self.read_message().await).unwrap();
-                if message["id"] == id {
-                    return message;
-                }
-            }
+        .chain(
+            ["chromium", "chromium-browser", "google-chrome"]
+                .iter()
+                .flat_map(|n| on_path(n)),
+        )
+        .find(|path| {
+            path.is_file()
+                && Command::new(path)
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
         })
-        .await
-        .unwrap_or_else(|_| panic!("{method} got no answer within {COMMAND_TIMEOUT:?}"));
-        if let Some(error) = answer.get("error") {
-            panic!("{method} failed: {error}");
-        }
-        answer["result"].clone()
-    }
 }
 
-/// A page in the browser.
+/// A page open in a headless Chromium of its own. Dropping it kills the browser (chromiumoxide
+/// starts it so); [`Page::finish`] closes it after checking the page threw nothing.
 struct Page {
-    devtools: DevTools,
-    session: String,
+    browser: Browser,
+    page: chromiumoxide::Page,
+    /// What the page threw and nothing caught, since before it loaded.
+    exceptions: EventStream<EventExceptionThrown>,
+    /// chromiumoxide's event loop.
+    handler: tokio::task::JoinHandle<()>,
+    _profile: TempDir,
 }
 
 impl Page {
-    async fn open(browser: &Browser, url: &str, height: u32) -> Self {
-        let mut devtools = DevTools::connect(&browser.ws_url).await;
-        let target = devtools
-            .call(None, "Target.createTarget", json!({"url": "about:blank"}))
-            .await;
-        let attached = devtools
-            .call(
-                None,
-                "Target.attachToTarget",
-                json!({"targetId": target["targetId"], "flatten": true}),
-            )
-            .await;
-        let session = attached["sessionId"].as_str().unwrap().to_owned();
-        let mut page = Self { devtools, session };
-        page.command(
-            "Emulation.setDeviceMetricsOverride",
-            json!({"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": false}),
-        )
-        .await;
-        page.command("Page.navigate", json!({"url": url})).await;
-        page
+    /// Starts `chromium` with a `1280 × height` window and opens `url`.
+    async fn open(chromium: &Path, url: &str, height: u32) -> Self {
+        let profile = TempDir::new("chromium-profile");
+        let config = BrowserConfig::builder()
+            .chrome_executable(chromium)
+            .no_sandbox()
+            .args(["disable-gpu", "disable-quic", "disable-component-update"])
+            .user_data_dir(profile.path())
+            .window_size(1280, height)
+            .viewport(Viewport {
+                width: 1280,
+                height,
+                device_scale_factor: Some(1.0),
+                ..Viewport::default()
+            })
+            .launch_timeout(Duration::from_secs(30))
+            .request_timeout(COMMAND_TIMEOUT)
+            .build()
+            .expect("a browser configuration");
+        let (browser, mut handler) = Browser::launch(config).await.expect("chromium starts");
+        let handler =
+            tokio::spawn(async move { while handler.next().await.is_some_and(|r| r.is_ok()) {} });
+        let page = browser.new_page("about:blank").await.expect("a new page");
+        // Listening before the navigation, so what the page throws while it loads counts too.
+        let exceptions = page
+            .event_listener::<EventExceptionThrown>()
+            .await
+            .expect("Runtime.exceptionThrown listener");
+        page.goto(url).await.expect("the chat page loads");
+        Self {
+            browser,
+            page,
+            exceptions,
+            handler,
+            _profile: profile,
+        }
     }
 
     /// Waits until the page has loaded its tools, its task list and its event stream, then
     /// installs the test helpers.
-    async fn ready(&mut self) {
+    async fn ready(&self) {
         self.eval(
             "new Promise((resolve, reject) => { const t = Date.now(); const tick = () => \
              (window.longrunPage && longrunPage.ready && longrunPage.connected) ? resolve(true) \
@@ -267,62 +116,54 @@ impl Page {
         self.eval(HELPERS).await;
     }
 
-    async fn command(&mut self, method: &str, params: Value) -> Value {
-        self.devtools
-            .call(Some(&self.session), method, params)
-            .await
-    }
-
     /// Runs `script` (an expression; a promise is awaited) in the page and returns its value.
-    async fn eval(&mut self, script: &str) -> Value {
-        let answer = self
-            .command(
-                "Runtime.evaluate",
-                json!({"expression": script, "awaitPromise": true, "returnByValue": true}),
-            )
-            .await;
-        if let Some(exception) = answer.get("exceptionDetails") {
-            panic!(
-                "page script failed: {}",
-                exception["exception"]["description"]
-                    .as_str()
-                    .unwrap_or(&exception.to_string())
-            );
+    async fn eval(&self, script: &str) -> Value {
+        match self.page.evaluate_expression(script).await {
+            Ok(result) => result.value().cloned().unwrap_or(Value::Null),
+            Err(CdpError::JavascriptException(details)) => {
+                panic!("page script failed: {}", describe(&details))
+            }
+            Err(e) => panic!("page script got no answer: {e}"),
         }
-        answer["result"]["value"].clone()
     }
 
-    async fn screenshot(&mut self, path: &str) {
-        let shot = self
-            .command("Page.captureScreenshot", json!({"format": "png"}))
-            .await;
-        let png = base64_decode(shot["data"].as_str().unwrap());
-        std::fs::write(path, png).expect("screenshot written");
+    /// What the page threw and nothing caught so far (uncaught exceptions and unhandled
+    /// rejections).
+    async fn errors(&mut self) -> Vec<String> {
+        // A round trip first: whatever Chromium reported before its answer is then delivered.
+        self.eval("true").await;
+        let mut errors = Vec::new();
+        while let Some(Some(thrown)) = self.exceptions.next().now_or_never() {
+            errors.push(describe(&thrown.exception_details));
+        }
+        errors
+    }
+
+    async fn screenshot(&self, path: &Path) {
+        self.page
+            .save_screenshot(ScreenshotParams::default(), path)
+            .await
+            .expect("screenshot written");
+    }
+
+    /// The end of a test: asserts that the page threw nothing since it began to load, then
+    /// closes the browser.
+    async fn finish(mut self) {
+        let errors = self.errors().await;
+        assert!(errors.is_empty(), "the page threw: {errors:#?}");
+        self.browser.close().await.expect("chromium closes");
+        self.browser.wait().await.expect("chromium exits");
+        let _ = self.handler.await;
     }
 }
 
-fn base64_decode(text: &str) -> Vec<u8> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => panic!("not base64: {c}"),
-    };
-    let bytes: Vec<u8> = text
-        .bytes()
-        .filter(|c| *c != b'=' && !c.is_ascii_whitespace())
-        .collect();
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, c)| n | (u32::from(value(*c)) << (18 - 6 * i)));
-        out.extend(&n.to_be_bytes()[1..chunk.len()]);
-    }
-    out
+/// An exception as the console shows it: its description (message and stack), else its text.
+fn describe(details: &ExceptionDetails) -> String {
+    details
+        .exception
+        .as_ref()
+        .and_then(|e| e.description.clone())
+        .unwrap_or_else(|| details.text.clone())
 }
 
 /// Page-side helpers: `__t.wait(fn, ms, what)` resolves with `fn()`'s first truthy value.
@@ -357,7 +198,7 @@ true
 "##;
 
 /// The browser, or `None` with a `SKIPPED:` line — a failure instead under `CI=true`.
-fn chromium_or_skip() -> Option<String> {
+fn chromium_or_skip() -> Option<PathBuf> {
     let found = find_chromium();
     if found.is_none() {
         if required() {
@@ -386,8 +227,7 @@ async fn the_chat_page_shows_ack_progress_result_and_cancels_a_task() {
         ],
         FAST_SETTINGS,
     );
-    let browser = Browser::launch(&chromium);
-    let mut page = Page::open(&browser, &dev.url, 900).await;
+    let page = Page::open(&chromium, &dev.url, 900).await;
     page.ready().await;
 
     // WHEN the user calls refine_output from the form
@@ -476,8 +316,9 @@ async fn the_chat_page_shows_ack_progress_result_and_cancels_a_task() {
     assert_eq!(cancelled["row"], "cancelled");
 
     if let Ok(path) = std::env::var("LONGRUN_SCREENSHOT") {
-        page.screenshot(&path).await;
+        page.screenshot(Path::new(&path)).await;
     }
+    page.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,22 +357,17 @@ async fn a_page_opened_after_the_demo_shows_the_history_live_and_without_errors(
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     // WHEN the page opens on that history and the task list refreshes again and again
-    let browser = Browser::launch(&chromium);
-    let mut page = Page::open(&browser, &dev.url, 900).await;
+    let mut page = Page::open(&chromium, &dev.url, 900).await;
     page.ready().await;
     let seen = page
         .eval(
             r##"(async () => {
-              const errors = [];
-              window.addEventListener("error", (e) => errors.push(String(e.message)));
-              window.addEventListener("unhandledrejection", (e) => errors.push(String(e.reason)));
               for (let i = 0; i < 3; i++) {
                 document.querySelector("#refresh").click();
                 await new Promise((r) => setTimeout(r, 300));
               }
               const conn = document.querySelector("#conn");
               return {
-                errors,
                 badge: conn.textContent,
                 badgeClass: conn.className,
                 results: document.querySelectorAll('.msg[data-kind="result"]').length,
@@ -542,7 +378,7 @@ async fn a_page_opened_after_the_demo_shows_the_history_live_and_without_errors(
         )
         .await;
     // THEN the finished tasks are there, the connection badge is live, and nothing threw
-    assert_eq!(seen["errors"], serde_json::json!([]), "{seen}");
+    assert_eq!(page.errors().await, Vec::<String>::new(), "{seen}");
     assert_eq!(seen["badge"], "live", "{seen}");
     assert_eq!(seen["badgeClass"], "badge live", "{seen}");
     assert!(seen["results"].as_u64().unwrap() >= 2, "{seen}");
@@ -601,7 +437,7 @@ async fn a_page_opened_after_the_demo_shows_the_history_live_and_without_errors(
     // A screenshot of the page as the user left it, kept as a test artifact.
     let shot = longrun_tests::target_dir().join("test-artifacts/chat-page-after-demo.png");
     std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
-    page.screenshot(&shot.to_string_lossy()).await;
+    page.screenshot(&shot).await;
     let png = std::fs::read(&shot).unwrap();
     assert!(
         png.starts_with(b"\x89PNG") && png.len() > 10_000,
@@ -609,6 +445,7 @@ async fn a_page_opened_after_the_demo_shows_the_history_live_and_without_errors(
         shot.display()
     );
     eprintln!("screenshot: {}", shot.display());
+    page.finish().await;
 }
 
 /// Makes `docs/chat-page.png`: the page after `longrun dev --simulate-model` ran the seed demo,
@@ -624,8 +461,7 @@ async fn screenshot_after_the_demo() {
         &["--simulate-model", "--simulate-latency-ms", "2500..4000"],
         FAST_SETTINGS,
     );
-    let browser = Browser::launch(&chromium);
-    let mut page = Page::open(&browser, &dev.url, 1480).await;
+    let page = Page::open(&chromium, &dev.url, 1480).await;
     page.ready().await;
     // The demo's three answers: A inline, B and C as results.
     page.eval(
@@ -640,5 +476,6 @@ async fn screenshot_after_the_demo() {
         id = started["taskId"].as_str().unwrap()
     ))
     .await;
-    page.screenshot(&path).await;
+    page.screenshot(Path::new(&path)).await;
+    page.finish().await;
 }

@@ -253,25 +253,19 @@ impl Drop for DevProcess {
     }
 }
 
-/// Whether a dev stack answers at `url` (a plain HTTP/1.0 GET, no client needed).
+/// Whether a dev stack answers `GET /api/health` at `url`. reqwest's blocking client, on a
+/// thread of its own: it must not run on an async test's runtime, where callers may be.
 fn health(url: &str) -> bool {
-    use std::io::{Read, Write};
-    let Some(addr) = url.strip_prefix("http://") else {
-        return false;
-    };
-    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream
-        .write_all(format!("GET /api/health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .is_err()
-    {
-        return false;
-    }
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).is_ok()
-        && (head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"))
+    let url = format!("{url}/api/health");
+    std::thread::spawn(move || {
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .and_then(|client| client.get(url).send())
+            .is_ok_and(|answer| answer.status() == reqwest::StatusCode::OK)
+    })
+    .join()
+    .unwrap_or(false)
 }
 
 /// Whether tests that need a tool must fail rather than skip when it is missing (`CI=true`).
