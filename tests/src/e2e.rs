@@ -129,6 +129,15 @@ impl Options {
     }
 }
 
+/// The deployment's names that `longrun bootstrap` prints: the table and the four queues.
+pub const DEPLOYMENT_VARS: [&str; 5] = [
+    "LONGRUN_TABLE",
+    "LONGRUN_WORK_QUEUE_URL",
+    "LONGRUN_DELIVERY_QUEUE_URL",
+    "LONGRUN_WORK_DLQ_URL",
+    "LONGRUN_DELIVERY_DLQ_URL",
+];
+
 /// One run of the `longrun` CLI.
 #[derive(Debug, Clone)]
 pub struct CliRun {
@@ -237,13 +246,7 @@ impl Stack {
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
             .collect();
-        for name in [
-            "LONGRUN_TABLE",
-            "LONGRUN_WORK_QUEUE_URL",
-            "LONGRUN_DELIVERY_QUEUE_URL",
-            "LONGRUN_WORK_DLQ_URL",
-            "LONGRUN_DELIVERY_DLQ_URL",
-        ] {
+        for name in DEPLOYMENT_VARS {
             assert!(
                 config.contains_key(name),
                 "bootstrap printed no {name}: {}",

@@ -89,6 +89,19 @@ impl Fixture {
             other => panic!("expected Claimed, got {other:?}"),
         }
     }
+
+    /// A task that ran and ended in `state` at t0, its result not delivered.
+    async fn finished(&self, state: TaskState) -> TaskId {
+        let (task, held) = self.running("w1", t0()).await;
+        self.store
+            .finish(
+                &task.task_id,
+                &finish(state, t0(), FinishGuard::Owner(held.owner)),
+            )
+            .await
+            .unwrap();
+        task.task_id
+    }
 }
 
 fn t0() -> DateTime<Utc> {
@@ -805,15 +818,7 @@ async fn expired_leases_are_only_lapsed_live_tasks() {
 async fn an_undelivered_result_is_swept_at_its_redeliver_time_until_delivered() {
     // GIVEN a task that finished at t0, its result due again at t0+120s
     let f = fixture().await;
-    let (task, held) = f.running("w1", t0()).await;
-    let id = &task.task_id;
-    f.store
-        .finish(
-            id,
-            &finish(TaskState::Succeeded, t0(), FinishGuard::Owner(held.owner)),
-        )
-        .await
-        .unwrap();
+    let id = &f.finished(TaskState::Succeeded).await;
     let due = |at| {
         let store = &f.store;
         async move {
@@ -852,15 +857,7 @@ async fn an_undelivered_result_is_swept_at_its_redeliver_time_until_delivered() 
 async fn a_result_the_chat_refused_leaves_the_sweepers_index() {
     // GIVEN a finished, undelivered task
     let f = fixture().await;
-    let (task, held) = f.running("w1", t0()).await;
-    let id = &task.task_id;
-    f.store
-        .finish(
-            id,
-            &finish(TaskState::Failed, t0(), FinishGuard::Owner(held.owner)),
-        )
-        .await
-        .unwrap();
+    let id = &f.finished(TaskState::Failed).await;
     // WHEN its re-sends are stopped
     assert!(f.store.reschedule_delivery(id, None).await.unwrap());
     // THEN no sweep sees it again

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use longrun::TaskState;
-use longrun_tests::e2e::{Options, Stack};
+use longrun_tests::e2e::{DEPLOYMENT_VARS, Options, Stack};
 use longrun_tests::procs::Guarded;
 use longrun_tests::sample_events;
 use serde_json::{Value, json};
@@ -178,19 +178,15 @@ fn env_vars(stack: &Stack, host: IpAddr, dir: &Path) -> PathBuf {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
-    for name in [
-        "LONGRUN_TABLE",
-        "LONGRUN_WORK_QUEUE_URL",
-        "LONGRUN_DELIVERY_QUEUE_URL",
-        "LONGRUN_WORK_DLQ_URL",
-        "LONGRUN_DELIVERY_DLQ_URL",
+    let declared = [
         "LONGRUN_CHAT_API_URL",
         "LONGRUN_CHAT_TOKEN_SECRET",
         "LONGRUN_SECRETS_PREFIX",
         "OPENAI_BASE_URL",
         "OPENAI_MODEL",
         "OPENAI_FAST_MODEL",
-    ] {
+    ];
+    for name in DEPLOYMENT_VARS.into_iter().chain(declared) {
         if let Some(value) = env.get(name) {
             vars.insert(name.into(), from_container(value));
         }

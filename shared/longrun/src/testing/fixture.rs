@@ -28,6 +28,9 @@ pub struct Params {
     pub pct: i64,
     #[serde(default)]
     pub n: u32,
+    /// `http`: how long to wait before its progress call and the AI call.
+    #[serde(default)]
+    pub delay_ms: u64,
 }
 
 /// Counts handler runs, by function, and step bodies, by step name.
@@ -187,24 +190,7 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
         )
         .function(
             ChatFunction::new("http", |ctx: Ctx, p: Params| async move {
-                ctx.progress(5, "Calling the AI").await?;
-                let response = ctx
-                    .http
-                    .post(&p.url)
-                    .timeout(Duration::from_secs(120))
-                    .send()
-                    .await?;
-                Ok(ActionResult::success(
-                    format!("AI said {}", response.status()),
-                    (),
-                ))
-            })
-            .background(true),
-        )
-        .function(
-            // A progress write just after a heartbeat, then a long AI call.
-            ChatFunction::new("late_http", |ctx: Ctx, p: Params| async move {
-                tokio::time::sleep(Duration::from_millis(5_500)).await;
+                tokio::time::sleep(Duration::from_millis(p.delay_ms)).await;
                 ctx.progress(5, "Calling the AI").await?;
                 let response = ctx
                     .http
