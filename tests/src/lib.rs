@@ -109,6 +109,17 @@ pub fn build_stack_binaries() -> Result<(), String> {
         .clone()
 }
 
+/// Waits (at most `timeout`, then panics naming `what`) until something accepts
+/// connections on loopback `port`.
+pub async fn until_listening(what: &str, port: u16, timeout: Duration) {
+    eventually(what, timeout, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await;
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout` naming
 /// `what`. For "eventually" assertions: the timeout is a generous bound, never the thing
 /// under test.

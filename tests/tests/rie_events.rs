@@ -88,14 +88,10 @@ impl Function {
             http: reqwest::Client::new(),
             _process: process,
         };
-        longrun_tests::eventually(
+        longrun_tests::until_listening(
             &format!("the emulator for {role} to listen"),
+            port,
             Duration::from_secs(20),
-            || async {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .ok()
-            },
         )
         .await;
         function

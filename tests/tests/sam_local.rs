@@ -59,15 +59,21 @@ fn host_gateway() -> IpAddr {
         })
 }
 
+/// What every `sam` run of this test gets: no telemetry, the emulators' region and test
+/// credentials (SAM passes the credentials into the containers).
+const SAM_ENV: [(&str, &str); 5] = [
+    ("SAM_CLI_TELEMETRY", "0"),
+    ("AWS_REGION", "us-east-1"),
+    ("AWS_DEFAULT_REGION", "us-east-1"),
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+];
+
 fn sam(root: &Path) -> Command {
     let mut command = Command::new("sam");
     command
         .current_dir(root)
-        .env("SAM_CLI_TELEMETRY", "0")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .envs(SAM_ENV)
         .env_remove("AWS_PROFILE")
         .env_remove("AWS_SESSION_TOKEN");
     command
@@ -249,14 +255,7 @@ async fn sam_local_invoke_runs_every_sample_event_and_start_lambda_serves_intake
         port.to_string(),
     ];
     args.extend(local.args());
-    let env: Vec<(String, String)> = [
-        ("SAM_CLI_TELEMETRY", "0"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-    ]
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .into();
+    let env: Vec<(String, String)> = SAM_ENV.map(|(k, v)| (k.to_owned(), v.to_owned())).into();
     let _server = Guarded::spawn(
         "sam-start-lambda",
         "sam",
@@ -267,14 +266,10 @@ async fn sam_local_invoke_runs_every_sample_event_and_start_lambda_serves_intake
     )
     .expect("sam local start-lambda starts");
     let endpoint = format!("http://127.0.0.1:{port}");
-    longrun_tests::eventually(
+    longrun_tests::until_listening(
         "sam local start-lambda to listen",
+        port,
         Duration::from_secs(60),
-        || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-        },
     )
     .await;
 
