@@ -90,7 +90,8 @@ async fn ensure_queues_is_idempotent_and_sets_the_template_attributes() {
     assert!(first.delivery.ends_with("/lr-test-delivery"));
     assert!(first.delivery_dlq.ends_with("/lr-test-delivery-dlq"));
 
-    // AND each main queue has the template's visibility, retention and redrive to its own DLQ
+    // AND each main queue has the template's visibility, retention, size limit and redrive to
+    // its own DLQ
     for (url, dlq, visibility) in [
         (&first.work, &first.work_dlq, WORK_VISIBILITY_TIMEOUT_S),
         (
@@ -108,6 +109,10 @@ async fn ensure_queues_is_idempotent_and_sets_the_template_attributes() {
             attrs[&QueueAttributeName::MessageRetentionPeriod],
             QUEUE_RETENTION_S.to_string()
         );
+        assert_eq!(
+            attrs[&QueueAttributeName::MaximumMessageSize],
+            MAX_MESSAGE_BYTES.to_string()
+        );
         let policy: Value =
             serde_json::from_str(&attrs[&QueueAttributeName::RedrivePolicy]).unwrap();
         let dlq_arn = sqs::queue_arn(&client, dlq).await.unwrap();
@@ -124,6 +129,10 @@ async fn ensure_queues_is_idempotent_and_sets_the_template_attributes() {
         assert_eq!(
             dlq_attrs[&QueueAttributeName::MessageRetentionPeriod],
             DLQ_RETENTION_S.to_string()
+        );
+        assert_eq!(
+            dlq_attrs[&QueueAttributeName::MaximumMessageSize],
+            MAX_MESSAGE_BYTES.to_string()
         );
         assert!(!dlq_attrs.contains_key(&QueueAttributeName::RedrivePolicy));
     }

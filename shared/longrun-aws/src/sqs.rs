@@ -352,10 +352,21 @@ pub fn redrive_policy(dlq_arn: &str) -> String {
 }
 
 fn dlq_attributes() -> Vec<(QueueAttributeName, String)> {
-    vec![(
-        QueueAttributeName::MessageRetentionPeriod,
-        DLQ_RETENTION_S.to_string(),
-    )]
+    vec![
+        (
+            QueueAttributeName::MessageRetentionPeriod,
+            DLQ_RETENTION_S.to_string(),
+        ),
+        max_size_attribute(),
+    ]
+}
+
+/// The size the senders check against, set rather than assumed of a queue's default.
+fn max_size_attribute() -> (QueueAttributeName, String) {
+    (
+        QueueAttributeName::MaximumMessageSize,
+        MAX_MESSAGE_BYTES.to_string(),
+    )
 }
 
 fn main_attributes(visibility_s: u32, dlq_arn: &str) -> Vec<(QueueAttributeName, String)> {
@@ -369,6 +380,7 @@ fn main_attributes(visibility_s: u32, dlq_arn: &str) -> Vec<(QueueAttributeName,
             QUEUE_RETENTION_S.to_string(),
         ),
         (QueueAttributeName::RedrivePolicy, redrive_policy(dlq_arn)),
+        max_size_attribute(),
     ]
 }
 

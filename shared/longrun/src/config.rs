@@ -86,6 +86,21 @@ impl Config {
                 })?,
             None => 30,
         };
+        let secrets_prefix = optional(vars::SECRETS_PREFIX).unwrap_or_else(|| "longrun".to_owned());
+        let chat_token_secret = optional(vars::CHAT_TOKEN_SECRET);
+        if let Some(name) = &chat_token_secret
+            && name.starts_with(&format!("{}/", secrets_prefix.trim_end_matches('/')))
+        {
+            return Err(ConfigError::Invalid {
+                name: vars::CHAT_TOKEN_SECRET,
+                reason: format!(
+                    "{name:?} is under {} {secrets_prefix:?}, where intake and worker (the \
+                     extension's code) may read secrets; store the chat token outside it, \
+                     e.g. as \"longrun-delivery/chat-token\"",
+                    vars::SECRETS_PREFIX
+                ),
+            });
+        }
         Ok(Self {
             table: required(vars::TABLE)?,
             work_queue_url: required(vars::WORK_QUEUE_URL)?,
@@ -93,8 +108,8 @@ impl Config {
             work_dlq_url: optional(vars::WORK_DLQ_URL),
             delivery_dlq_url: optional(vars::DELIVERY_DLQ_URL),
             chat_api_url: optional(vars::CHAT_API_URL),
-            chat_token_secret: optional(vars::CHAT_TOKEN_SECRET),
-            secrets_prefix: optional(vars::SECRETS_PREFIX).unwrap_or_else(|| "longrun".to_owned()),
+            chat_token_secret,
+            secrets_prefix,
             task_ttl: Duration::from_secs(ttl_days * 86_400),
         })
     }
@@ -142,6 +157,42 @@ mod tests {
         assert_eq!(
             config.require_chat_api_url().unwrap_err(),
             ConfigError::Missing(vars::CHAT_API_URL)
+        );
+    }
+
+    #[test]
+    fn a_chat_token_where_extension_code_reads_secrets_is_refused() {
+        let base = [
+            (vars::TABLE, "t"),
+            (vars::WORK_QUEUE_URL, "w"),
+            (vars::DELIVERY_QUEUE_URL, "d"),
+        ];
+        for (prefix, token) in [
+            (None, "longrun/chat-token"),
+            (Some("ext/users"), "ext/users/t"),
+        ] {
+            let mut pairs = base.to_vec();
+            pairs.push((vars::CHAT_TOKEN_SECRET, token));
+            if let Some(prefix) = prefix {
+                pairs.push((vars::SECRETS_PREFIX, prefix));
+            }
+            let err = Config::from_lookup(env(&pairs)).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { name, .. } if name == vars::CHAT_TOKEN_SECRET),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("longrun-delivery/chat-token"),
+                "{err}"
+            );
+        }
+        // A name that only starts with the same letters is elsewhere.
+        let mut pairs = base.to_vec();
+        pairs.push((vars::CHAT_TOKEN_SECRET, "longrun-delivery/chat-token"));
+        let config = Config::from_lookup(env(&pairs)).unwrap();
+        assert_eq!(
+            config.chat_token_secret.as_deref(),
+            Some("longrun-delivery/chat-token")
         );
     }
 
