@@ -1,6 +1,7 @@
 //! `scripts/check-policies` (run by `scripts/sam-check`) on `template.yaml` as shipped, and on
-//! copies with one rule broken each: a function that runs extension code may read the chat
-//! token, or someone other than intake, worker and sweeper may send work. Each copy must fail
+//! copies with one rule broken each: a role granted an action its code never calls, a function
+//! that runs extension code may read the chat token, or someone other than intake, worker and
+//! sweeper may send work. Each copy must fail
 //! with the finding that names it.
 
 use std::path::Path;
@@ -57,6 +58,12 @@ fn each_broken_rule_is_reported() {
             "- Sid: NoChatToken\n                Effect: Deny",
             "- Sid: NoChatToken\n                Effect: Allow",
             "IntakeRole: may read secrets but does not deny the chat token secret",
+        ),
+        (
+            // A grant no code uses (transactions here are Puts only).
+            "                  - dynamodb:PutItem\n",
+            "                  - dynamodb:PutItem\n                  - dynamodb:ConditionCheckItem\n",
+            "IntakeRole: granted dynamodb:conditioncheckitem, which its code never calls",
         ),
         (
             "secret:${SecretsPrefix}/*",
