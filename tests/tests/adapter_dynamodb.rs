@@ -1042,3 +1042,42 @@ async fn steps_are_stored_once_in_the_tasks_partition_and_read_in_order() {
     let other = f.queued("text-tools", "u1", t0()).await;
     assert!(f.store.steps(&other.task_id).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn the_table_stores_what_check_storable_passes_and_refuses_the_rest() {
+    // GIVEN params at the edges of what `check_storable` lets through
+    let f = fixture().await;
+    let nested = |levels: usize| (0..levels).fold(json!(1), |inner, _| json!({ "a": inner }));
+    let edge = json!({"big": 9.9e125, "tiny": 1e-130, "n": u64::MAX, "deep": nested(30)});
+    assert_eq!(longrun::wire::check_storable(&edge), Ok(()));
+    // WHEN a task holding them is created and read back
+    let task = Task {
+        params: edge.clone(),
+        ..queued_task("text-tools", "u1", t0())
+    };
+    assert_eq!(f.store.create(&task, None).await.unwrap(), Created::New);
+    // THEN the record keeps them as given
+    let stored = f.store.get(&task.task_id).await.unwrap().unwrap();
+    assert_eq!(stored.params, edge);
+
+    // AND a number beyond DynamoDB's range, which intake now refuses, is refused by the
+    // table too — permanently, not as a retryable failure
+    let beyond = json!({"x": 1e300});
+    assert!(longrun::wire::check_storable(&beyond).is_err());
+    let task = Task {
+        params: beyond,
+        ..queued_task("text-tools", "u1", t0())
+    };
+    let err = f.store.create(&task, None).await.unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    // AND so is one level more than the 32 it allows (params, 31 objects, and the number
+    // they end in: 33)
+    let deeper = json!({ "deep": nested(31) });
+    assert!(longrun::wire::check_storable(&deeper).is_err());
+    let task = Task {
+        params: deeper,
+        ..queued_task("text-tools", "u1", t0())
+    };
+    let err = f.store.create(&task, None).await.unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+}

@@ -49,6 +49,10 @@ pub enum BackgroundError {
         /// The most a task's params may take ([`crate::wire::MAX_PARAMS_BYTES`]).
         limit: usize,
     },
+    /// The input is valid JSON that the task table cannot store
+    /// ([`crate::wire::check_storable`]).
+    #[error("job input {0}")]
+    Unstorable(String),
     /// The input could not be serialized.
     #[error("job input cannot be serialized: {0}")]
     Serialize(#[from] serde_json::Error),

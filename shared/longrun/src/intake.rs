@@ -152,6 +152,9 @@ async fn call(rt: &Runtime, req: CallRequest) -> Result<IntakeResponse, IntakeEr
             "params are {params_size} bytes; the limit is {MAX_PARAMS_BYTES}"
         )));
     }
+    // Before the schema, which may ignore the field: the task record keeps params whole.
+    crate::wire::check_storable(&req.params)
+        .map_err(|reason| IntakeError::invalid_params(format!("params {reason}")))?;
     function
         .validate(&req.params)
         .map_err(|e| IntakeError::invalid_params(e.to_string()))?;
@@ -688,6 +691,17 @@ mod tests {
                 json!({"action":"call","ext":EXT,"user":"u","chat":"c","function":"bg","params":{"input":big}}),
                 413,
                 "limit",
+            ),
+            // Valid JSON the task table cannot store, in a field the function ignores.
+            (
+                json!({"action":"call","ext":EXT,"user":"u","chat":"c","function":"bg","params":{"input":"hi","extra":1e300}}),
+                422,
+                "params holds the number 1e+300",
+            ),
+            (
+                json!({"action":"call","ext":EXT,"user":"u","chat":"c","function":"bg","params":{"input":"hi","extra":crate::wire::tests::nested(40)}}),
+                422,
+                "params nests deeper than the 32 levels",
             ),
             (
                 json!({"action":"status","ext":EXT,"user":"u","task_id":"not-a-ulid"}),

@@ -372,6 +372,7 @@ impl Launcher for TaskLauncher {
                 limit: MAX_PARAMS_BYTES,
             });
         }
+        crate::wire::check_storable(&input).map_err(BackgroundError::Unstorable)?;
         let n = self.launched.fetch_add(1, Ordering::SeqCst);
         let request_id = self.request_id.as_ref().map(|r| format!("{r}#{n}"));
         let request = request_id.clone().map(|request_id| RequestKey {

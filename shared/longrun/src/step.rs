@@ -70,6 +70,15 @@ pub enum StepError {
         /// The most a step output may take ([`MAX_STEP_OUTPUT_BYTES`]).
         limit: usize,
     },
+    /// The output is valid JSON that the task table cannot store
+    /// ([`crate::wire::check_storable`]).
+    #[error("step {name:?} output {reason}")]
+    Unstorable {
+        /// The step's name.
+        name: String,
+        /// What the table cannot store.
+        reason: String,
+    },
     /// The step ran longer than the per-call cap; a step must fit in one invocation.
     #[error("step {name:?} ran longer than {after:?}")]
     TimedOut {
@@ -202,6 +211,10 @@ impl StepLog {
                 limit: MAX_STEP_OUTPUT_BYTES,
             });
         }
+        crate::wire::check_storable(&value).map_err(|reason| StepError::Unstorable {
+            name: name.to_owned(),
+            reason,
+        })?;
         let record = StepRecord {
             seq,
             name: name.to_owned(),

@@ -24,6 +24,45 @@ pub const MAX_LIST_LIMIT: usize = 100;
 /// `list` answer well under Lambda's 6 MB response limit.
 pub const MAX_LIST_DATA_BYTES: usize = 16 * 1024;
 
+/// Deepest nesting DynamoDB stores in an item: 32 levels, the attribute itself (`params`,
+/// `result`, a step's `output`) counting as the first and a plain value (a string, a number)
+/// as one too — so `{"a":{"a":…1}}` may hold 31 objects.
+pub const MAX_NESTING_LEVELS: usize = 32;
+/// Largest number magnitude DynamoDB stores (it allows up to 9.9999…E+125).
+const MAX_NUMBER_MAGNITUDE: f64 = 1e126;
+/// Smallest non-zero number magnitude DynamoDB stores.
+const MIN_NUMBER_MAGNITUDE: f64 = 1e-130;
+
+/// Why DynamoDB would refuse to store `value` although it is valid JSON: nesting deeper than
+/// [`MAX_NESTING_LEVELS`], or a number outside DynamoDB's range (1E-130 to 9.99E+125 in
+/// magnitude; JSON allows up to about 1.8E+308). Integers of 64 bits always fit.
+pub fn check_storable(value: &Value) -> Result<(), String> {
+    fn walk(value: &Value, level: usize) -> Result<(), String> {
+        match value {
+            _ if level > MAX_NESTING_LEVELS => Err(format!(
+                "nests deeper than the {MAX_NESTING_LEVELS} levels the task table stores"
+            )),
+            Value::Array(items) => items.iter().try_for_each(|v| walk(v, level + 1)),
+            Value::Object(fields) => fields.values().try_for_each(|v| walk(v, level + 1)),
+            Value::Number(n) if n.is_f64() => {
+                let magnitude = n.as_f64().unwrap_or(0.0).abs();
+                if magnitude != 0.0
+                    && !(MIN_NUMBER_MAGNITUDE..MAX_NUMBER_MAGNITUDE).contains(&magnitude)
+                {
+                    Err(format!(
+                        "holds the number {n}, outside what the task table stores (1E-130 to \
+                         9.99E+125 in magnitude)"
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+    walk(value, 1)
+}
+
 /// `{"action":"call",…}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallRequest {
@@ -357,9 +396,34 @@ pub enum ChatMessage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
+
+    /// `{"a":{"a":…{"a":1}}}` with `levels` objects.
+    pub(crate) fn nested(levels: usize) -> Value {
+        (0..levels).fold(json!(1), |inner, _| json!({ "a": inner }))
+    }
+
+    #[test]
+    fn values_dynamodb_refuses_are_named() {
+        for ok in [
+            json!(null),
+            json!({"n": u64::MAX, "i": i64::MIN, "f": 1.5e125, "tiny": 1e-130, "zero": 0.0}),
+            nested(MAX_NESTING_LEVELS - 1),
+        ] {
+            assert_eq!(check_storable(&ok), Ok(()), "{ok}");
+        }
+        for (bad, words) in [
+            (json!({"x": 1e126}), "1e+126"),
+            (json!({"x": [-1e300]}), "-1e+300"),
+            (json!({"x": 1e-131}), "1e-131"),
+            (nested(MAX_NESTING_LEVELS), "32 levels"),
+        ] {
+            let err = check_storable(&bad).unwrap_err();
+            assert!(err.contains(words), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn intake_request_parses_each_action() {

@@ -323,6 +323,18 @@ async fn execute(
             ),
             false,
         ),
+        Ok(Ok(result))
+            if let Err(reason) = serde_json::to_value(&result)
+                .map_err(|e| e.to_string())
+                .and_then(|v| crate::wire::check_storable(&v)) =>
+        {
+            Outcome::failed(
+                &task.function,
+                "result_unstorable",
+                format!("result {reason}"),
+                false,
+            )
+        }
         Ok(Ok(result)) => Outcome::returned(result),
         Ok(Err(err)) if err.is_cancelled() => Outcome::cancelled(&task.function),
         Ok(Err(ref err)) if let Some(missing) = err.downcast_ref::<SecretError>() => {
@@ -756,6 +768,37 @@ mod tests {
                 .contains(&(AuditKind::Critical, "critical#result_too_large".into()))
         );
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_result_or_step_output_the_table_cannot_store_fails_at_once() {
+        for (params, reason) in [
+            (json!({}), "critical#result_unstorable"),
+            (json!({"input": "in_step"}), "critical#handler_error"),
+        ] {
+            let (stack, _) = stack();
+            let task_id = task_id_of(&stack.intake(call_event("unstorable", "u1", params)).await);
+            stack.drain(20).await;
+            let record = task(&stack, &task_id).await;
+            // Failed on the first attempt: nothing to retry, no "attempts exhausted".
+            assert_eq!((record.state, record.attempt), (TaskState::Failed, 1));
+            let trail = stack.tasks.audit_trail(&task_id).await.unwrap();
+            let critical: Vec<_> = trail
+                .iter()
+                .filter(|a| a.kind == AuditKind::Critical)
+                .collect();
+            assert_eq!(critical.len(), 1, "{trail:?}");
+            assert_eq!(critical[0].audit_id, reason);
+            assert!(
+                critical[0].detail.contains("1e+300"),
+                "{}",
+                critical[0].detail
+            );
+            let results = results_in(&stack, "chat-u1");
+            assert_eq!(results.len(), 1);
+            assert!(!results[0].ok);
+            assert!(stack.tasks.steps(&task_id).await.unwrap().is_empty());
+        }
     }
 
     #[tokio::test(start_paused = true)]

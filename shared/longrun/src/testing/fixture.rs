@@ -239,6 +239,17 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
             .background(true),
         )
         .function(
+            // Valid JSON that DynamoDB cannot store, as a result and as a step output.
+            ChatFunction::new("unstorable", |ctx: Ctx, p: Params| async move {
+                if p.input == "in_step" {
+                    ctx.step("big_number", async { json!({"x": 1e300}) })
+                        .await?;
+                }
+                Ok(ActionResult::success("done", json!({"x": 1e300})))
+            })
+            .background(true),
+        )
+        .function(
             ChatFunction::new("launch", |ctx: Ctx, p: Params| async move {
                 let task_id = ctx
                     .background_task(
