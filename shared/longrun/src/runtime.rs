@@ -117,19 +117,63 @@ impl Settings {
             Ok(number(name)?.map(Duration::from_millis).unwrap_or(default))
         };
         let d = Self::default();
-        Ok(Self {
+        let settings = Self {
             lease: ms("LONGRUN_LEASE_MS", d.lease)?,
             heartbeat: ms("LONGRUN_HEARTBEAT_MS", d.heartbeat)?,
             progress_interval: ms("LONGRUN_PROGRESS_INTERVAL_MS", d.progress_interval)?,
             cancel_grace: ms("LONGRUN_CANCEL_GRACE_MS", d.cancel_grace)?,
             queue_grace: ms("LONGRUN_QUEUE_GRACE_MS", d.queue_grace)?,
-            max_attempts: number("LONGRUN_MAX_ATTEMPTS")?
-                .map_or(d.max_attempts, |n| n.clamp(1, 100) as u32),
+            max_attempts: match number("LONGRUN_MAX_ATTEMPTS")? {
+                None => d.max_attempts,
+                Some(n @ 1..=100) => n as u32,
+                Some(n) => {
+                    return Err(crate::config::ConfigError::Invalid {
+                        name: "LONGRUN_MAX_ATTEMPTS",
+                        reason: format!("{n} is outside 1 to 100"),
+                    });
+                }
+            },
             max_receives: d.max_receives,
             deadline_margin: ms("LONGRUN_DEADLINE_MARGIN_MS", d.deadline_margin)?,
             step_budget: ms("LONGRUN_STEP_BUDGET_MS", d.step_budget)?,
             cap_override: number("LONGRUN_CAP_S")?.map(Duration::from_secs),
-        })
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Refuses timings that would break the pipeline's guarantees rather than run with them:
+    /// a zero lease, heartbeat, progress interval, queue grace or cap, and a lease shorter
+    /// than two heartbeats (one slow write would let a live task's lease lapse, and another
+    /// worker would run it a second time).
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        let invalid = |name: &'static str, reason: String| {
+            Err(crate::config::ConfigError::Invalid { name, reason })
+        };
+        for (name, value) in [
+            ("LONGRUN_LEASE_MS", self.lease),
+            ("LONGRUN_HEARTBEAT_MS", self.heartbeat),
+            ("LONGRUN_PROGRESS_INTERVAL_MS", self.progress_interval),
+            ("LONGRUN_QUEUE_GRACE_MS", self.queue_grace),
+            ("LONGRUN_STEP_BUDGET_MS", self.step_budget),
+            ("LONGRUN_CAP_S", self.cap_override.unwrap_or(Duration::MAX)),
+        ] {
+            if value.is_zero() {
+                return invalid(name, "must be more than 0".to_owned());
+            }
+        }
+        if self.lease < self.heartbeat * 2 {
+            return invalid(
+                "LONGRUN_LEASE_MS",
+                format!(
+                    "the lease ({} ms) must last at least two heartbeats (LONGRUN_HEARTBEAT_MS \
+                     {} ms), or a live task's lease lapses between them",
+                    self.lease.as_millis(),
+                    self.heartbeat.as_millis()
+                ),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -391,5 +435,76 @@ impl Launcher for TaskLauncher {
         };
         let task = self.runtime.new_task(spec, request_id);
         Ok(self.runtime.enqueue(task, request).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<Settings, crate::config::ConfigError> {
+        Settings::from_lookup(|name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn the_defaults_and_the_test_timings_are_valid() {
+        assert_eq!(settings(&[]).unwrap(), Settings::default());
+        let fast = settings(&[
+            ("LONGRUN_LEASE_MS", "3000"),
+            ("LONGRUN_HEARTBEAT_MS", "500"),
+            ("LONGRUN_MAX_ATTEMPTS", "2"),
+        ])
+        .unwrap();
+        assert_eq!((fast.lease.as_millis(), fast.max_attempts), (3000, 2));
+    }
+
+    #[test]
+    fn timings_that_break_a_guarantee_are_refused_by_name() {
+        for (pairs, name, words) in [
+            (
+                &[("LONGRUN_LEASE_MS", "8000")][..],
+                "LONGRUN_LEASE_MS",
+                "at least two heartbeats",
+            ),
+            (
+                &[("LONGRUN_HEARTBEAT_MS", "40000")],
+                "LONGRUN_LEASE_MS",
+                "at least two heartbeats",
+            ),
+            (
+                &[("LONGRUN_HEARTBEAT_MS", "0")],
+                "LONGRUN_HEARTBEAT_MS",
+                "more than 0",
+            ),
+            (
+                &[("LONGRUN_QUEUE_GRACE_MS", "0")],
+                "LONGRUN_QUEUE_GRACE_MS",
+                "more than 0",
+            ),
+            (&[("LONGRUN_CAP_S", "0")], "LONGRUN_CAP_S", "more than 0"),
+            (
+                &[("LONGRUN_MAX_ATTEMPTS", "0")],
+                "LONGRUN_MAX_ATTEMPTS",
+                "outside 1 to 100",
+            ),
+            (
+                &[("LONGRUN_LEASE_MS", "soon")],
+                "LONGRUN_LEASE_MS",
+                "whole number",
+            ),
+        ] {
+            match settings(pairs) {
+                Err(crate::config::ConfigError::Invalid { name: n, reason }) => {
+                    assert_eq!(n, name, "{pairs:?}: {reason}");
+                    assert!(reason.contains(words), "{pairs:?}: {reason}");
+                }
+                other => panic!("{pairs:?} gave {other:?}"),
+            }
+        }
     }
 }
