@@ -38,9 +38,11 @@ pub enum HttpError {
         /// The timeout that ran out: the requested one, or less if the task had less left.
         after: Duration,
     },
-    /// The request could not be built or sent, or the body could not be read.
+    /// The request could not be built or sent, or the body could not be read. The error
+    /// carries no URL: a URL's query or path may hold a key or a user's data, and this error's
+    /// text reaches audit items and logs.
     #[error("request failed: {0}")]
-    Request(#[from] reqwest::Error),
+    Request(reqwest::Error),
     /// The response body is larger than [`MAX_HTTP_BODY_BYTES`]; reading stopped there.
     #[error("response body is larger than {limit} bytes")]
     BodyTooLarge {
@@ -54,6 +56,12 @@ pub enum HttpError {
     /// (its connection closed). A handler that passes this on with `?` ends cancelled.
     #[error("the task was cancelled; the request was dropped")]
     Cancelled,
+}
+
+impl From<reqwest::Error> for HttpError {
+    fn from(err: reqwest::Error) -> Self {
+        Self::Request(err.without_url())
+    }
 }
 
 /// The HTTP client handed to handlers as `ctx.http`.
@@ -293,6 +301,23 @@ mod tests {
             request.effective_timeout().unwrap(),
             Duration::from_secs(12)
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_does_not_carry_its_url() {
+        // GIVEN a URL whose path and query hold secrets, on a port nothing listens on
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let url = format!("http://127.0.0.1:{port}/users/alice/doc?api_key=sk-12345");
+        // WHEN the call fails
+        let err = http(None).get(&url).send().await.unwrap_err();
+        // THEN its text, which reaches audit items and logs, names neither
+        let text = format!("{err} {err:?}");
+        assert!(matches!(err, HttpError::Request(_)), "{text}");
+        for secret in ["sk-12345", "api_key", "alice"] {
+            assert!(!text.contains(secret), "{text}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
