@@ -1081,3 +1081,29 @@ async fn the_table_stores_what_check_storable_passes_and_refuses_the_rest() {
     let err = f.store.create(&task, None).await.unwrap_err();
     assert!(!err.is_transient(), "{err}");
 }
+
+#[tokio::test]
+async fn an_unreadable_item_does_not_stop_the_sweep() {
+    // GIVEN the oldest lapsed item in the sweeper's index no longer reads as a task
+    let f = fixture().await;
+    let garbled = f.queued("text-tools", "u1", t0()).await;
+    f.client
+        .update_item()
+        .table_name(&f.table)
+        .key("pk", AttributeValue::S(format!("TASK#{}", garbled.task_id)))
+        .key("sk", AttributeValue::S("TASK".to_owned()))
+        .update_expression("SET #state = :bogus")
+        .expression_attribute_names("#state", "state")
+        .expression_attribute_values(":bogus", AttributeValue::S("exploded".to_owned()))
+        .send()
+        .await
+        .unwrap();
+    assert!(f.store.get(&garbled.task_id).await.is_err());
+    // AND a readable task lapsed after it
+    let readable = f.queued("text-tools", "u1", t0() + secs(1)).await;
+    // WHEN the sweeper looks
+    let expired = f.store.expired_leases(t0() + secs(600), 10).await.unwrap();
+    // THEN it gets the readable task
+    let ids: Vec<&TaskId> = expired.iter().map(|t| &t.task_id).collect();
+    assert_eq!(ids, vec![&readable.task_id]);
+}

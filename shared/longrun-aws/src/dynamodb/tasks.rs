@@ -794,10 +794,18 @@ impl TaskStore for DynamoTaskStore {
             .expression_attribute_values(":now", s(iso(now)))
             .scan_index_forward(true);
         // The index lags the table: check the rule again on what it returns. The sweeper's
-        // conditional writes are the final word on anything that moved since.
+        // conditional writes are the final word on anything that moved since. An item that
+        // does not read as a task (written by hand, or by another version) is logged and
+        // passed over: oldest first, it would otherwise stop every sweep from then on.
         self.query("Query by-lease", query, Some(limit), |item| {
-            let task = task_from_item(item)?;
-            Ok(task.due_for_sweep(now).then_some(task))
+            match task_from_item(item) {
+                Ok(task) => Ok(task.due_for_sweep(now).then_some(task)),
+                Err(error) => {
+                    let pk = item.get("pk").and_then(|v| v.as_s().ok());
+                    tracing::error!(pk, %error, "unreadable task item in the by-lease index; the sweeper passes it over");
+                    Ok(None)
+                }
+            }
         })
         .await
     }
