@@ -110,6 +110,13 @@ pub async fn handle_message(rt: &Runtime, message: &DeliveryMessage) -> Result<(
                 // only confuse.
                 return Ok(());
             }
+            if *seq < task.progress_seq {
+                // A later checkpoint exists and has its own message: posting this one now
+                // would move the bar backwards (the queue does not keep order) or spend a
+                // post on news already superseded.
+                tracing::debug!(task_id = %task.task_id, seq, latest = task.progress_seq, "superseded progress not posted");
+                return Ok(());
+            }
             let body = ChatMessage::Progress {
                 user: task.user.clone(),
                 ext: task.ext.clone(),
@@ -359,6 +366,46 @@ mod tests {
         });
         stack.drain(20).await;
         assert_eq!(stack.chat.posted().len(), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_never_goes_backwards_and_superseded_progress_is_not_posted() {
+        // GIVEN a running task whose record holds its second checkpoint
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let now = stack.rt.now();
+        let lease = crate::task::Lease {
+            owner: "w1".into(),
+            until: now + chrono::Duration::seconds(60),
+        };
+        stack.tasks.claim(&task_id, &lease, now).await.unwrap();
+        let at = |pct: u8| crate::task::Progress {
+            pct,
+            message: format!("{pct}%"),
+        };
+        for pct in [30, 60] {
+            stack
+                .tasks
+                .beat(&task_id, &lease, Some(&at(pct)), now)
+                .await
+                .unwrap();
+        }
+        let message = |seq: u64, pct: u8| DeliveryMessage::Progress {
+            task_id: task_id.clone(),
+            seq,
+            progress: at(pct),
+        };
+        // WHEN the second checkpoint's message arrives before the first, in separate batches
+        stack.delivery.push(message(2, 60));
+        stack.deliver_once().await;
+        stack.delivery.push(message(1, 30));
+        stack.deliver_once().await;
+        // AND both arrive again in one batch
+        stack.delivery.push(message(1, 30));
+        stack.delivery.push(message(2, 60));
+        stack.deliver_once().await;
+        // THEN the chat shows 60 % once and never 30 %
+        assert_eq!(progress_in(&stack, "chat-u1"), vec![60]);
     }
 
     #[tokio::test(start_paused = true)]
