@@ -229,7 +229,17 @@ fn cases() -> Vec<(&'static str, &'static str, Vec<u8>, Expect)> {
             "params nested 100 deep",
             "intake",
             deep_params.into_bytes(),
-            Status(422, "input"),
+            Status(422, "nests deeper than the 32 levels"),
+        ),
+        (
+            "params with a number DynamoDB cannot store, in a field the function ignores",
+            "intake",
+            j(call(
+                "h",
+                "refine_output",
+                json!({"input": "hi", "extra": 1e300}),
+            )),
+            Status(422, "holds the number 1e+300"),
         ),
         (
             "params nested 100000 deep",
