@@ -25,6 +25,11 @@ use crate::http::MAX_HTTP_TIMEOUT;
 use crate::ports::{PortError, TaskStore};
 use crate::task::TaskId;
 
+/// Room left for storing a step's output: the worker stops handing out new steps this long
+/// before a step started then, running its whole budget, would reach the hard yield — so the
+/// output write of a step that used its whole budget lands before the invocation ends.
+pub(crate) const STEP_RECORD_SLACK: Duration = Duration::from_secs(5);
+
 /// The largest step output, serialized: a DynamoDB item holds 400 KB, and the item also
 /// carries its keys and metadata.
 pub const MAX_STEP_OUTPUT_BYTES: usize = 300 * 1024;
@@ -139,7 +144,8 @@ impl StepLog {
             recorded,
             next: AtomicU32::new(0),
             ran_here: AtomicU32::new(0),
-            hand_off_after: yield_at.map(|y| y.checked_sub(budget).unwrap_or(y)),
+            hand_off_after: yield_at
+                .map(|y| y.checked_sub(budget + STEP_RECORD_SLACK).unwrap_or(y)),
             budget,
             handing_off: AtomicBool::new(false),
             hand_off: Notify::new(),
@@ -190,6 +196,30 @@ impl StepLog {
             self.hand_off.notify_waiters();
             std::future::pending::<()>().await;
         }
+        match self.run_new(seq, name, body).await {
+            Ok(output) => {
+                self.ran_here.fetch_add(1, Ordering::SeqCst);
+                Ok(output)
+            }
+            Err(err) => {
+                // A failed step leaves nothing in the record, so it gives its position back:
+                // a handler that tries the same step again gets the same position, as it will
+                // on replay. (Unless another step started meanwhile — steps run concurrently
+                // keep the order they were started in.)
+                let _ =
+                    self.next
+                        .compare_exchange(seq + 1, seq, Ordering::SeqCst, Ordering::SeqCst);
+                Err(err)
+            }
+        }
+    }
+
+    /// Runs a step that is not in the record yet, checks its output and stores it.
+    async fn run_new<T, F>(&self, seq: u32, name: &str, body: F) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Future<Output = T>,
+    {
         let output =
             tokio::time::timeout(self.budget, body)
                 .await
@@ -228,7 +258,6 @@ impl StepLog {
                 name: name.to_owned(),
                 source,
             })?;
-        self.ran_here.fetch_add(1, Ordering::SeqCst);
         Ok(output)
     }
 }
@@ -251,8 +280,9 @@ mod tests {
     use crate::worker::{QueueRecord, handle_batch};
     use crate::{Settings, TaskId};
 
-    /// Settings for invocations of 40 s: a step (10 s here) needs 15 s of budget, so each
-    /// invocation runs three steps and hands the task on.
+    /// Settings for short invocations: a step (10 s here) gets a budget of 15 s, and a new
+    /// step starts only while 20 s (its budget and the record slack) are left before the yield
+    /// a second before the deadline — so an invocation of 45 s runs three steps and hands on.
     fn short_lambda() -> Settings {
         Settings {
             step_budget: Duration::from_secs(15),
@@ -290,7 +320,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_task_spans_three_invocations_and_calls_each_step_once() {
-        // GIVEN nine 10-second steps and invocations that live 40 s
+        // GIVEN nine 10-second steps and invocations that live 45 s
         let (stack, runs) = stack_with(short_lambda());
         let id = task_id_of(
             &stack
@@ -299,7 +329,7 @@ mod tests {
         );
         // WHEN workers are invoked until the queue is empty
         let mut invocations = 0;
-        while invoke(&stack, 40).await > 0 {
+        while invoke(&stack, 45).await > 0 {
             invocations += 1;
             assert!(invocations < 10, "no progress");
         }
@@ -359,7 +389,7 @@ mod tests {
                 .intake(call_event("chunks", "u1", json!({"n": 9})))
                 .await,
         );
-        invoke(&stack, 40).await;
+        invoke(&stack, 45).await;
         assert_eq!(task(&stack, &id).await.state, TaskState::Queued);
         // WHEN the user cancels while the task waits for its next invocation
         let status = stack
@@ -367,7 +397,7 @@ mod tests {
             .await
             .status;
         assert_eq!(status, 200);
-        while invoke(&stack, 40).await > 0 {}
+        while invoke(&stack, 45).await > 0 {}
         // THEN no further step ran and the chat got one "cancelled" result
         assert_eq!(runs.step_runs("chunk-3"), 0);
         assert_eq!(task(&stack, &id).await.state, TaskState::Cancelled);
@@ -375,6 +405,56 @@ mod tests {
             results_in(&stack, "chat-u1"),
             vec![ActionResult::error("'chunks' was cancelled.", false)]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_that_may_use_its_whole_budget_is_not_started_too_close_to_the_yield() {
+        // GIVEN invocations that yield at 39 s, a 15 s step budget and a table whose step
+        // writes take 500 ms; the third step starts at 23.9 s and takes 14.99 s
+        let (stack, runs) = stack_with(short_lambda());
+        stack.tasks.delay_step_writes(Duration::from_millis(500));
+        let params = json!({"steps_ms": [11_450, 11_450, 14_990, 1_000]});
+        let id = task_id_of(&stack.intake(call_event("chunks", "u1", params)).await);
+        // WHEN workers are invoked until the queue is empty
+        while invoke(&stack, 40).await > 0 {}
+        // THEN that step was left to the next invocation rather than cut off while its
+        // output was being written: every step body ran once
+        for i in 0..4 {
+            assert_eq!(runs.step_runs(&format!("chunk-{i}")), 1, "chunk-{i}");
+        }
+        assert_eq!(task(&stack, &id).await.state, TaskState::Succeeded);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_retried_after_it_failed_keeps_its_position_on_replay() {
+        // GIVEN a handler whose first step times out once and is tried again, then records
+        // two more steps, and a worker that dies in the last one
+        let (stack, runs) = stack_with(Settings {
+            step_budget: Duration::from_secs(30),
+            ..Settings::default()
+        });
+        let id = task_id_of(
+            &stack
+                .intake(call_event("retry_step", "u1", json!({})))
+                .await,
+        );
+        let crashed = tokio::time::timeout(Duration::from_secs(40), stack.work_once()).await;
+        assert!(
+            crashed.is_err(),
+            "the worker should still have been running"
+        );
+        assert_eq!(steps_of(&stack, &id).await, vec!["flaky", "after"]);
+        // WHEN the sweeper revives the task and a fresh worker replays it
+        tokio::time::sleep(stack.rt.settings.lease + Duration::from_secs(1)).await;
+        assert_eq!(crate::sweeper::sweep(&stack.rt).await.unwrap().requeued, 1);
+        stack.drain(20).await;
+        // THEN the retried step replays from its record (its body ran twice in all: the
+        // timeout and the retry) and the task succeeds
+        assert_eq!(runs.flaky_runs.load(AtomicOrdering::SeqCst), 2);
+        let ended = task(&stack, &id).await;
+        assert_eq!(ended.state, TaskState::Succeeded, "{:?}", ended.result);
+        assert_eq!(ended.result.unwrap().data.unwrap()["sum"], 6);
     }
 
     #[tokio::test(start_paused = true)]
@@ -386,11 +466,11 @@ mod tests {
             ..Settings::default()
         });
         let id = task_id_of(&stack.intake(call_event("unstable", "u1", json!({}))).await);
-        invoke(&stack, 28).await;
+        invoke(&stack, 33).await;
         assert_eq!(steps_of(&stack, &id).await, vec!["first", "second"]);
         // WHEN the handler's control flow changes before the replay
         runs.flipped.store(true, AtomicOrdering::SeqCst);
-        while invoke(&stack, 28).await > 0 {}
+        while invoke(&stack, 33).await > 0 {}
         // THEN the task fails with a critical audit item and an error in the chat
         assert_eq!(task(&stack, &id).await.state, TaskState::Failed);
         let trail = stack.tasks.audit_trail(&id).await.unwrap();

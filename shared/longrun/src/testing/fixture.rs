@@ -31,6 +31,9 @@ pub struct Params {
     /// `http`: how long to wait before its progress call and the AI call.
     #[serde(default)]
     pub delay_ms: u64,
+    /// `chunks`: each step's duration in ms (else `n` steps of 10 s).
+    #[serde(default)]
+    pub steps_ms: Vec<u64>,
 }
 
 /// Counts handler runs, by function, and step bodies, by step name.
@@ -40,6 +43,8 @@ pub struct Runs {
     pub step_bodies: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
     /// Flips the step names of `unstable` (a handler whose control flow changed).
     pub flipped: AtomicBool,
+    /// How many times `retry_step`'s flaky step body ran.
+    pub flaky_runs: AtomicUsize,
 }
 
 impl Runs {
@@ -57,6 +62,7 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
     let r = Arc::clone(&runs);
     let chunks = Arc::clone(&runs);
     let unstable = Arc::clone(&runs);
+    let flaky = Arc::clone(&runs);
     Extension::new(EXT)
         .function(ChatFunction::new(
             "sync",
@@ -89,27 +95,36 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
             ChatFunction::new("chunks", move |ctx: Ctx, p: Params| {
                 let runs = Arc::clone(&chunks);
                 async move {
+                    let durations: Vec<Duration> = if p.steps_ms.is_empty() {
+                        vec![Duration::from_secs(10); p.n as usize]
+                    } else {
+                        p.steps_ms
+                            .iter()
+                            .map(|ms| Duration::from_millis(*ms))
+                            .collect()
+                    };
+                    let n = durations.len() as u32;
                     let mut out = Vec::new();
-                    for i in 0..p.n {
+                    for (i, took) in (0..n).zip(durations) {
                         let name = format!("chunk-{i}");
                         let runs = Arc::clone(&runs);
                         let body_name = name.clone();
                         let text: String = ctx
                             .step(&name, async move {
-                                *runs
-                                    .step_bodies
-                                    .lock()
-                                    .unwrap()
-                                    .entry(body_name)
-                                    .or_default() += 1;
-                                tokio::time::sleep(Duration::from_secs(10)).await;
-                                format!("refined {i}")
+                                let run = {
+                                    let mut bodies = runs.step_bodies.lock().unwrap();
+                                    let count = bodies.entry(body_name).or_default();
+                                    *count += 1;
+                                    *count
+                                };
+                                tokio::time::sleep(took).await;
+                                format!("refined {i} (run {run})")
                             })
                             .await?;
                         out.push(text);
                         ctx.progress(
-                            i64::from((i + 1) * 100 / p.n.max(1)),
-                            format!("chunk {} of {}", i + 1, p.n),
+                            i64::from((i + 1) * 100 / n.max(1)),
+                            format!("chunk {} of {}", i + 1, n),
                         )
                         .await?;
                     }
@@ -147,6 +162,43 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
                     })
                     .await?;
                     Ok(ActionResult::success("stable after all", ()))
+                }
+            })
+            .background(true)
+            .long_running(true),
+        )
+        .function(
+            // Retries a step that timed out the first time, then works for 25 s.
+            ChatFunction::new("retry_step", move |ctx: Ctx, _p: Params| {
+                let runs = Arc::clone(&flaky);
+                async move {
+                    let first = loop {
+                        let runs = Arc::clone(&runs);
+                        let attempt = ctx
+                            .step("flaky", async move {
+                                if runs.flaky_runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                                    std::future::pending::<()>().await;
+                                }
+                                1
+                            })
+                            .await;
+                        match attempt {
+                            Ok(value) => break value,
+                            Err(crate::StepError::TimedOut { .. }) => continue,
+                            Err(err) => return Err(err.into()),
+                        }
+                    };
+                    let second = ctx.step("after", async { 2 }).await?;
+                    let third = ctx
+                        .step("slow", async {
+                            tokio::time::sleep(Duration::from_secs(25)).await;
+                            3
+                        })
+                        .await?;
+                    Ok(ActionResult::success(
+                        "retried",
+                        json!({"sum": first + second + third}),
+                    ))
                 }
             })
             .background(true)

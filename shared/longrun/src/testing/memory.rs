@@ -29,6 +29,7 @@ struct Tables {
     audit: BTreeMap<TaskId, Vec<AuditItem>>,
     steps: BTreeMap<TaskId, BTreeMap<u32, StepRecord>>,
     writes: u64,
+    step_write_delay: std::time::Duration,
 }
 
 /// The task table in memory.
@@ -51,6 +52,12 @@ impl MemoryTaskStore {
     /// Makes the next `n` task creations fail with a transient error.
     pub fn fail_next_writes(&self, n: u32) {
         lock(&self.tables).fail_writes = n;
+    }
+
+    /// Makes every step write take `delay` (on tokio's clock) before it lands, as a slow
+    /// table would.
+    pub fn delay_step_writes(&self, delay: std::time::Duration) {
+        lock(&self.tables).step_write_delay = delay;
     }
 
     /// Every audit item of every task.
@@ -321,6 +328,10 @@ impl TaskStore for MemoryTaskStore {
     }
 
     async fn record_step(&self, task_id: &TaskId, step: &StepRecord) -> PortResult<()> {
+        let delay = lock(&self.tables).step_write_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let mut guard = lock(&self.tables);
         let t = &mut *guard;
         let steps = t.steps.entry(task_id.clone()).or_default();
