@@ -567,7 +567,7 @@ async fn only_the_guard_holder_finishes_a_task() {
         "Refined output ready! 🎉"
     );
     // AND nobody can finish it again
-    let again = finish(TaskState::Failed, t0() + secs(7), FinishGuard::NotTerminal);
+    let again = finish(TaskState::Failed, t0() + secs(7), FinishGuard::Abandoned);
     assert!(is_conflict(f.store.finish(id, &again).await));
     // AND finishing a task that does not exist is NotFound
     let ghost = TaskId::generate(t0());
@@ -606,6 +606,23 @@ async fn the_sweeper_finishes_only_after_the_lease_lapsed() {
     let cancel = finish(TaskState::Cancelled, t0(), FinishGuard::Queued);
     let cancelled = f.store.finish(&queued.task_id, &cancel).await.unwrap();
     assert_eq!(cancelled.state, TaskState::Cancelled);
+}
+
+#[tokio::test]
+async fn an_abandoned_task_is_one_nobody_works_on() {
+    // GIVEN a running task whose lease ends at t0+60s, and a queued one
+    let f = fixture().await;
+    let (running, _) = f.running("w1", t0()).await;
+    let queued = f.queued("text-tools", "u2", t0()).await;
+    // THEN the running one cannot be ended as abandoned while its worker's lease is live
+    let live = finish(TaskState::Failed, t0() + secs(30), FinishGuard::Abandoned);
+    assert!(is_conflict(f.store.finish(&running.task_id, &live).await));
+    // AND can once it lapsed; the queued one can at once
+    let lapsed = finish(TaskState::Failed, t0() + secs(61), FinishGuard::Abandoned);
+    let ended = f.store.finish(&running.task_id, &lapsed).await.unwrap();
+    assert_eq!(ended.state, TaskState::Failed);
+    let ended = f.store.finish(&queued.task_id, &live).await.unwrap();
+    assert_eq!(ended.state, TaskState::Failed);
 }
 
 #[tokio::test]

@@ -64,6 +64,23 @@ pub mod vars {
     pub const TASK_TTL_DAYS: &str = "LONGRUN_TASK_TTL_DAYS";
 }
 
+/// `LONGRUN_TASK_TTL_DAYS` through `lookup`: a positive number of days, 30 when unset.
+pub(crate) fn task_ttl(lookup: impl Fn(&str) -> Option<String>) -> Result<Duration, ConfigError> {
+    let days = match lookup(vars::TASK_TTL_DAYS).filter(|v| !v.trim().is_empty()) {
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|d| *d > 0)
+            .ok_or_else(|| ConfigError::Invalid {
+                name: vars::TASK_TTL_DAYS,
+                reason: format!("{v:?} is not a positive number of days"),
+            })?,
+        None => 30,
+    };
+    Ok(Duration::from_secs(days * 86_400))
+}
+
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -74,18 +91,7 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let optional = |name: &'static str| lookup(name).filter(|v| !v.trim().is_empty());
         let required = |name: &'static str| optional(name).ok_or(ConfigError::Missing(name));
-        let ttl_days = match optional(vars::TASK_TTL_DAYS) {
-            Some(v) => v
-                .trim()
-                .parse::<u64>()
-                .ok()
-                .filter(|d| *d > 0)
-                .ok_or_else(|| ConfigError::Invalid {
-                    name: vars::TASK_TTL_DAYS,
-                    reason: format!("{v:?} is not a positive number of days"),
-                })?,
-            None => 30,
-        };
+        let task_ttl = task_ttl(&lookup)?;
         let secrets_prefix = optional(vars::SECRETS_PREFIX).unwrap_or_else(|| "longrun".to_owned());
         let chat_token_secret = optional(vars::CHAT_TOKEN_SECRET);
         if let Some(name) = &chat_token_secret
@@ -110,7 +116,7 @@ impl Config {
             chat_api_url: optional(vars::CHAT_API_URL),
             chat_token_secret,
             secrets_prefix,
-            task_ttl: Duration::from_secs(ttl_days * 86_400),
+            task_ttl,
         })
     }
 

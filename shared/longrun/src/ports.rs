@@ -88,12 +88,14 @@ pub struct Beat {
 pub enum FinishGuard {
     /// The worker holding this lease owner id.
     Owner(String),
-    /// Anyone, if the task is still `queued` (cancel before start, dead-lettered work).
+    /// Anyone, if the task is still `queued` (cancel before start).
     Queued,
-    /// Anyone, if the task is `running` and its lease lapsed before `now` (the sweeper).
+    /// Anyone, if the task is `queued` or `running` and its lease (the queue's or a
+    /// worker's) lapsed before `at` (the sweeper).
     ExpiredLease,
-    /// Anyone, if the task is not yet terminal (dead-lettered work message).
-    NotTerminal,
+    /// Anyone, if nobody works on the task: it is `queued`, or `running` with a lease that
+    /// lapsed before `at` (a dead-lettered work message; a live worker keeps its task).
+    Abandoned,
 }
 
 /// Who may put a task back in the queue, checked by [`TaskStore::requeue`].

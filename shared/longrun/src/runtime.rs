@@ -67,6 +67,10 @@ pub struct Settings {
     pub step_budget: Duration,
     /// Replaces both task caps (180 s / 1800 s); for tests and local demos only.
     pub cap_override: Option<Duration>,
+    /// How long a finished task's record is kept (`LONGRUN_TASK_TTL_DAYS`, 30 days): a work
+    /// message older than this whose record is gone names a task that may have finished and
+    /// expired, so the worker does not write its record again.
+    pub task_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -82,6 +86,7 @@ impl Default for Settings {
             deadline_margin: Duration::from_secs(10),
             step_budget: crate::step::DEFAULT_STEP_BUDGET,
             cap_override: None,
+            task_ttl: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -91,7 +96,7 @@ impl Settings {
     /// 180 s cap or a 60 s lease would make every run slow): `LONGRUN_CAP_S`,
     /// `LONGRUN_LEASE_MS`, `LONGRUN_HEARTBEAT_MS`, `LONGRUN_PROGRESS_INTERVAL_MS`,
     /// `LONGRUN_CANCEL_GRACE_MS`, `LONGRUN_QUEUE_GRACE_MS`, `LONGRUN_MAX_ATTEMPTS`,
-    /// `LONGRUN_DEADLINE_MARGIN_MS`, `LONGRUN_STEP_BUDGET_MS`.
+    /// `LONGRUN_DEADLINE_MARGIN_MS`, `LONGRUN_STEP_BUDGET_MS`; and `LONGRUN_TASK_TTL_DAYS`.
     pub fn from_env() -> Result<Self, crate::config::ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -137,6 +142,7 @@ impl Settings {
             deadline_margin: ms("LONGRUN_DEADLINE_MARGIN_MS", d.deadline_margin)?,
             step_budget: ms("LONGRUN_STEP_BUDGET_MS", d.step_budget)?,
             cap_override: number("LONGRUN_CAP_S")?.map(Duration::from_secs),
+            task_ttl: crate::config::task_ttl(&lookup)?,
         };
         settings.validate()?;
         Ok(settings)

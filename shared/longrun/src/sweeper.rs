@@ -143,13 +143,19 @@ pub async fn work_dead_lettered(rt: &Runtime, body: &str) -> Result<(), PortErro
         }
         return Ok(());
     }
+    if task.state == TaskState::Running && !task.due_for_sweep(rt.now()) {
+        // A live worker holds the task (this message was a duplicate, or an earlier one of a
+        // task handed on): it ends the task itself.
+        tracing::info!(task_id = %task.task_id, "dead-lettered work message of a task a live worker holds; left to the worker");
+        return Ok(());
+    }
     let outcome = Outcome::failed(
         &task.function,
         "work_dead_lettered",
         "the work message was dead-lettered after repeated failures".to_owned(),
         false,
     );
-    end(rt, &task, FinishGuard::NotTerminal, outcome).await
+    end(rt, &task, FinishGuard::Abandoned, outcome).await
 }
 
 #[cfg(test)]
@@ -352,6 +358,37 @@ mod tests {
                 .await
                 .contains(&(AuditKind::Critical, "critical#cap_exceeded".into()))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_lettered_work_message_leaves_a_task_a_live_worker_holds() {
+        // GIVEN a task a worker is running, and a copy of its work message dead-lettered
+        let (stack, runs) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let message = stack.work.pending()[0].clone();
+        let worker = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Running);
+        work_dead_lettered(&stack.rt, &serde_json::to_string(&message).unwrap())
+            .await
+            .unwrap();
+        // THEN the worker carries the task to its own result
+        worker.await.unwrap();
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![crate::ActionResult::success(
+                "Background done",
+                json!({"echo": ""})
+            )]
+        );
+        assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert_eq!(count(&audit, AuditKind::Critical), 0, "{audit:?}");
     }
 
     #[tokio::test(start_paused = true)]

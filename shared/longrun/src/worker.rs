@@ -119,6 +119,14 @@ pub async fn handle_message(
 /// write it from the message, unless its request key names another task. Returns whether
 /// the task now exists.
 async fn recover_missing(rt: &Runtime, message: &WorkMessage) -> Result<bool, PortError> {
+    let age = (rt.now() - message.created_at).to_std().unwrap_or_default();
+    if age >= rt.settings.task_ttl {
+        // Records are kept this long after a task finishes: this one may have run, finished
+        // and expired long ago (an old message redriven from a dead-letter queue). Writing
+        // it again would run it a second time.
+        tracing::error!(task_id = %message.task_id, age_s = age.as_secs(), "work message older than the task TTL, for a task with no record, dropped");
+        return Ok(false);
+    }
     let request = message.request_id.as_ref().map(|request_id| RequestKey {
         ext: message.ext.clone(),
         user: message.user.clone(),
@@ -973,6 +981,25 @@ mod tests {
         assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 0);
         assert_eq!(task(&stack2, &task_id).await.state, TaskState::Succeeded);
         assert_eq!(results_in(&stack2, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_older_than_the_task_ttl_does_not_bring_an_expired_task_back() {
+        // GIVEN a work message from 31 days ago whose task record is gone (finished and
+        // expired, as the 30-day TTL does)
+        let (stack, runs) = stack();
+        task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let mut message = stack.work.take(1).remove(0);
+        message.created_at -= chrono::Duration::days(31);
+        let (stack2, runs2) = stack_with(Settings::default());
+        stack2.work.push(message);
+        // WHEN a worker takes it
+        stack2.drain(20).await;
+        // THEN nothing runs, no record is written and the chat gets nothing
+        assert_eq!(runs2.started.load(AtomicOrdering::SeqCst), 0);
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 0);
+        assert!(stack2.tasks.all().is_empty());
+        assert!(stack2.chat.posted().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -560,7 +560,7 @@ impl TaskStore for DynamoTaskStore {
         let from: &[TaskState] = match &finish.guard {
             FinishGuard::Owner(_) => &[TaskState::Running],
             FinishGuard::Queued => &[TaskState::Queued],
-            FinishGuard::ExpiredLease | FinishGuard::NotTerminal => {
+            FinishGuard::ExpiredLease | FinishGuard::Abandoned => {
                 &[TaskState::Queued, TaskState::Running]
             }
         };
@@ -587,7 +587,21 @@ impl TaskStore for DynamoTaskStore {
                 format!("{states} AND #lease_owner = :owner")
             }
             FinishGuard::ExpiredLease => format!("{states} AND {LEASE_LAPSED}"),
-            FinishGuard::Queued | FinishGuard::NotTerminal => states,
+            FinishGuard::Abandoned => {
+                // Queued as it is; running only once its worker's lease lapsed.
+                let parts: Vec<String> = values
+                    .iter()
+                    .map(|(name, value)| {
+                        if value.as_s().is_ok_and(|v| v == TaskState::Running.as_str()) {
+                            format!("(#state = {name} AND {LEASE_LAPSED})")
+                        } else {
+                            format!("#state = {name}")
+                        }
+                    })
+                    .collect();
+                format!("({})", parts.join(" OR "))
+            }
+            FinishGuard::Queued => states,
         };
         let result = serde_json::to_value(&finish.result)
             .map_err(|e| PortError::Permanent(format!("task {task_id}: result: {e}")))?;

@@ -195,7 +195,10 @@ impl TaskStore for MemoryTaskStore {
                 matches!(task.state, TaskState::Running | TaskState::Queued)
                     && lease_lapsed(task, finish.at)
             }
-            FinishGuard::NotTerminal => !task.state.is_terminal(),
+            FinishGuard::Abandoned => {
+                task.state == TaskState::Queued
+                    || (task.state == TaskState::Running && lease_lapsed(task, finish.at))
+            }
         };
         if !allowed {
             return Err(conflict(task_id, "finish guard does not hold"));
