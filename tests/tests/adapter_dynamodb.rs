@@ -163,6 +163,7 @@ fn finish(state: TaskState, at: DateTime<Utc>, guard: FinishGuard) -> Finish {
         at,
         guard,
         redeliver_at: at + secs(120),
+        audit: Vec::new(),
     }
 }
 
@@ -606,6 +607,58 @@ async fn the_sweeper_finishes_only_after_the_lease_lapsed() {
     let cancel = finish(TaskState::Cancelled, t0(), FinishGuard::Queued);
     let cancelled = f.store.finish(&queued.task_id, &cancel).await.unwrap();
     assert_eq!(cancelled.state, TaskState::Cancelled);
+}
+
+#[tokio::test]
+async fn the_audit_items_of_an_end_are_written_only_with_it() {
+    // GIVEN a task held by w1, and an end that says it failed critically
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    let critical = AuditItem::new(
+        &task,
+        "critical#attempts_exhausted",
+        AuditKind::Critical,
+        t0() + secs(5),
+        "the worker stopped on each of 3 attempts",
+    );
+    let ending = |guard| Finish {
+        audit: vec![critical.clone()],
+        ..finish(TaskState::Failed, t0() + secs(5), guard)
+    };
+    // WHEN someone without the lease ends it
+    let refused = f
+        .store
+        .finish(&task.task_id, &ending(FinishGuard::Owner("w2".into())))
+        .await;
+    // THEN nothing is written: no end, no audit item that claims one
+    assert!(is_conflict(refused));
+    let trail = f.store.audit_trail(&task.task_id).await.unwrap();
+    assert!(
+        trail.iter().all(|a| a.kind != AuditKind::Critical),
+        "{trail:?}"
+    );
+    assert_eq!(
+        f.store.get(&task.task_id).await.unwrap().unwrap().state,
+        TaskState::Running
+    );
+    // WHEN the owner ends it
+    let ended = f
+        .store
+        .finish(&task.task_id, &ending(FinishGuard::Owner(held.owner)))
+        .await
+        .unwrap();
+    // THEN the end and its audit item are both there
+    assert_eq!(ended.state, TaskState::Failed);
+    assert_eq!(ended.finished_at, Some(t0() + secs(5)));
+    let trail = f.store.audit_trail(&task.task_id).await.unwrap();
+    assert!(trail.contains(&critical), "{trail:?}");
+    // AND an end of a task that does not exist is NotFound
+    let ghost = TaskId::generate(t0());
+    assert!(is_not_found(
+        f.store
+            .finish(&ghost, &ending(FinishGuard::Abandoned))
+            .await
+    ));
 }
 
 #[tokio::test]

@@ -280,19 +280,16 @@ pub async fn cancel_task(rt: &Runtime, task: Task) -> Result<Task, IntakeError> 
                 at: now,
                 guard: FinishGuard::Queued,
                 redeliver_at: rt.redeliver_at(now),
+                audit: vec![AuditItem::new(
+                    &task,
+                    "cancelled",
+                    AuditKind::Cancelled,
+                    now,
+                    "cancelled before start",
+                )],
             };
             match tasks.finish(&task.task_id, &finish).await {
                 Ok(ended) => {
-                    let audit = AuditItem::new(
-                        &ended,
-                        "cancelled",
-                        AuditKind::Cancelled,
-                        now,
-                        "cancelled before start",
-                    );
-                    if let Err(err) = tasks.append_audit(&audit).await {
-                        tracing::error!(task_id = %ended.task_id, error = %err, "cancelled audit item not written");
-                    }
                     let message = DeliveryMessage::Result {
                         task_id: ended.task_id.clone(),
                     };

@@ -123,6 +123,9 @@ pub struct Finish {
     /// When the sweeper sends the result again if it is still not delivered by then (the
     /// task's `redeliver_at`).
     pub redeliver_at: DateTime<Utc>,
+    /// Audit items that say how the task ended (`critical#…`, `cancelled`): written with the
+    /// end itself, atomically, so they exist exactly when the end happened.
+    pub audit: Vec<AuditItem>,
 }
 
 /// The task table: records, leases, checkpoints, audit items and request keys.
@@ -153,7 +156,8 @@ pub trait TaskStore: Send + Sync {
         now: DateTime<Utc>,
     ) -> PortResult<Beat>;
 
-    /// Ends the task if `finish.guard` holds. `Conflict` otherwise.
+    /// Ends the task and writes `finish.audit` if `finish.guard` holds; `Conflict`, with
+    /// nothing written, otherwise.
     async fn finish(&self, task_id: &TaskId, finish: &Finish) -> PortResult<Task>;
 
     /// Puts a task back to `queued` with the queue lease `lease`, if `guard` holds: a worker

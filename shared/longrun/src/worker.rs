@@ -381,8 +381,8 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Writes the terminal state (audit first, so a crash in between leaves the trail complete
-/// on redelivery), then sends the delivery message.
+/// Writes the terminal state with the audit items that say how it ended (in one write, so
+/// they exist exactly when the end happened), then sends the delivery message.
 pub(crate) async fn end(
     rt: &Runtime,
     task: &Task,
@@ -390,20 +390,24 @@ pub(crate) async fn end(
     outcome: Outcome,
 ) -> Result<(), PortError> {
     let now = rt.now();
+    let mut audit = Vec::new();
     if let Some(critical) = &outcome.critical {
-        tracing::error!(task_id = %task.task_id, ext = %task.ext, user = %task.user, reason = critical.reason, detail = %critical.detail, "critical: task failed");
-        let audit = AuditItem::new(
+        audit.push(AuditItem::new(
             task,
             format!("critical#{}", critical.reason),
             AuditKind::Critical,
             now,
             critical.detail.clone(),
-        );
-        rt.services.tasks.append_audit(&audit).await?;
+        ));
     }
     if outcome.state == TaskState::Cancelled {
-        let audit = AuditItem::new(task, "cancelled", AuditKind::Cancelled, now, "");
-        rt.services.tasks.append_audit(&audit).await?;
+        audit.push(AuditItem::new(
+            task,
+            "cancelled",
+            AuditKind::Cancelled,
+            now,
+            "",
+        ));
     }
     let finish = Finish {
         state: outcome.state,
@@ -411,9 +415,13 @@ pub(crate) async fn end(
         at: now,
         guard,
         redeliver_at: rt.redeliver_at(now),
+        audit,
     };
     match rt.services.tasks.finish(&task.task_id, &finish).await {
         Ok(ended) => {
+            if let Some(critical) = &outcome.critical {
+                tracing::error!(task_id = %task.task_id, ext = %task.ext, user = %task.user, reason = critical.reason, detail = %critical.detail, "critical: task failed");
+            }
             tracing::info!(task_id = %ended.task_id, state = %ended.state, "task ended");
             send_result(rt, &ended).await
         }
@@ -981,6 +989,40 @@ mod tests {
         assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 0);
         assert_eq!(task(&stack2, &task_id).await.state, TaskState::Succeeded);
         assert_eq!(results_in(&stack2, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_end_that_does_not_happen_leaves_no_audit_item_claiming_it() {
+        // GIVEN a running task held by another worker
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let now = stack.rt.now();
+        let lease = Lease {
+            owner: "live-worker".into(),
+            until: now + chrono::Duration::seconds(60),
+        };
+        stack.tasks.claim(&task_id, &lease, now).await.unwrap();
+        let running = task(&stack, &task_id).await;
+        // WHEN this worker tries to end it as failed, and as cancelled
+        for outcome in [
+            Outcome::failed("bg", "handler_error", "boom".into(), true),
+            Outcome::cancelled("bg"),
+        ] {
+            end(
+                &stack.rt,
+                &running,
+                FinishGuard::Owner("stale-worker".into()),
+                outcome,
+            )
+            .await
+            .unwrap();
+        }
+        // THEN the task is still running and its trail holds no critical or cancelled item
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Running);
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert_eq!(count(&audit, AuditKind::Critical), 0, "{audit:?}");
+        assert_eq!(count(&audit, AuditKind::Cancelled), 0, "{audit:?}");
+        assert!(stack.delivery.pending().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

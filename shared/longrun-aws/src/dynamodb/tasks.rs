@@ -13,7 +13,7 @@ use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::{
     AttributeValue, CancellationReason, Put, ReturnValue, ReturnValuesOnConditionCheckFailure,
-    TransactWriteItem,
+    TransactWriteItem, Update,
 };
 use chrono::{DateTime, Utc};
 
@@ -89,6 +89,22 @@ enum Updated {
 
 fn cancelled_reason_code(reason: &CancellationReason) -> &str {
     reason.code().unwrap_or("None")
+}
+
+/// A transaction the table refused because a condition failed: for each item, in the order
+/// written, whether its condition failed and (with `ALL_OLD`) the item as it was.
+struct Refused(Vec<(bool, Option<Item>)>);
+
+impl Refused {
+    /// Whether the condition of the `i`-th item failed.
+    fn failed(&self, i: usize) -> bool {
+        self.0.get(i).is_some_and(|(failed, _)| *failed)
+    }
+
+    /// The `i`-th item as it was when its condition failed (`None`: there was none).
+    fn old(&self, i: usize) -> Option<&Item> {
+        self.0.get(i).and_then(|(_, item)| item.as_ref())
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -293,6 +309,76 @@ impl DynamoTaskStore {
         }
     }
 
+    /// Writes `items` in one transaction: `Ok(Ok(()))` when it committed, `Ok(Err(refused))`
+    /// when a condition failed (nothing was written), `Err` for anything else — a conflict
+    /// with another transaction or throttling is transient.
+    async fn transact(
+        &self,
+        what: &str,
+        items: Vec<TransactWriteItem>,
+    ) -> PortResult<Result<(), Refused>> {
+        let sent = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await;
+        let err = match sent {
+            Ok(_) => return Ok(Ok(())),
+            Err(err) => err,
+        };
+        let Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) =
+            err.as_service_error()
+        else {
+            return Err(port_error(what, err));
+        };
+        let reasons = cancelled.cancellation_reasons();
+        if let Some(code) = reasons
+            .iter()
+            .map(cancelled_reason_code)
+            .find(|c| *c != "None" && *c != "ConditionalCheckFailed")
+        {
+            let message = format!("{what}: cancelled: {code}");
+            return Err(match code {
+                "TransactionConflict"
+                | "ThrottlingError"
+                | "ProvisionedThroughputExceeded"
+                | "RequestLimitExceeded" => PortError::Transient(message),
+                _ => PortError::Permanent(message),
+            });
+        }
+        let refused = Refused(
+            reasons
+                .iter()
+                .map(|r| {
+                    (
+                        cancelled_reason_code(r) == "ConditionalCheckFailed",
+                        r.item().cloned(),
+                    )
+                })
+                .collect(),
+        );
+        if !refused.0.iter().any(|(failed, _)| *failed) {
+            return Err(PortError::Permanent(format!(
+                "{what}: cancelled without a reason: {}",
+                cancelled.message().unwrap_or_default()
+            )));
+        }
+        Ok(Err(refused))
+    }
+
+    /// An unconditional Put of an audit item, for a transaction.
+    fn audit_put(&self, audit: &AuditItem) -> PortResult<TransactWriteItem> {
+        let put = built(
+            "audit put",
+            Put::builder()
+                .table_name(&self.table)
+                .set_item(Some(audit_item(audit, self.ttl)?))
+                .build(),
+        )?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
     /// Runs a query to the end or until `parse` kept `limit` items, page by page.
     async fn query<T>(
         &self,
@@ -332,7 +418,6 @@ impl TaskStore for DynamoTaskStore {
         // The `created` audit item is deterministic (`at` = `created_at`), so writing it
         // unconditionally, beside the record, is idempotent and costs no extra round trip.
         let created = AuditItem::new(task, "created", AuditKind::Created, task.created_at, "");
-        let audit_item = audit_item(&created, self.ttl)?;
         let Some(request) = request else {
             let task_write = self
                 .client
@@ -346,7 +431,7 @@ impl TaskStore for DynamoTaskStore {
                 .client
                 .put_item()
                 .table_name(&self.table)
-                .set_item(Some(audit_item))
+                .set_item(Some(audit_item(&created, self.ttl)?))
                 .send();
             let (sent, audited) = tokio::join!(task_write, audit_write);
             if let Err(err) = audited {
@@ -367,59 +452,22 @@ impl TaskStore for DynamoTaskStore {
             };
         };
         let request_put = self.request_put(task, request)?;
-        let audit_put = built(
-            "audit put",
-            Put::builder()
-                .table_name(&self.table)
-                .set_item(Some(audit_item))
-                .build(),
-        )?;
+        let items = vec![
+            TransactWriteItem::builder().put(task_put).build(),
+            TransactWriteItem::builder().put(request_put).build(),
+            self.audit_put(&created)?,
+        ];
         // A request key can vanish (TTL) or appear between our write and our read; a few
         // rounds settle it.
         for _ in 0..3 {
-            let sent = self
-                .client
-                .transact_write_items()
-                .transact_items(TransactWriteItem::builder().put(task_put.clone()).build())
-                .transact_items(
-                    TransactWriteItem::builder()
-                        .put(request_put.clone())
-                        .build(),
-                )
-                .transact_items(TransactWriteItem::builder().put(audit_put.clone()).build())
-                .send()
-                .await;
-            let err = match sent {
-                Ok(_) => return Ok(Created::New),
-                Err(err) => err,
+            let refused = match self
+                .transact("TransactWriteItems create", items.clone())
+                .await?
+            {
+                Ok(()) => return Ok(Created::New),
+                Err(refused) => refused,
             };
-            let Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) =
-                err.as_service_error()
-            else {
-                return Err(port_error("TransactWriteItems create", err));
-            };
-            let reasons = cancelled.cancellation_reasons();
-            let failed = |i: usize| {
-                reasons
-                    .get(i)
-                    .is_some_and(|r| cancelled_reason_code(r) == "ConditionalCheckFailed")
-            };
-            let (task_failed, request_failed) = (failed(0), failed(1));
-            let other = reasons
-                .iter()
-                .map(cancelled_reason_code)
-                .find(|c| *c != "None" && *c != "ConditionalCheckFailed");
-            if let Some(code) = other {
-                let message = format!("TransactWriteItems create: cancelled: {code}");
-                return Err(match code {
-                    "TransactionConflict"
-                    | "ThrottlingError"
-                    | "ProvisionedThroughputExceeded"
-                    | "RequestLimitExceeded" => PortError::Transient(message),
-                    _ => PortError::Permanent(message),
-                });
-            }
-            if request_failed {
+            if refused.failed(1) {
                 match self.find_request(request).await? {
                     Some(existing) if existing != task.task_id => {
                         tracing::info!(task_id = %task.task_id, %existing, "duplicate request");
@@ -428,17 +476,13 @@ impl TaskStore for DynamoTaskStore {
                     _ => continue,
                 }
             }
-            if task_failed {
+            if refused.failed(0) {
                 // The task exists (a worker recovered it): only the request key is missing.
                 if self.put_request(task, request).await? {
                     return Ok(Created::New);
                 }
                 continue;
             }
-            return Err(PortError::Permanent(format!(
-                "TransactWriteItems create: cancelled without a reason: {}",
-                cancelled.message().unwrap_or_default()
-            )));
         }
         Err(PortError::Conflict(format!(
             "task {}: request key kept changing",
@@ -623,14 +667,50 @@ impl TaskStore for DynamoTaskStore {
             (":now".to_owned(), s(iso(finish.at))),
             (":expires".to_owned(), expiry(finish.at, self.ttl)),
         ]);
-        let request = self.update_task(task_id, update, &condition, values);
-        self.guarded(
-            "UpdateItem finish",
-            task_id,
-            request,
-            "finish guard does not hold",
-        )
-        .await
+        if finish.audit.is_empty() {
+            let request = self.update_task(task_id, update, &condition, values);
+            return self
+                .guarded(
+                    "UpdateItem finish",
+                    task_id,
+                    request,
+                    "finish guard does not hold",
+                )
+                .await;
+        }
+        // The audit items say how the task ended: written in one transaction with the end
+        // itself, so they exist exactly when it happened.
+        let names = names_in(&[update, &condition]);
+        let ended = built(
+            "finish update",
+            Update::builder()
+                .table_name(&self.table)
+                .set_key(Some(task_key(task_id)))
+                .update_expression(update)
+                .condition_expression(condition)
+                .set_expression_attribute_names(Some(names))
+                .set_expression_attribute_values(Some(values.into_iter().collect()))
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                )
+                .build(),
+        )?;
+        let mut items = vec![TransactWriteItem::builder().update(ended).build()];
+        for audit in &finish.audit {
+            items.push(self.audit_put(audit)?);
+        }
+        match self.transact("TransactWriteItems finish", items).await? {
+            Ok(()) => self
+                .get(task_id)
+                .await?
+                .ok_or_else(|| PortError::NotFound(task_id.to_string())),
+            Err(refused) if refused.failed(0) && refused.old(0).is_none() => {
+                Err(PortError::NotFound(task_id.to_string()))
+            }
+            Err(_) => Err(PortError::Conflict(format!(
+                "task {task_id}: finish guard does not hold"
+            ))),
+        }
     }
 
     async fn requeue(&self, task_id: &TaskId, guard: &Requeue, lease: &Lease) -> PortResult<Task> {

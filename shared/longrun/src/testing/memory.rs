@@ -213,6 +213,12 @@ impl TaskStore for MemoryTaskStore {
         task.lease = None;
         let ended = task.clone();
         t.writes += 1;
+        let trail = t.audit.entry(task_id.clone()).or_default();
+        for item in &finish.audit {
+            trail.retain(|a| a.audit_id != item.audit_id);
+            trail.push(item.clone());
+        }
+        t.writes += finish.audit.len() as u64;
         Ok(ended)
     }
 
