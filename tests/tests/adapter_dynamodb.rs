@@ -10,7 +10,8 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use chrono::{DateTime, Utc};
 use longrun::ActionResult;
 use longrun::ports::{
-    Claim, Created, Finish, FinishGuard, KvStore, PortError, RequestKey, Requeue, TaskStore,
+    Claim, Created, Finish, FinishGuard, KvStore, LeaseHolder, PortError, RequestKey, Requeue,
+    TaskStore,
 };
 use longrun::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskKind, TaskState};
 use longrun_aws::dynamodb::{
@@ -1021,8 +1022,10 @@ async fn the_store_is_private_to_each_ext_and_user() {
     let f = fixture().await;
     let kv = DynamoKv::new(f.client.clone(), &f.table);
     let value = json!({"draft": "ünïcödé ✍️", "n": 3, "tags": ["a"], "none": null});
-    kv.set("text-tools", "u1", "draft", &value).await.unwrap();
-    kv.set("other", "u1", "draft", &json!("theirs"))
+    kv.set("text-tools", "u1", "draft", &value, None)
+        .await
+        .unwrap();
+    kv.set("other", "u1", "draft", &json!("theirs"), None)
         .await
         .unwrap();
     // WHEN u1 of text-tools and u2 read the key
@@ -1037,25 +1040,31 @@ async fn the_store_is_private_to_each_ext_and_user() {
         Some(json!("theirs"))
     );
     // WHEN the value is overwritten, then deleted
-    kv.set("text-tools", "u1", "draft", &json!(42))
+    kv.set("text-tools", "u1", "draft", &json!(42), None)
         .await
         .unwrap();
     assert_eq!(
         kv.get("text-tools", "u1", "draft").await.unwrap(),
         Some(json!(42))
     );
-    kv.delete("text-tools", "u1", "draft").await.unwrap();
+    kv.delete("text-tools", "u1", "draft", None).await.unwrap();
     // THEN it is gone for u1 of text-tools only, and deleting again is fine
     assert_eq!(kv.get("text-tools", "u1", "draft").await.unwrap(), None);
     assert_eq!(
         kv.get("other", "u1", "draft").await.unwrap(),
         Some(json!("theirs"))
     );
-    kv.delete("text-tools", "u1", "draft").await.unwrap();
+    kv.delete("text-tools", "u1", "draft", None).await.unwrap();
     // AND a stored null reads back as null, not as absent
-    kv.set("text-tools", "u1", "nothing", &serde_json::Value::Null)
-        .await
-        .unwrap();
+    kv.set(
+        "text-tools",
+        "u1",
+        "nothing",
+        &serde_json::Value::Null,
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         kv.get("text-tools", "u1", "nothing").await.unwrap(),
         Some(serde_json::Value::Null)
@@ -1090,14 +1099,28 @@ async fn steps_are_stored_once_in_the_tasks_partition_and_read_in_order() {
         serde_json::json!({"text": "ünïcode ✓", "n": [1, 2.5, null]}),
     );
     let eleventh = step(10, "chunk-10", serde_json::json!("done"));
+    let now = t0();
+    let held = Lease {
+        owner: "w1".into(),
+        until: now + secs(60),
+    };
+    f.store.claim(&task.task_id, &held, now).await.unwrap();
+    let holder = LeaseHolder {
+        task_id: task.task_id.clone(),
+        owner: "w1".into(),
+    };
     // WHEN steps are recorded out of order, one twice with another output
-    f.store.record_step(&task.task_id, &eleventh).await.unwrap();
-    f.store.record_step(&task.task_id, &first).await.unwrap();
-    let rewrite = step(0, "chunk-0", serde_json::json!("a zombie's output"));
-    f.store.record_step(&task.task_id, &rewrite).await.unwrap();
-    // THEN they read back in order, the first write kept
+    assert_eq!(
+        f.store.record_step(&holder, &eleventh).await.unwrap(),
+        eleventh
+    );
+    assert_eq!(f.store.record_step(&holder, &first).await.unwrap(), first);
+    let rewrite = step(0, "chunk-0", serde_json::json!("a second output"));
+    // THEN the second write of a position answers with what the first stored
+    assert_eq!(f.store.record_step(&holder, &rewrite).await.unwrap(), first);
+    // AND they read back in order, the first write kept
     let steps = f.store.steps(&task.task_id).await.unwrap();
-    assert_eq!(steps, vec![first, eleventh]);
+    assert_eq!(steps, vec![first.clone(), eleventh]);
     // AND the audit trail does not see them, while one Query shows the whole story
     assert_eq!(f.store.audit_trail(&task.task_id).await.unwrap().len(), 1);
     let partition = f.partition(&format!("TASK#{}", task.task_id)).await;
@@ -1111,6 +1134,72 @@ async fn steps_are_stored_once_in_the_tasks_partition_and_read_in_order() {
     // AND a task without steps has none
     let other = f.queued("text-tools", "u1", t0()).await;
     assert!(f.store.steps(&other.task_id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn step_and_store_writes_need_the_lease() {
+    use longrun::StepRecord;
+    // GIVEN a task w1 ran until its lease lapsed and w2 took it over
+    let f = fixture().await;
+    let task = f.queued("text-tools", "u1", t0()).await;
+    let lease = |owner: &str, at| Lease {
+        owner: owner.into(),
+        until: at + secs(60),
+    };
+    f.store
+        .claim(&task.task_id, &lease("w1", t0()), t0())
+        .await
+        .unwrap();
+    f.store
+        .claim(
+            &task.task_id,
+            &lease("w2", t0() + secs(61)),
+            t0() + secs(61),
+        )
+        .await
+        .unwrap();
+    let holder = |owner: &str| LeaseHolder {
+        task_id: task.task_id.clone(),
+        owner: owner.into(),
+    };
+    let step = StepRecord {
+        seq: 0,
+        name: "chunk-0".into(),
+        output: json!("w1's output"),
+        at: t0() + secs(62),
+    };
+    let kv = DynamoKv::new(f.client.clone(), &f.table);
+    // WHEN w1 records a step and writes the store
+    // THEN both are refused and nothing is written
+    assert!(is_conflict(f.store.record_step(&holder("w1"), &step).await));
+    assert!(f.store.steps(&task.task_id).await.unwrap().is_empty());
+    let w1 = holder("w1");
+    assert!(is_conflict(
+        kv.set("text-tools", "u1", "draft", &json!("w1"), Some(&w1))
+            .await
+    ));
+    assert!(is_conflict(
+        kv.delete("text-tools", "u1", "draft", Some(&w1)).await
+    ));
+    assert_eq!(kv.get("text-tools", "u1", "draft").await.unwrap(), None);
+    // AND w2's writes land
+    let w2 = holder("w2");
+    let mine = StepRecord {
+        output: json!("w2's output"),
+        ..step
+    };
+    assert_eq!(f.store.record_step(&w2, &mine).await.unwrap(), mine);
+    kv.set("text-tools", "u1", "draft", &json!("w2"), Some(&w2))
+        .await
+        .unwrap();
+    assert_eq!(
+        kv.get("text-tools", "u1", "draft").await.unwrap(),
+        Some(json!("w2"))
+    );
+    kv.delete("text-tools", "u1", "draft", Some(&w2))
+        .await
+        .unwrap();
+    assert_eq!(kv.get("text-tools", "u1", "draft").await.unwrap(), None);
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::ActionResult;
 use crate::extension::{Extension, ParamsError};
 use crate::http::Http;
+use crate::lease::RunLease;
 use crate::ports::{KvStore, PortError, Secret, SecretStore};
 use crate::step::{StepError, StepLog};
 use crate::task::{Progress, TaskId};
@@ -214,6 +215,8 @@ pub struct Store {
     port: Arc<dyn KvStore>,
     ext: String,
     user: String,
+    /// In a background task: the run's lease, which every write must still hold.
+    lease: Option<Arc<RunLease>>,
 }
 
 /// Why a `ctx.store` call failed.
@@ -229,6 +232,10 @@ pub enum StoreError {
     /// Keys are 1 to 1024 bytes (DynamoDB's sort key limit).
     #[error("store key must be 1 to {MAX_STORE_KEY_BYTES} bytes, got {0}")]
     InvalidKey(usize),
+    /// Another worker took the background task over (this run's lease lapsed): the write
+    /// was refused, and the run stops.
+    #[error("not stored: another worker took the task over")]
+    LeaseLost,
 }
 
 /// The longest progress message, in characters: a longer one is cut (with `…`), so every
@@ -260,17 +267,41 @@ impl Store {
         }
     }
 
-    /// Stores `value` under `key`.
+    /// Stores `value` under `key`. In a background task, only while the run holds the
+    /// task's lease ([`StoreError::LeaseLost`] otherwise).
     pub async fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), StoreError> {
         check_key(key)?;
         let value = serde_json::to_value(value)?;
-        Ok(self.port.set(&self.ext, &self.user, key, &value).await?)
+        let written = self
+            .port
+            .set(&self.ext, &self.user, key, &value, self.holder())
+            .await;
+        self.guarded(written)
     }
 
-    /// Removes `key`.
+    /// Removes `key`. In a background task, only while the run holds the task's lease.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         check_key(key)?;
-        Ok(self.port.delete(&self.ext, &self.user, key).await?)
+        let deleted = self
+            .port
+            .delete(&self.ext, &self.user, key, self.holder())
+            .await;
+        self.guarded(deleted)
+    }
+
+    fn holder(&self) -> Option<&crate::ports::LeaseHolder> {
+        self.lease.as_deref().map(RunLease::holder)
+    }
+
+    /// A write's answer; a refusal under the run's lease means the lease is lost.
+    fn guarded(&self, written: Result<(), PortError>) -> Result<(), StoreError> {
+        match (written, &self.lease) {
+            (Err(PortError::Conflict(_)), Some(lease)) => {
+                lease.mark_lost();
+                Err(StoreError::LeaseLost)
+            }
+            (written, _) => Ok(written?),
+        }
     }
 }
 
@@ -283,6 +314,15 @@ pub struct Caller {
     pub user: String,
     /// The chat the call came from, where results are delivered.
     pub chat: String,
+}
+
+/// What a handler running as a background task reaches beyond an inline call: its
+/// checkpoints, its steps and its lease.
+pub(crate) struct TaskRun {
+    pub(crate) task_id: TaskId,
+    pub(crate) progress: Arc<dyn ProgressSink>,
+    pub(crate) steps: Arc<StepLog>,
+    pub(crate) lease: Arc<RunLease>,
 }
 
 /// The handler's context.
@@ -303,18 +343,23 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         caller: Caller,
         extension: Option<Arc<Extension>>,
-        task_id: Option<TaskId>,
         http: Http,
-        secrets: Arc<dyn SecretStore>,
-        kv: Arc<dyn KvStore>,
-        progress: Option<Arc<dyn ProgressSink>>,
-        steps: Option<Arc<StepLog>>,
+        (secrets, kv): (Arc<dyn SecretStore>, Arc<dyn KvStore>),
+        run: Option<TaskRun>,
         launcher: Arc<dyn Launcher>,
     ) -> Self {
+        let (task_id, progress, steps, lease) = match run {
+            Some(run) => (
+                Some(run.task_id),
+                Some(run.progress),
+                Some(run.steps),
+                Some(run.lease),
+            ),
+            None => (None, None, None, None),
+        };
         Self {
             http,
             secrets: Secrets {
@@ -327,6 +372,7 @@ impl Ctx {
                 port: kv,
                 ext: caller.ext.clone(),
                 user: caller.user.clone(),
+                lease,
             },
             caller: Arc::new(caller),
             extension,
@@ -444,6 +490,7 @@ mod tests {
             port: Arc::new(MemoryKv::default()),
             ext: "e".into(),
             user: "u".into(),
+            lease: None,
         }
     }
 
@@ -461,6 +508,43 @@ mod tests {
         ));
         store.delete("last").await.unwrap();
         assert_eq!(store.get::<Vec<u8>>("last").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_run_that_lost_its_lease_cannot_write_the_store() {
+        // GIVEN a task another worker holds, and a run that still thinks it holds it
+        use crate::ports::TaskStore;
+        use crate::testing::fixture::{call_event, stack, task_id_of};
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", Value::Null)).await);
+        let now = stack.rt.now();
+        let lease = crate::task::Lease {
+            owner: "other".into(),
+            until: now + chrono::Duration::seconds(60),
+        };
+        stack.tasks.claim(&task_id, &lease, now).await.unwrap();
+        let run_lease = Arc::new(RunLease::new(crate::ports::LeaseHolder {
+            task_id,
+            owner: "mine".into(),
+        }));
+        let store = Store {
+            port: Arc::new(MemoryKv::checking_leases_in(Arc::clone(&stack.tasks))),
+            ext: "e".into(),
+            user: "u".into(),
+            lease: Some(Arc::clone(&run_lease)),
+        };
+        // WHEN it writes and deletes
+        // THEN both are refused, and the run learns its lease is lost
+        assert!(matches!(
+            store.set("k", &1).await,
+            Err(StoreError::LeaseLost)
+        ));
+        assert!(run_lease.is_lost());
+        assert!(matches!(
+            store.delete("k").await,
+            Err(StoreError::LeaseLost)
+        ));
+        assert_eq!(store.get::<i32>("k").await.unwrap(), None);
     }
 
     #[test]

@@ -193,7 +193,7 @@ async fn call(rt: &Runtime, req: CallRequest) -> Result<IntakeResponse, IntakeEr
     let cap = std::time::Duration::from_secs(rt.cap_seconds(false));
     let deadline = tokio::time::Instant::now() + cap;
     let function_name = function.name().to_owned();
-    let ctx = rt.ctx(caller, None, Some(deadline), None, None, req.request_id);
+    let ctx = rt.ctx(caller, Some(deadline), None, req.request_id);
     let run = AssertUnwindSafe(function.call(ctx, req.params)).catch_unwind();
     let result = match tokio::time::timeout_at(deadline, run).await {
         Ok(Ok(Ok(result))) => result,

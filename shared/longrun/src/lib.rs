@@ -78,6 +78,7 @@ mod error;
 mod extension;
 mod http;
 pub mod intake;
+mod lease;
 mod outcome;
 pub mod ports;
 pub mod runtime;

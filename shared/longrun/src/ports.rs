@@ -107,6 +107,17 @@ pub enum Requeue {
     Expired(DateTime<Utc>),
 }
 
+/// The worker that must still hold a task's lease for a write to land. A background task's
+/// step and `ctx.store` writes carry it, so once another worker took the task over (this
+/// one's lease lapsed) they are refused with `Conflict` instead of mixing two runs' results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    /// The task whose lease is checked.
+    pub task_id: TaskId,
+    /// The lease owner id the write is made under.
+    pub owner: String,
+}
+
 /// How a task ends.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finish {
@@ -188,8 +199,10 @@ pub trait TaskStore: Send + Sync {
     /// A user's tasks, newest first.
     async fn list_by_user(&self, ext: &str, user: &str, limit: usize) -> PortResult<Vec<Task>>;
 
-    /// Stores a completed step's output unless that step is already stored.
-    async fn record_step(&self, task_id: &TaskId, step: &StepRecord) -> PortResult<()>;
+    /// Stores a completed step's output, if `holder` still holds the task's lease
+    /// (`Conflict` otherwise, nothing written). If a step is already stored at that position,
+    /// it is kept and returned: the stored output is the one the run must use.
+    async fn record_step(&self, holder: &LeaseHolder, step: &StepRecord) -> PortResult<StepRecord>;
 
     /// The task's completed steps, in order.
     async fn steps(&self, task_id: &TaskId) -> PortResult<Vec<StepRecord>>;
@@ -204,10 +217,26 @@ pub trait TaskStore: Send + Sync {
 pub trait KvStore: Send + Sync {
     /// The value stored under `key` for `(ext, user)`, if any.
     async fn get(&self, ext: &str, user: &str, key: &str) -> PortResult<Option<Value>>;
-    /// Stores `value` under `key` for `(ext, user)`, replacing any previous value.
-    async fn set(&self, ext: &str, user: &str, key: &str, value: &Value) -> PortResult<()>;
-    /// Removes `key` for `(ext, user)`; removing a missing key is not an error.
-    async fn delete(&self, ext: &str, user: &str, key: &str) -> PortResult<()>;
+    /// Stores `value` under `key` for `(ext, user)`, replacing any previous value. With a
+    /// `holder` (a background task's write), only while it holds the task's lease: `Conflict`
+    /// otherwise, nothing written.
+    async fn set(
+        &self,
+        ext: &str,
+        user: &str,
+        key: &str,
+        value: &Value,
+        holder: Option<&LeaseHolder>,
+    ) -> PortResult<()>;
+    /// Removes `key` for `(ext, user)`; removing a missing key is not an error. `holder` as
+    /// for [`KvStore::set`].
+    async fn delete(
+        &self,
+        ext: &str,
+        user: &str,
+        key: &str,
+        holder: Option<&LeaseHolder>,
+    ) -> PortResult<()>;
 }
 
 /// A secret value. Its `Debug` and `Display` never show the value.

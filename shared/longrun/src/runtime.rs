@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::ctx::{BackgroundError, BackgroundOptions, Caller, Launcher, ProgressSink};
+use crate::ctx::{BackgroundError, BackgroundOptions, Caller, Launcher, TaskRun};
 use crate::http::Http;
 use crate::ports::{
     ChatApi, Clock, Created, DeliveryQueue, KvStore, PortError, RequestKey, SecretStore, TaskStore,
@@ -340,14 +340,13 @@ impl Runtime {
         self.enqueue(retry, None).await
     }
 
-    /// The handler context for `caller`, optionally running as `task`.
+    /// The handler context for `caller`: inline (intake) or, with `run`, as a background
+    /// task.
     pub(crate) fn ctx(
         &self,
         caller: Caller,
-        task_id: Option<TaskId>,
         http_deadline: Option<tokio::time::Instant>,
-        progress: Option<Arc<dyn ProgressSink>>,
-        steps: Option<Arc<crate::step::StepLog>>,
+        run: Option<TaskRun>,
         request_id: Option<String>,
     ) -> Ctx {
         let launcher = Arc::new(TaskLauncher {
@@ -357,18 +356,18 @@ impl Runtime {
             launched: AtomicU32::new(0),
         });
         let mut http = Http::new(self.services.http.clone(), http_deadline);
-        if let Some(cancel) = progress.as_ref().and_then(|p| p.cancel_signal()) {
+        if let Some(cancel) = run.as_ref().and_then(|r| r.progress.cancel_signal()) {
             http = http.cancelled_by(cancel);
         }
         Ctx::new(
             caller,
             self.extension.clone(),
-            task_id,
             http,
-            Arc::clone(&self.services.secrets),
-            Arc::clone(&self.services.kv),
-            progress,
-            steps,
+            (
+                Arc::clone(&self.services.secrets),
+                Arc::clone(&self.services.kv),
+            ),
+            run,
             launcher,
         )
     }

@@ -22,8 +22,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::http::MAX_HTTP_TIMEOUT;
+use crate::lease::RunLease;
 use crate::ports::{PortError, TaskStore};
-use crate::task::TaskId;
 
 /// Room left for storing a step's output: the worker stops handing out new steps this long
 /// before a step started then, running its whole budget, would reach the hard yield — so the
@@ -101,6 +101,13 @@ pub enum StepError {
         #[source]
         source: serde_json::Error,
     },
+    /// Another worker took the task over (this run's lease lapsed): the step's output was
+    /// not stored, and the run stops.
+    #[error("step {name:?} was not stored: another worker took the task over")]
+    LeaseLost {
+        /// The step's name.
+        name: String,
+    },
     /// The task table failed.
     #[error("step {name:?} could not be stored: {source}")]
     Store {
@@ -116,8 +123,11 @@ pub enum StepError {
 /// task on to a fresh invocation.
 pub(crate) struct StepLog {
     tasks: Arc<dyn TaskStore>,
-    task_id: TaskId,
+    lease: Arc<RunLease>,
     recorded: Vec<StepRecord>,
+    /// The first replay mismatch this run met: the worker fails the task for it, whatever
+    /// the handler made of the error.
+    mismatch: std::sync::Mutex<Option<String>>,
     next: AtomicU32,
     ran_here: AtomicU32,
     /// Before starting a new step after this moment, the run hands off.
@@ -132,7 +142,7 @@ impl StepLog {
     pub(crate) fn new(
         tasks: Arc<dyn TaskStore>,
         clock: Arc<dyn crate::ports::Clock>,
-        task_id: TaskId,
+        lease: Arc<RunLease>,
         mut recorded: Vec<StepRecord>,
         yield_at: Option<Instant>,
         budget: Duration,
@@ -140,8 +150,9 @@ impl StepLog {
         recorded.sort_by_key(|s| s.seq);
         Self {
             tasks,
-            task_id,
+            lease,
             recorded,
+            mismatch: std::sync::Mutex::new(None),
             next: AtomicU32::new(0),
             ran_here: AtomicU32::new(0),
             hand_off_after: yield_at
@@ -171,19 +182,7 @@ impl StepLog {
     {
         let seq = self.next.fetch_add(1, Ordering::SeqCst);
         if let Some(record) = self.recorded.iter().find(|r| r.seq == seq) {
-            if record.name != name {
-                return Err(StepError::ReplayMismatch {
-                    seq,
-                    recorded: record.name.clone(),
-                    found: name.to_owned(),
-                });
-            }
-            return serde_json::from_value(record.output.clone()).map_err(|source| {
-                StepError::Serde {
-                    name: name.to_owned(),
-                    source,
-                }
-            });
+            return self.replay(record, name);
         }
         // A new step. If it might not finish before the invocation ends, stop here and let
         // a fresh invocation replay what is done — but only once this one did some work.
@@ -191,7 +190,7 @@ impl StepLog {
             && Instant::now() >= after
             && self.ran_here.load(Ordering::SeqCst) > 0
         {
-            tracing::info!(task_id = %self.task_id, step = name, seq, "handing off before the Lambda deadline");
+            tracing::info!(task_id = %self.lease.holder().task_id, step = name, seq, "handing off before the Lambda deadline");
             self.handing_off.store(true, Ordering::SeqCst);
             self.hand_off.notify_waiters();
             std::future::pending::<()>().await;
@@ -251,14 +250,56 @@ impl StepLog {
             output: value,
             at: self.clock.now(),
         };
-        self.tasks
-            .record_step(&self.task_id, &record)
-            .await
-            .map_err(|source| StepError::Store {
-                name: name.to_owned(),
-                source,
-            })?;
-        Ok(output)
+        let stored = match self.tasks.record_step(self.lease.holder(), &record).await {
+            Ok(stored) => stored,
+            Err(PortError::Conflict(_)) => {
+                self.lease.mark_lost();
+                return Err(StepError::LeaseLost {
+                    name: name.to_owned(),
+                });
+            }
+            Err(source) => {
+                return Err(StepError::Store {
+                    name: name.to_owned(),
+                    source,
+                });
+            }
+        };
+        if stored == record {
+            Ok(output)
+        } else {
+            // The table already held this position (written by a worker this one took over
+            // from, before it did): that output is the one every replay will see.
+            self.replay(&stored, name)
+        }
+    }
+
+    /// The stored output of `record` for the step `name` called at its position.
+    fn replay<T: DeserializeOwned>(&self, record: &StepRecord, name: &str) -> Result<T, StepError> {
+        if record.name != name {
+            let err = StepError::ReplayMismatch {
+                seq: record.seq,
+                recorded: record.name.clone(),
+                found: name.to_owned(),
+            };
+            self.mismatch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| err.to_string());
+            return Err(err);
+        }
+        serde_json::from_value(record.output.clone()).map_err(|source| StepError::Serde {
+            name: name.to_owned(),
+            source,
+        })
+    }
+
+    /// The first replay mismatch this run met, if any.
+    pub(crate) fn mismatch(&self) -> Option<String> {
+        self.mismatch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -458,6 +499,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_worker_that_lost_its_lease_stores_no_step_and_stops() {
+        // GIVEN worker A, whose heartbeats cannot reach the table, 61 s into eight 10 s
+        // steps: its lease lapsed in the middle of chunk-6, and the sweeper requeued the task
+        let (stack, runs) = stack();
+        let id = task_id_of(
+            &stack
+                .intake(call_event("chunks", "u1", json!({"n": 8})))
+                .await,
+        );
+        stack.tasks.fail_next_beats(1_000);
+        let a = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(crate::sweeper::sweep(&stack.rt).await.unwrap().requeued, 1);
+        // WHEN worker B takes it over, and A finishes its chunk-6 at 70 s
+        let b = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        tokio::time::sleep(Duration::from_secs(14)).await;
+        stack.tasks.fail_next_beats(0);
+        a.await.unwrap();
+        b.await.unwrap();
+        stack.drain(20).await;
+        // THEN A's chunk-6 was not stored: the table holds B's, and B's result is built on
+        // the outputs the table holds
+        assert_eq!(runs.step_runs("chunk-6"), 2);
+        let stored = stack.tasks.steps(&id).await.unwrap();
+        assert_eq!(stored[6].output, json!("refined 6 (run 2)"));
+        let ended = task(&stack, &id).await;
+        assert_eq!((ended.state, ended.attempt), (TaskState::Succeeded, 2));
+        let chunks = ended.result.unwrap().data.unwrap()["chunks"].clone();
+        let outputs: Vec<_> = stored.iter().map(|s| s.output.clone()).collect();
+        assert_eq!(chunks, json!(outputs));
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_changed_step_sequence_on_replay_fails_clearly() {
         // GIVEN a task handed on after its first steps
         let (stack, runs) = stack_with(Settings {
@@ -513,8 +594,6 @@ mod tests {
                 user: "u".into(),
                 chat: "c".into(),
             },
-            None,
-            None,
             None,
             None,
             None,

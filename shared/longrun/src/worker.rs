@@ -14,11 +14,12 @@ use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
 use crate::SecretError;
-use crate::ctx::{Caller, ProgressError, ProgressSink};
+use crate::ctx::{Caller, ProgressError, ProgressSink, TaskRun};
+use crate::lease::RunLease;
 use crate::outcome::{Outcome, panic_message};
-use crate::ports::{Claim, Finish, FinishGuard, PortError, RequestKey, Requeue};
+use crate::ports::{Claim, Finish, FinishGuard, LeaseHolder, PortError, RequestKey, Requeue};
 use crate::runtime::{Runtime, to_chrono};
-use crate::step::{StepError, StepLog, StepRecord};
+use crate::step::{StepLog, StepRecord};
 use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskState};
 use crate::wire::{DeliveryMessage, MAX_RESULT_BYTES, WorkMessage};
 
@@ -262,7 +263,16 @@ async fn execute(
         ));
     };
 
-    let checkpoint = Arc::new(Checkpoint::new(rt.clone(), task, lease.clone()));
+    let run_lease = Arc::new(RunLease::new(LeaseHolder {
+        task_id: task.task_id.clone(),
+        owner: lease.owner.clone(),
+    }));
+    let checkpoint = Arc::new(Checkpoint::new(
+        rt.clone(),
+        task,
+        lease.clone(),
+        Arc::clone(&run_lease),
+    ));
     let caller = Caller {
         ext: task.ext.clone(),
         user: task.user.clone(),
@@ -274,17 +284,21 @@ async fn execute(
     let steps = Arc::new(StepLog::new(
         Arc::clone(&rt.services.tasks),
         Arc::clone(&rt.services.clock),
-        task.task_id.clone(),
+        Arc::clone(&run_lease),
         recorded_steps,
         yield_at,
         rt.settings.step_budget,
     ));
+    let run = TaskRun {
+        task_id: task.task_id.clone(),
+        progress: Arc::clone(&checkpoint) as Arc<dyn ProgressSink>,
+        steps: Arc::clone(&steps),
+        lease: Arc::clone(&run_lease),
+    };
     let ctx = rt.ctx(
         caller,
-        Some(task.task_id.clone()),
         Some(cap_deadline),
-        Some(Arc::clone(&checkpoint) as Arc<dyn ProgressSink>),
-        Some(Arc::clone(&steps)),
+        Some(run),
         Some(format!("task:{}", task.task_id)),
     );
     let work = AssertUnwindSafe(handler(ctx, task.params.clone())).catch_unwind();
@@ -296,6 +310,8 @@ async fn execute(
             return Ending::Done(Outcome::timed_out(&task.function, task.cap_s));
         }
         _ = sleep_until_opt(yield_at) => return Ending::Continue,
+        // A step or store write found the task taken over: stop at once.
+        _ = run_lease.lost() => return Ending::LeaseLost,
         _ = steps.handed_off() => {
             checkpoint.flush().await;
             return Ending::Continue;
@@ -318,8 +334,18 @@ async fn execute(
         },
     };
     checkpoint.flush().await;
-    if checkpoint.is_lease_lost() {
+    // How the run ended is decided from what the runtime itself saw, not from the handler's
+    // error: a lost lease, a replay that met another step than the record holds.
+    if run_lease.is_lost() {
         return Ending::LeaseLost;
+    }
+    if let Some(mismatch) = steps.mismatch() {
+        return Ending::Done(Outcome::failed(
+            &task.function,
+            "replay_mismatch",
+            mismatch,
+            false,
+        ));
     }
     Ending::Done(match finished {
         Ok(Ok(result)) if result.wire_size() > MAX_RESULT_BYTES => Outcome::failed(
@@ -347,22 +373,6 @@ async fn execute(
         Ok(Err(err)) if err.is_cancelled() => Outcome::cancelled(&task.function),
         Ok(Err(ref err)) if let Some(missing) = err.downcast_ref::<SecretError>() => {
             Outcome::returned(missing.to_result())
-        }
-        Ok(Err(err))
-            if matches!(
-                err.downcast_ref::<StepError>(),
-                Some(StepError::ReplayMismatch { .. })
-            ) =>
-        {
-            Outcome::failed(&task.function, "replay_mismatch", err.to_string(), false)
-        }
-        Ok(Err(err))
-            if matches!(
-                err.downcast_ref::<ProgressError>(),
-                Some(ProgressError::LeaseLost)
-            ) =>
-        {
-            return Ending::LeaseLost;
         }
         Ok(Err(err)) => Outcome::failed(&task.function, "handler_error", err.to_string(), true),
         Err(panic) => Outcome::failed(
@@ -453,7 +463,8 @@ struct Written {
     reported: Progress,
     /// The last progress written to the table.
     written: Progress,
-    /// When the last write (progress or heartbeat) happened.
+    /// When the last write (progress or heartbeat) was made — or tried: a table that fails
+    /// is tried again a period later, not in a tight loop.
     at: Instant,
 }
 
@@ -468,12 +479,12 @@ struct Checkpoint {
     cancelled: AtomicBool,
     /// Tells `ctx.http` calls in flight that the task was cancelled.
     cancel_signal: tokio::sync::watch::Sender<bool>,
-    lease_lost: AtomicBool,
+    run_lease: Arc<RunLease>,
     stopped: Notify,
 }
 
 impl Checkpoint {
-    fn new(rt: Runtime, task: &Task, lease: Lease) -> Self {
+    fn new(rt: Runtime, task: &Task, lease: Lease, run_lease: Arc<RunLease>) -> Self {
         Self {
             task: task.clone(),
             lease,
@@ -487,14 +498,14 @@ impl Checkpoint {
             }),
             cancelled: AtomicBool::new(false),
             cancel_signal: tokio::sync::watch::Sender::new(false),
-            lease_lost: AtomicBool::new(false),
+            run_lease,
             stopped: Notify::new(),
             rt,
         }
     }
 
     fn is_lease_lost(&self) -> bool {
-        self.lease_lost.load(Ordering::SeqCst)
+        self.run_lease.is_lost()
     }
 
     fn check(&self) -> Result<(), ProgressError> {
@@ -509,6 +520,7 @@ impl Checkpoint {
 
     /// One conditional write: lease, heartbeat, and the checkpoint if it changed.
     async fn write(&self, state: &mut Written) {
+        state.at = Instant::now();
         let now = self.rt.now();
         let lease = Lease {
             owner: self.lease.owner.clone(),
@@ -523,7 +535,6 @@ impl Checkpoint {
             .await
         {
             Ok(beat) => {
-                state.at = Instant::now();
                 if let Some(progress) = progress {
                     state.written = progress.clone();
                     let message = DeliveryMessage::Progress {
@@ -545,8 +556,8 @@ impl Checkpoint {
                 }
             }
             Err(PortError::Conflict(reason)) => {
-                tracing::warn!(task_id = %self.task.task_id, %reason, "lease lost");
-                self.lease_lost.store(true, Ordering::SeqCst);
+                tracing::debug!(task_id = %self.task.task_id, %reason, "heartbeat refused");
+                self.run_lease.mark_lost();
                 self.stopped.notify_waiters();
             }
             Err(err) => {
@@ -953,6 +964,20 @@ mod tests {
         // AND no extra writes bought it: the cancel's flag and audit item, one heartbeat,
         // the cancelled audit item and the finish
         assert!(writes <= 5, "{writes} writes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_table_that_refuses_heartbeats_is_tried_once_a_heartbeat() {
+        // GIVEN a handler reporting progress every second, and a table that refuses every
+        // heartbeat and progress write
+        let (stack, _) = stack();
+        task_id_of(&stack.intake(call_event("ticker", "u1", json!({}))).await);
+        stack.tasks.fail_next_beats(1_000);
+        // WHEN it runs for 30 s
+        let _ = tokio::time::timeout(Duration::from_secs(30), stack.work_once()).await;
+        // THEN the worker tried about once a heartbeat (6 in 30 s), not in a tight loop
+        let tries = 1_000 - stack.tasks.beat_failures_left();
+        assert!((5..=8).contains(&tries), "{tries} tries");
     }
 
     #[tokio::test(start_paused = true)]

@@ -32,9 +32,16 @@ mod kv;
 mod schema;
 mod tasks;
 
+use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::BuildError;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{CancellationReason, ConditionCheck, TransactWriteItem};
 
-use longrun::ports::{PortError, PortResult};
+use longrun::ports::{LeaseHolder, PortError, PortResult};
+use longrun::task::TaskState;
+
+use crate::port_error;
+use item::{Item, s};
 
 pub use item::{attribute_to_json, json_to_attribute};
 pub use keys::{
@@ -47,4 +54,99 @@ pub use tasks::DynamoTaskStore;
 /// An SDK builder's result, its failure (a required field left unset) a permanent error.
 fn built<T>(what: &str, built: Result<T, BuildError>) -> PortResult<T> {
     built.map_err(|e| PortError::Permanent(format!("{what}: {e}")))
+}
+
+fn cancelled_reason_code(reason: &CancellationReason) -> &str {
+    reason.code().unwrap_or("None")
+}
+
+/// A transaction the table refused because a condition failed: for each item, in the order
+/// written, whether its condition failed and (with `ALL_OLD`) the item as it was.
+struct Refused(Vec<(bool, Option<Item>)>);
+
+impl Refused {
+    /// Whether the condition of the `i`-th item failed.
+    fn failed(&self, i: usize) -> bool {
+        self.0.get(i).is_some_and(|(failed, _)| *failed)
+    }
+
+    /// The `i`-th item as it was when its condition failed (`None`: there was none).
+    fn old(&self, i: usize) -> Option<&Item> {
+        self.0.get(i).and_then(|(_, item)| item.as_ref())
+    }
+}
+
+/// Writes `items` in one transaction: `Ok(Ok(()))` when it committed, `Ok(Err(refused))`
+/// when a condition failed (nothing was written), `Err` for anything else — a conflict with
+/// another transaction or throttling is transient.
+async fn transact(
+    client: &Client,
+    what: &str,
+    items: Vec<TransactWriteItem>,
+) -> PortResult<Result<(), Refused>> {
+    let sent = client
+        .transact_write_items()
+        .set_transact_items(Some(items))
+        .send()
+        .await;
+    let err = match sent {
+        Ok(_) => return Ok(Ok(())),
+        Err(err) => err,
+    };
+    let Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) =
+        err.as_service_error()
+    else {
+        return Err(port_error(what, err));
+    };
+    let reasons = cancelled.cancellation_reasons();
+    if let Some(code) = reasons
+        .iter()
+        .map(cancelled_reason_code)
+        .find(|c| *c != "None" && *c != "ConditionalCheckFailed")
+    {
+        let message = format!("{what}: cancelled: {code}");
+        return Err(match code {
+            "TransactionConflict"
+            | "ThrottlingError"
+            | "ProvisionedThroughputExceeded"
+            | "RequestLimitExceeded" => PortError::Transient(message),
+            _ => PortError::Permanent(message),
+        });
+    }
+    let refused = Refused(
+        reasons
+            .iter()
+            .map(|r| {
+                (
+                    cancelled_reason_code(r) == "ConditionalCheckFailed",
+                    r.item().cloned(),
+                )
+            })
+            .collect(),
+    );
+    if !refused.0.iter().any(|(failed, _)| *failed) {
+        return Err(PortError::Permanent(format!(
+            "{what}: cancelled without a reason: {}",
+            cancelled.message().unwrap_or_default()
+        )));
+    }
+    Ok(Err(refused))
+}
+
+/// The transaction item that checks `holder` still holds its task's lease: the task is
+/// running under that owner.
+fn lease_check(table: &str, holder: &LeaseHolder) -> PortResult<TransactWriteItem> {
+    let condition = "#state = :running AND #lease_owner = :owner";
+    let check = built(
+        "lease check",
+        ConditionCheck::builder()
+            .table_name(table)
+            .set_key(Some(keys::task_key(&holder.task_id)))
+            .condition_expression(condition)
+            .set_expression_attribute_names(Some(tasks::names_in(&[condition])))
+            .expression_attribute_values(":running", s(TaskState::Running.as_str()))
+            .expression_attribute_values(":owner", s(&holder.owner))
+            .build(),
+    )?;
+    Ok(TransactWriteItem::builder().condition_check(check).build())
 }

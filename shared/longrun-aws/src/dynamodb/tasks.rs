@@ -8,23 +8,21 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
-use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, CancellationReason, Put, ReturnValue, ReturnValuesOnConditionCheckFailure,
-    TransactWriteItem, Update,
+    AttributeValue, Put, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+    Update,
 };
 use chrono::{DateTime, Utc};
 
 use longrun::StepRecord;
 use longrun::ports::{
-    Beat, Claim, Created, Finish, FinishGuard, PortError, PortResult, RequestKey, Requeue,
-    TaskStore,
+    Beat, Claim, Created, Finish, FinishGuard, LeaseHolder, PortError, PortResult, RequestKey,
+    Requeue, TaskStore,
 };
 use longrun::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskState};
 
-use super::built;
 use super::item::{
     Fields, Item, audit_from_item, audit_item, expiry, json_to_attribute, n, s, step_from_item,
     step_item, task_from_item, task_item,
@@ -33,6 +31,7 @@ use super::keys::{
     AUDIT_PREFIX, GSI_BY_LEASE, GSI_BY_USER, LEASE_PK, PK, REQUEST_SK, SK, STEP_PREFIX,
     TTL_ATTRIBUTE, iso, key, lease_sk, request_pk, task_key, task_pk, user_pk,
 };
+use super::{built, lease_check, transact};
 use crate::port_error;
 
 /// How long a request key keeps a retried `call` from creating a second task.
@@ -44,7 +43,7 @@ const REQUEST_KEY_TTL: Duration = Duration::from_secs(86_400);
 
 /// Every attribute in an expression is written `#name` (many of ours — `state`, `user`,
 /// `name`, `kind` — are reserved words); this maps each placeholder to its name.
-fn names_in(expressions: &[&str]) -> HashMap<String, String> {
+pub(super) fn names_in(expressions: &[&str]) -> HashMap<String, String> {
     let mut names = HashMap::new();
     for expression in expressions {
         let mut rest = *expression;
@@ -85,26 +84,6 @@ enum Updated {
     Written(Item),
     /// The condition failed; the item as it was (`None`: there is no such item).
     Refused(Option<Item>),
-}
-
-fn cancelled_reason_code(reason: &CancellationReason) -> &str {
-    reason.code().unwrap_or("None")
-}
-
-/// A transaction the table refused because a condition failed: for each item, in the order
-/// written, whether its condition failed and (with `ALL_OLD`) the item as it was.
-struct Refused(Vec<(bool, Option<Item>)>);
-
-impl Refused {
-    /// Whether the condition of the `i`-th item failed.
-    fn failed(&self, i: usize) -> bool {
-        self.0.get(i).is_some_and(|(failed, _)| *failed)
-    }
-
-    /// The `i`-th item as it was when its condition failed (`None`: there was none).
-    fn old(&self, i: usize) -> Option<&Item> {
-        self.0.get(i).and_then(|(_, item)| item.as_ref())
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -309,64 +288,6 @@ impl DynamoTaskStore {
         }
     }
 
-    /// Writes `items` in one transaction: `Ok(Ok(()))` when it committed, `Ok(Err(refused))`
-    /// when a condition failed (nothing was written), `Err` for anything else — a conflict
-    /// with another transaction or throttling is transient.
-    async fn transact(
-        &self,
-        what: &str,
-        items: Vec<TransactWriteItem>,
-    ) -> PortResult<Result<(), Refused>> {
-        let sent = self
-            .client
-            .transact_write_items()
-            .set_transact_items(Some(items))
-            .send()
-            .await;
-        let err = match sent {
-            Ok(_) => return Ok(Ok(())),
-            Err(err) => err,
-        };
-        let Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) =
-            err.as_service_error()
-        else {
-            return Err(port_error(what, err));
-        };
-        let reasons = cancelled.cancellation_reasons();
-        if let Some(code) = reasons
-            .iter()
-            .map(cancelled_reason_code)
-            .find(|c| *c != "None" && *c != "ConditionalCheckFailed")
-        {
-            let message = format!("{what}: cancelled: {code}");
-            return Err(match code {
-                "TransactionConflict"
-                | "ThrottlingError"
-                | "ProvisionedThroughputExceeded"
-                | "RequestLimitExceeded" => PortError::Transient(message),
-                _ => PortError::Permanent(message),
-            });
-        }
-        let refused = Refused(
-            reasons
-                .iter()
-                .map(|r| {
-                    (
-                        cancelled_reason_code(r) == "ConditionalCheckFailed",
-                        r.item().cloned(),
-                    )
-                })
-                .collect(),
-        );
-        if !refused.0.iter().any(|(failed, _)| *failed) {
-            return Err(PortError::Permanent(format!(
-                "{what}: cancelled without a reason: {}",
-                cancelled.message().unwrap_or_default()
-            )));
-        }
-        Ok(Err(refused))
-    }
-
     /// An unconditional Put of an audit item, for a transaction.
     fn audit_put(&self, audit: &AuditItem) -> PortResult<TransactWriteItem> {
         let put = built(
@@ -460,13 +381,11 @@ impl TaskStore for DynamoTaskStore {
         // A request key can vanish (TTL) or appear between our write and our read; a few
         // rounds settle it.
         for _ in 0..3 {
-            let refused = match self
-                .transact("TransactWriteItems create", items.clone())
-                .await?
-            {
-                Ok(()) => return Ok(Created::New),
-                Err(refused) => refused,
-            };
+            let refused =
+                match transact(&self.client, "TransactWriteItems create", items.clone()).await? {
+                    Ok(()) => return Ok(Created::New),
+                    Err(refused) => refused,
+                };
             if refused.failed(1) {
                 match self.find_request(request).await? {
                     Some(existing) if existing != task.task_id => {
@@ -699,7 +618,7 @@ impl TaskStore for DynamoTaskStore {
         for audit in &finish.audit {
             items.push(self.audit_put(audit)?);
         }
-        match self.transact("TransactWriteItems finish", items).await? {
+        match transact(&self.client, "TransactWriteItems finish", items).await? {
             Ok(()) => self
                 .get(task_id)
                 .await?
@@ -830,10 +749,40 @@ impl TaskStore for DynamoTaskStore {
             .await
     }
 
-    async fn record_step(&self, task_id: &TaskId, step: &StepRecord) -> PortResult<()> {
-        // A step stored twice (a zombie worker racing its successor) keeps the first output.
-        self.put_if_absent("PutItem step", step_item(task_id, step, self.ttl))
-            .await
+    async fn record_step(&self, holder: &LeaseHolder, step: &StepRecord) -> PortResult<StepRecord> {
+        // One transaction: the lease check on the task record and the step, put if absent.
+        let condition = "attribute_not_exists(#pk)";
+        let put = built(
+            "step put",
+            Put::builder()
+                .table_name(&self.table)
+                .set_item(Some(step_item(&holder.task_id, step, self.ttl)))
+                .condition_expression(condition)
+                .set_expression_attribute_names(Some(names_in(&[condition])))
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                )
+                .build(),
+        )?;
+        let items = vec![
+            lease_check(&self.table, holder)?,
+            TransactWriteItem::builder().put(put).build(),
+        ];
+        match transact(&self.client, "TransactWriteItems step", items).await? {
+            Ok(()) => Ok(step.clone()),
+            Err(refused) if refused.failed(0) => Err(PortError::Conflict(format!(
+                "task {}: lease not held",
+                holder.task_id
+            ))),
+            // The position is taken: the stored output is the one every run must use.
+            Err(refused) => match refused.old(1) {
+                Some(stored) => step_from_item(stored),
+                None => Err(PortError::Permanent(format!(
+                    "task {}: step {} refused without its stored item",
+                    holder.task_id, step.seq
+                ))),
+            },
+        }
     }
 
     async fn steps(&self, task_id: &TaskId) -> PortResult<Vec<StepRecord>> {

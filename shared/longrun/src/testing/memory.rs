@@ -10,7 +10,8 @@ use serde_json::Value;
 
 use crate::ports::{
     Beat, ChatApi, ChatOutcome, Claim, Created, DeliveryQueue, Finish, FinishGuard, KvStore,
-    PortError, PortResult, RequestKey, Requeue, Secret, SecretStore, TaskStore, WorkQueue,
+    LeaseHolder, PortError, PortResult, RequestKey, Requeue, Secret, SecretStore, TaskStore,
+    WorkQueue,
 };
 use crate::step::StepRecord;
 use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskState};
@@ -30,6 +31,7 @@ struct Tables {
     steps: BTreeMap<TaskId, BTreeMap<u32, StepRecord>>,
     writes: u64,
     step_write_delay: std::time::Duration,
+    fail_beats: u32,
 }
 
 /// The task table in memory.
@@ -54,6 +56,18 @@ impl MemoryTaskStore {
         lock(&self.tables).fail_writes = n;
     }
 
+    /// Makes the next `n` heartbeat and progress writes fail with a transient error (a
+    /// worker that cannot reach the table, so its lease lapses).
+    pub fn fail_next_beats(&self, n: u32) {
+        lock(&self.tables).fail_beats = n;
+    }
+
+    /// How many of the heartbeat failures [`MemoryTaskStore::fail_next_beats`] asked for are
+    /// still to come.
+    pub fn beat_failures_left(&self) -> u32 {
+        lock(&self.tables).fail_beats
+    }
+
     /// Makes every step write take `delay` (on tokio's clock) before it lands, as a slow
     /// table would.
     pub fn delay_step_writes(&self, delay: std::time::Duration) {
@@ -73,6 +87,14 @@ impl MemoryTaskStore {
 
 fn conflict(task_id: &TaskId, what: &str) -> PortError {
     PortError::Conflict(format!("task {task_id}: {what}"))
+}
+
+/// Whether `holder` holds its task's lease: the task is running under that owner.
+fn holds_lease(tasks: &HashMap<TaskId, Task>, holder: &LeaseHolder) -> bool {
+    tasks.get(&holder.task_id).is_some_and(|task| {
+        task.state == TaskState::Running
+            && task.lease.as_ref().is_some_and(|l| l.owner == holder.owner)
+    })
 }
 
 fn lease_lapsed(task: &Task, now: DateTime<Utc>) -> bool {
@@ -156,6 +178,10 @@ impl TaskStore for MemoryTaskStore {
         now: DateTime<Utc>,
     ) -> PortResult<Beat> {
         let mut t = lock(&self.tables);
+        if t.fail_beats > 0 {
+            t.fail_beats -= 1;
+            return Err(PortError::Transient("injected heartbeat failure".into()));
+        }
         let task = t
             .tasks
             .get_mut(task_id)
@@ -336,19 +362,25 @@ impl TaskStore for MemoryTaskStore {
         Ok(tasks)
     }
 
-    async fn record_step(&self, task_id: &TaskId, step: &StepRecord) -> PortResult<()> {
+    async fn record_step(&self, holder: &LeaseHolder, step: &StepRecord) -> PortResult<StepRecord> {
         let delay = lock(&self.tables).step_write_delay;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         let mut guard = lock(&self.tables);
         let t = &mut *guard;
-        let steps = t.steps.entry(task_id.clone()).or_default();
-        if let std::collections::btree_map::Entry::Vacant(slot) = steps.entry(step.seq) {
-            slot.insert(step.clone());
-            t.writes += 1;
+        if !holds_lease(&t.tasks, holder) {
+            return Err(conflict(&holder.task_id, "lease not held"));
         }
-        Ok(())
+        let steps = t.steps.entry(holder.task_id.clone()).or_default();
+        match steps.entry(step.seq) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(step.clone());
+                t.writes += 1;
+                Ok(step.clone())
+            }
+            std::collections::btree_map::Entry::Occupied(stored) => Ok(stored.get().clone()),
+        }
     }
 
     async fn steps(&self, task_id: &TaskId) -> PortResult<Vec<StepRecord>> {
@@ -480,10 +512,31 @@ impl SecretStore for MemorySecrets {
     }
 }
 
-/// `ctx.store` in memory.
+/// `ctx.store` in memory. Writes made under a lease are checked against `tasks` (the
+/// stack's task table), as the DynamoDB adapter checks them against the task record.
 #[derive(Default)]
 pub struct MemoryKv {
     values: Mutex<HashMap<(String, String, String), Value>>,
+    tasks: Option<std::sync::Arc<MemoryTaskStore>>,
+}
+
+impl MemoryKv {
+    /// A store whose lease-guarded writes are checked against `tasks`.
+    pub fn checking_leases_in(tasks: std::sync::Arc<MemoryTaskStore>) -> Self {
+        Self {
+            values: Mutex::default(),
+            tasks: Some(tasks),
+        }
+    }
+
+    fn check(&self, holder: Option<&LeaseHolder>) -> PortResult<()> {
+        match (holder, &self.tasks) {
+            (Some(holder), Some(tasks)) if !holds_lease(&lock(&tasks.tables).tasks, holder) => {
+                Err(conflict(&holder.task_id, "lease not held"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 #[async_trait]
@@ -493,11 +546,26 @@ impl KvStore for MemoryKv {
             .get(&(ext.into(), user.into(), key.into()))
             .cloned())
     }
-    async fn set(&self, ext: &str, user: &str, key: &str, value: &Value) -> PortResult<()> {
+    async fn set(
+        &self,
+        ext: &str,
+        user: &str,
+        key: &str,
+        value: &Value,
+        holder: Option<&LeaseHolder>,
+    ) -> PortResult<()> {
+        self.check(holder)?;
         lock(&self.values).insert((ext.into(), user.into(), key.into()), value.clone());
         Ok(())
     }
-    async fn delete(&self, ext: &str, user: &str, key: &str) -> PortResult<()> {
+    async fn delete(
+        &self,
+        ext: &str,
+        user: &str,
+        key: &str,
+        holder: Option<&LeaseHolder>,
+    ) -> PortResult<()> {
+        self.check(holder)?;
         lock(&self.values).remove(&(ext.into(), user.into(), key.into()));
         Ok(())
     }

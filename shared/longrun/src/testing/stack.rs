@@ -44,7 +44,7 @@ impl MemoryStack {
         let work = Arc::new(MemoryQueue::default());
         let delivery = Arc::new(MemoryQueue::default());
         let secrets = Arc::new(MemorySecrets::default());
-        let kv = Arc::new(MemoryKv::default());
+        let kv = Arc::new(MemoryKv::checking_leases_in(tasks.clone()));
         let chat = Arc::new(MemoryChat::default());
         let services = Services {
             tasks: tasks.clone(),
