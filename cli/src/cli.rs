@@ -151,6 +151,16 @@ impl From<longrun::ports::PortError> for Failure {
     }
 }
 
+impl From<longrun::EnqueueError> for Failure {
+    fn from(err: longrun::EnqueueError) -> Self {
+        match err {
+            longrun::EnqueueError::Port(err) => err.into(),
+            // The user's limit: a state of things, like a conflict.
+            other => Self::Conflict(other.to_string()),
+        }
+    }
+}
+
 impl From<longrun::config::ConfigError> for Failure {
     fn from(err: longrun::config::ConfigError) -> Self {
         Self::Config(format!(

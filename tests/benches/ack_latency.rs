@@ -112,7 +112,11 @@ async fn run() {
     let rt = Runtime::serving(
         text_tools::extension_with(text_tools::OpenAi::new(openai.base_url.clone())),
         longrun_aws::services(&clients, &config, Some(chat_api)),
-        Settings::default(),
+        // One bench user stands for many users: the per-user task limit is lifted.
+        Settings {
+            max_active_tasks: 10_000,
+            ..Settings::default()
+        },
     );
 
     latency(&rt, &clients, &config).await;

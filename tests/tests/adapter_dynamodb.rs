@@ -77,7 +77,10 @@ impl Fixture {
 
     async fn queued(&self, ext: &str, user: &str, at: DateTime<Utc>) -> Task {
         let task = queued_task(ext, user, at);
-        assert_eq!(self.store.create(&task, None).await.unwrap(), Created::New);
+        assert_eq!(
+            self.store.create(&task, None, None).await.unwrap(),
+            Created::New
+        );
         task
     }
 
@@ -208,7 +211,10 @@ async fn every_task_field_round_trips() {
         ..queued_task("text#tools", "user%1", at)
     };
     // WHEN it is created and read back
-    assert_eq!(f.store.create(&task, None).await.unwrap(), Created::New);
+    assert_eq!(
+        f.store.create(&task, None, None).await.unwrap(),
+        Created::New
+    );
     let read = f.store.get(&task.task_id).await.unwrap();
     // THEN every field is as written
     assert_eq!(read.as_ref(), Some(&task));
@@ -240,7 +246,7 @@ async fn every_task_field_round_trips() {
         params: serde_json::Value::Null,
         ..queued_task("text-tools", "u1", at)
     };
-    f.store.create(&bare, None).await.unwrap();
+    f.store.create(&bare, None, None).await.unwrap();
     assert_eq!(
         f.store.get(&bare.task_id).await.unwrap(),
         Some(bare.clone())
@@ -272,12 +278,12 @@ async fn a_repeated_request_key_names_the_first_task() {
     let first = queued_task("text-tools", "u1", t0());
     let key = request("r1");
     assert_eq!(
-        f.store.create(&first, Some(&key)).await.unwrap(),
+        f.store.create(&first, Some(&key), None).await.unwrap(),
         Created::New
     );
     // WHEN a second task is created under the same key
     let second = queued_task("text-tools", "u1", t0() + secs(1));
-    let created = f.store.create(&second, Some(&key)).await.unwrap();
+    let created = f.store.create(&second, Some(&key), None).await.unwrap();
     // THEN it is a duplicate of the first, and nothing was written for the second
     assert_eq!(created, Created::Duplicate(first.task_id.clone()));
     assert_eq!(f.store.get(&second.task_id).await.unwrap(), None);
@@ -287,7 +293,7 @@ async fn a_repeated_request_key_names_the_first_task() {
     );
     // AND the same task under the same key again is simply New
     assert_eq!(
-        f.store.create(&first, Some(&key)).await.unwrap(),
+        f.store.create(&first, Some(&key), None).await.unwrap(),
         Created::New
     );
     // AND the key is scoped to its user: another user's r1 is free
@@ -298,7 +304,10 @@ async fn a_repeated_request_key_names_the_first_task() {
     assert_eq!(f.store.find_request(&other_user).await.unwrap(), None);
     let third = queued_task("text-tools", "u2", t0() + secs(2));
     assert_eq!(
-        f.store.create(&third, Some(&other_user)).await.unwrap(),
+        f.store
+            .create(&third, Some(&other_user), None)
+            .await
+            .unwrap(),
         Created::New
     );
     // AND the request item expires a day after the task was created
@@ -323,9 +332,12 @@ async fn creating_an_existing_task_is_new_and_keeps_the_record() {
     };
     let key = request("r-late");
     // THEN both answer New and the stored record is untouched
-    assert_eq!(f.store.create(&late, None).await.unwrap(), Created::New);
     assert_eq!(
-        f.store.create(&late, Some(&key)).await.unwrap(),
+        f.store.create(&late, None, None).await.unwrap(),
+        Created::New
+    );
+    assert_eq!(
+        f.store.create(&late, Some(&key), None).await.unwrap(),
         Created::New
     );
     assert_eq!(
@@ -660,6 +672,107 @@ async fn the_audit_items_of_an_end_are_written_only_with_it() {
             .finish(&ghost, &ending(FinishGuard::Abandoned))
             .await
     ));
+}
+
+#[tokio::test]
+async fn a_users_active_tasks_are_counted_within_the_limit() {
+    // GIVEN u1 with two tasks under a limit of two
+    let f = fixture().await;
+    let task = |user: &str| queued_task("text-tools", user, t0());
+    let (a, b, c) = (task("u1"), task("u1"), task("u1"));
+    for t in [&a, &b] {
+        assert_eq!(
+            f.store.create(t, None, Some(2)).await.unwrap(),
+            Created::New
+        );
+    }
+    // WHEN a third is created
+    // THEN it is refused with the two the table counts, and nothing of it is written
+    match f.store.create(&c, None, Some(2)).await.unwrap() {
+        Created::AtLimit(mut ids) => {
+            ids.sort();
+            let mut expected = vec![a.task_id.clone(), b.task_id.clone()];
+            expected.sort();
+            assert_eq!(ids, expected);
+        }
+        other => panic!("expected AtLimit, got {other:?}"),
+    }
+    assert!(f.store.get(&c.task_id).await.unwrap().is_none());
+    assert!(f.store.audit_trail(&c.task_id).await.unwrap().is_empty());
+    // AND another user is not counted with u1, and a task written again is not refused
+    assert_eq!(
+        f.store.create(&task("u2"), None, Some(2)).await.unwrap(),
+        Created::New
+    );
+    assert_eq!(
+        f.store.create(&a, None, Some(2)).await.unwrap(),
+        Created::New
+    );
+    // WHEN one of u1's tasks ends
+    let held = lease("w1", t0() + secs(60));
+    f.store.claim(&a.task_id, &held, t0()).await.unwrap();
+    f.store
+        .finish(
+            &a.task_id,
+            &finish(TaskState::Succeeded, t0(), FinishGuard::Owner("w1".into())),
+        )
+        .await
+        .unwrap();
+    // THEN the third fits; a release of a task never counted changes nothing
+    f.store
+        .release("text-tools", "u1", &TaskId::generate(t0()))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.create(&c, None, Some(2)).await.unwrap(),
+        Created::New
+    );
+    // AND an explicit release frees a place
+    f.store
+        .release("text-tools", "u1", &b.task_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.create(&task("u1"), None, Some(2)).await.unwrap(),
+        Created::New
+    );
+}
+
+#[tokio::test]
+async fn a_refused_task_is_finished_delivered_and_in_no_index() {
+    // GIVEN a task refused at the limit
+    let f = fixture().await;
+    let task = queued_task("text-tools", "u1", t0());
+    let answer = ActionResult::error("You already have 10 tasks queued or running.", true);
+    f.store.refuse(&task, &answer, t0()).await.unwrap();
+    // THEN its record is failed, with that answer, already delivered
+    let stored = f.store.get(&task.task_id).await.unwrap().unwrap();
+    assert_eq!(stored.state, TaskState::Failed);
+    assert_eq!(stored.result, Some(answer));
+    assert_eq!(stored.delivered_at, Some(t0()));
+    // AND a worker that gets its work message finds it finished
+    let claimed = f
+        .store
+        .claim(&task.task_id, &lease("w1", t0() + secs(60)), t0())
+        .await
+        .unwrap();
+    assert!(matches!(claimed, Claim::Finished(_)), "{claimed:?}");
+    // AND it is in neither index, and expires
+    let raw = f
+        .raw(&format!("TASK#{}", task.task_id), "TASK")
+        .await
+        .unwrap();
+    for key in ["gsi1pk", "gsi1sk", "gsi2pk", "gsi2sk"] {
+        assert!(!raw.contains_key(key), "{key}");
+    }
+    assert!(raw.contains_key(TTL_ATTRIBUTE));
+    assert!(
+        f.store
+            .list_by_user("text-tools", "u1", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -1214,7 +1327,10 @@ async fn the_table_stores_what_check_storable_passes_and_refuses_the_rest() {
         params: edge.clone(),
         ..queued_task("text-tools", "u1", t0())
     };
-    assert_eq!(f.store.create(&task, None).await.unwrap(), Created::New);
+    assert_eq!(
+        f.store.create(&task, None, None).await.unwrap(),
+        Created::New
+    );
     // THEN the record keeps them as given
     let stored = f.store.get(&task.task_id).await.unwrap().unwrap();
     assert_eq!(stored.params, edge);
@@ -1231,7 +1347,7 @@ async fn the_table_stores_what_check_storable_passes_and_refuses_the_rest() {
             params: refused,
             ..queued_task("text-tools", "u1", t0())
         };
-        let err = f.store.create(&task, None).await.unwrap_err();
+        let err = f.store.create(&task, None, None).await.unwrap_err();
         assert!(!err.is_transient(), "{err}");
     }
 }

@@ -17,7 +17,10 @@ const WAIT: Duration = Duration::from_secs(90);
 async fn every_message_three_times_still_runs_each_task_once_with_one_result() {
     // A long lease: under this load a late heartbeat must not hand a healthy task to a
     // second worker (that is scenario 6's business).
-    let options = Options::new("duplicates").setting("LONGRUN_LEASE_MS", 15_000);
+    let options = Options::new("duplicates")
+        .setting("LONGRUN_LEASE_MS", 15_000)
+        // Twelve tasks a user, started ten at a time: above the default per-user limit.
+        .setting("LONGRUN_MAX_ACTIVE_TASKS", 100);
     let Some(stack) = Stack::start(options).await else {
         return;
     };

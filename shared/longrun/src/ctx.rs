@@ -57,6 +57,16 @@ pub enum BackgroundError {
     /// The input could not be serialized.
     #[error("job input cannot be serialized: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// The user already has this many tasks queued or running
+    /// ([`crate::Settings::max_active_tasks`]). Propagated with `?` out of an inline handler,
+    /// intake answers `429 too_many_tasks`.
+    #[error(
+        "You already have {limit} tasks queued or running; try again when one of them has finished."
+    )]
+    TooManyTasks {
+        /// The limit.
+        limit: u32,
+    },
     /// The task table or the work queue failed.
     #[error("could not enqueue the task: {0}")]
     Port(#[from] PortError),

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::ctx::Caller;
 use crate::outcome::{cancelled_result, panic_message};
 use crate::ports::{PortError, RequestKey};
-use crate::runtime::{Runtime, TaskSpec};
+use crate::runtime::{EnqueueError, Runtime, TaskSpec};
 use crate::task::{AuditItem, AuditKind, Task, TaskId, TaskKind, TaskState};
 use crate::wire::{
     CallRequest, DeliveryMessage, IntakeError, IntakeResponse, ListRequest, MAX_EVENT_BYTES,
@@ -122,6 +122,13 @@ fn check_identity(rt: &Runtime, ext: &str, user: &str) -> Result<(), IntakeError
     Ok(())
 }
 
+fn enqueue_error(err: EnqueueError) -> IntakeError {
+    match err {
+        EnqueueError::TooManyTasks { .. } => IntakeError::too_many_tasks(err.to_string()),
+        EnqueueError::Port(err) => port_error(err),
+    }
+}
+
 fn port_error(err: PortError) -> IntakeError {
     match err {
         PortError::Transient(_) => {
@@ -181,7 +188,7 @@ async fn call(rt: &Runtime, req: CallRequest) -> Result<IntakeResponse, IntakeEr
             params: req.params,
         };
         let task = rt.new_task(spec, req.request_id);
-        let task_id = rt.enqueue(task, request).await.map_err(port_error)?;
+        let task_id = rt.enqueue(task, request).await.map_err(enqueue_error)?;
         return Ok(IntakeResponse::result(background_ack(
             function.name(),
             &task_id,
@@ -199,6 +206,12 @@ async fn call(rt: &Runtime, req: CallRequest) -> Result<IntakeResponse, IntakeEr
         Ok(Ok(Ok(result))) => result,
         Ok(Ok(Err(ref err))) if let Some(missing) = err.downcast_ref::<crate::SecretError>() => {
             missing.to_result()
+        }
+        Ok(Ok(Err(ref err)))
+            if let Some(limited @ crate::BackgroundError::TooManyTasks { .. }) =
+                err.downcast_ref::<crate::BackgroundError>() =>
+        {
+            return Err(IntakeError::too_many_tasks(limited.to_string()));
         }
         Ok(Ok(Err(err))) => {
             tracing::error!(function = %function_name, error = %err, "inline handler failed");
@@ -439,6 +452,66 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_user_at_the_task_limit_is_refused_and_others_are_not() {
+        // GIVEN u1 with 10 background tasks queued (the default limit)
+        let (stack, runs) = stack();
+        for _ in 0..10 {
+            assert_eq!(
+                stack.intake(call_event("bg", "u1", json!({}))).await.status,
+                200
+            );
+        }
+        // WHEN u1 calls an 11th, and launches a job through Pattern C
+        let refused = stack.intake(call_event("bg", "u1", json!({}))).await;
+        let launched = stack.intake(call_event("launch", "u1", json!({}))).await;
+        // THEN both are answered 429 too_many_tasks, with a message for the user
+        for response in [&refused, &launched] {
+            assert_eq!(response.status, 429);
+            let error = response.error.as_ref().unwrap();
+            assert_eq!(error.code, "too_many_tasks");
+            assert!(
+                error.message.contains("10 tasks queued or running"),
+                "{error:?}"
+            );
+        }
+        // AND u2 is not affected
+        assert_eq!(
+            stack.intake(call_event("bg", "u2", json!({}))).await.status,
+            200
+        );
+        // AND the refused task's work message, already sent, runs nothing: 11 handlers ran
+        // (u1's ten and u2's one), 11 results reached the chats
+        assert_eq!(stack.work.pending().len(), 13);
+        stack.drain(50).await;
+        assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 11);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 10);
+        assert_eq!(results_in(&stack, "chat-u2").len(), 1);
+        let listed = stack
+            .intake(json!({"action":"list","ext":EXT,"user":"u1","limit":100}))
+            .await;
+        assert_eq!(listed.tasks.unwrap().len(), 10);
+        // AND once u1's tasks ended, u1 may call again
+        assert_eq!(
+            stack.intake(call_event("bg", "u1", json!({}))).await.status,
+            200
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_count_left_by_a_lost_release_does_not_lock_a_user_out() {
+        // GIVEN u1's count holding 10 tasks that do not exist (their release was lost)
+        let (stack, _) = stack();
+        for _ in 0..10 {
+            let ghost = TaskId::generate(stack.rt.now());
+            stack.tasks.count_active(EXT, "u1", &ghost);
+        }
+        // WHEN u1 calls
+        let response = stack.intake(call_event("bg", "u1", json!({}))).await;
+        // THEN the count is repaired and the call accepted
+        assert_eq!(response.status, 200, "{:?}", response.error);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn pattern_c_returns_the_custom_ack_and_enqueues_the_job() {
         let (stack, _) = stack();
         let response = stack
@@ -552,7 +625,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_largest_list_fits_lambdas_response_limit() {
         // GIVEN a user with 100 tasks, each with the largest params
-        let (stack, _) = stack();
+        let (stack, _) = stack_with(crate::Settings {
+            max_active_tasks: 100,
+            ..crate::Settings::default()
+        });
         let big = "x".repeat(MAX_PARAMS_BYTES - 100);
         for _ in 0..MAX_LIST_LIMIT {
             let ack = stack

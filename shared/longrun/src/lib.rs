@@ -104,7 +104,7 @@ pub use http::{
     MAX_HTTP_TIMEOUT,
 };
 pub use ports::Secret;
-pub use runtime::{Runtime, Services, Settings};
+pub use runtime::{EnqueueError, Runtime, Services, Settings};
 pub use step::{MAX_STEP_OUTPUT_BYTES, StepError, StepRecord};
 pub use task::{Task, TaskId, TaskState};
 

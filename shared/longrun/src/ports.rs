@@ -59,6 +59,9 @@ pub enum Created {
     New,
     /// The request key already named another task; nothing was written.
     Duplicate(TaskId),
+    /// The user already has as many active (queued or running) tasks as the limit allows —
+    /// these, as the table counts them; nothing was written.
+    AtLimit(Vec<TaskId>),
 }
 
 /// The answer to [`TaskStore::claim`].
@@ -142,9 +145,27 @@ pub struct Finish {
 /// The task table: records, leases, checkpoints, audit items and request keys.
 #[async_trait]
 pub trait TaskStore: Send + Sync {
-    /// Writes a new task, its `created` audit item and its request key (if any), unless the key
-    /// already names another task. Writing the same task again is a no-op.
-    async fn create(&self, task: &Task, request: Option<&RequestKey>) -> PortResult<Created>;
+    /// Writes a new task, its `created` audit item and its request key (if any), and counts
+    /// it among its user's active tasks — unless the key already names another task, or the
+    /// user already has `limit` active tasks (no limit: a task accepted earlier whose record
+    /// is written again). Writing the same task again is a no-op.
+    async fn create(
+        &self,
+        task: &Task,
+        request: Option<&RequestKey>,
+        limit: Option<u32>,
+    ) -> PortResult<Created>;
+
+    /// Records that `task` was refused (its user is at the limit): its record, ended as
+    /// `failed` with `result` and marked delivered (the caller had the answer), kept one day
+    /// and in no index — so a work message already sent for it finds it finished and runs
+    /// nothing. Leaves an existing record alone.
+    async fn refuse(&self, task: &Task, result: &ActionResult, at: DateTime<Utc>)
+    -> PortResult<()>;
+
+    /// Stops counting `task_id` among the active tasks of `(ext, user)`. [`TaskStore::finish`]
+    /// does it for every task it ends; this repairs a count a lost write left behind.
+    async fn release(&self, ext: &str, user: &str, task_id: &TaskId) -> PortResult<()>;
 
     /// The task, if it exists.
     async fn get(&self, task_id: &TaskId) -> PortResult<Option<Task>>;
@@ -168,7 +189,8 @@ pub trait TaskStore: Send + Sync {
     ) -> PortResult<Beat>;
 
     /// Ends the task and writes `finish.audit` if `finish.guard` holds; `Conflict`, with
-    /// nothing written, otherwise.
+    /// nothing written, otherwise. An ended task no longer counts among its user's active
+    /// tasks.
     async fn finish(&self, task_id: &TaskId, finish: &Finish) -> PortResult<Task>;
 
     /// Puts a task back to `queued` with the queue lease `lease`, if `guard` holds: a worker

@@ -18,7 +18,7 @@ use crate::ports::{
 };
 use crate::task::{Cap, Lease, Progress, Task, TaskId, TaskKind, TaskState};
 use crate::wire::{MAX_PARAMS_BYTES, WorkMessage};
-use crate::{Ctx, Extension};
+use crate::{ActionResult, Ctx, Extension};
 
 /// The adapters a pipeline step talks to.
 #[derive(Clone)]
@@ -67,6 +67,9 @@ pub struct Settings {
     pub step_budget: Duration,
     /// Replaces both task caps (180 s / 1800 s); for tests and local demos only.
     pub cap_override: Option<Duration>,
+    /// How many tasks one (ext, user) may have queued or running at once
+    /// (`LONGRUN_MAX_ACTIVE_TASKS`, 10): one user cannot fill the queue and the worker fleet.
+    pub max_active_tasks: u32,
     /// How long a finished task's record is kept (`LONGRUN_TASK_TTL_DAYS`, 30 days): a work
     /// message older than this whose record is gone names a task that may have finished and
     /// expired, so the worker does not write its record again.
@@ -86,6 +89,7 @@ impl Default for Settings {
             deadline_margin: Duration::from_secs(10),
             step_budget: crate::step::DEFAULT_STEP_BUDGET,
             cap_override: None,
+            max_active_tasks: 10,
             task_ttl: Duration::from_secs(30 * 86_400),
         }
     }
@@ -96,7 +100,8 @@ impl Settings {
     /// 180 s cap or a 60 s lease would make every run slow): `LONGRUN_CAP_S`,
     /// `LONGRUN_LEASE_MS`, `LONGRUN_HEARTBEAT_MS`, `LONGRUN_PROGRESS_INTERVAL_MS`,
     /// `LONGRUN_CANCEL_GRACE_MS`, `LONGRUN_QUEUE_GRACE_MS`, `LONGRUN_MAX_ATTEMPTS`,
-    /// `LONGRUN_DEADLINE_MARGIN_MS`, `LONGRUN_STEP_BUDGET_MS`; and `LONGRUN_TASK_TTL_DAYS`.
+    /// `LONGRUN_DEADLINE_MARGIN_MS`, `LONGRUN_STEP_BUDGET_MS`, `LONGRUN_MAX_ACTIVE_TASKS`; and
+    /// `LONGRUN_TASK_TTL_DAYS`.
     pub fn from_env() -> Result<Self, crate::config::ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -142,6 +147,16 @@ impl Settings {
             deadline_margin: ms("LONGRUN_DEADLINE_MARGIN_MS", d.deadline_margin)?,
             step_budget: ms("LONGRUN_STEP_BUDGET_MS", d.step_budget)?,
             cap_override: number("LONGRUN_CAP_S")?.map(Duration::from_secs),
+            max_active_tasks: match number("LONGRUN_MAX_ACTIVE_TASKS")? {
+                None => d.max_active_tasks,
+                Some(n @ 1..=10_000) => n as u32,
+                Some(n) => {
+                    return Err(crate::config::ConfigError::Invalid {
+                        name: "LONGRUN_MAX_ACTIVE_TASKS",
+                        reason: format!("{n} is outside 1 to 10000"),
+                    });
+                }
+            },
             task_ttl: crate::config::task_ttl(&lookup)?,
         };
         settings.validate()?;
@@ -282,15 +297,18 @@ impl Runtime {
     }
 
     /// Writes the task record and sends its work message concurrently, so the ack costs one
-    /// round trip. With a request key, a repeated request returns the first task's id.
+    /// round trip. With a request key, a repeated request returns the first task's id. A user
+    /// with [`Settings::max_active_tasks`] tasks queued or running gets
+    /// [`EnqueueError::TooManyTasks`], and the task is recorded as refused (its work message,
+    /// already sent, then runs nothing).
     pub async fn enqueue(
         &self,
         task: Task,
         request: Option<RequestKey>,
-    ) -> Result<TaskId, PortError> {
+    ) -> Result<TaskId, EnqueueError> {
         let message = WorkMessage::for_task(&task);
         let (created, sent) = tokio::join!(
-            self.services.tasks.create(&task, request.as_ref()),
+            self.create_within_limit(&task, request.as_ref()),
             self.services.work.send(&message)
         );
         match created? {
@@ -317,12 +335,52 @@ impl Runtime {
                 }
                 Ok(existing)
             }
+            Created::AtLimit(_) => {
+                let limit = self.settings.max_active_tasks;
+                let refused = EnqueueError::TooManyTasks { limit };
+                let answer = ActionResult::error(refused.to_string(), true);
+                self.services
+                    .tasks
+                    .refuse(&task, &answer, self.now())
+                    .await?;
+                tracing::info!(task_id = %task.task_id, ext = %task.ext, user = %task.user, limit, "task refused: too many active tasks");
+                Err(refused)
+            }
+        }
+    }
+
+    /// Creates `task` within its user's active-task limit. A refusal lists the tasks the table
+    /// counts; any of them that ended (or is gone) without its count being released is
+    /// released, and the creation tried once more — a lost write cannot lock a user out.
+    pub(crate) async fn create_within_limit(
+        &self,
+        task: &Task,
+        request: Option<&RequestKey>,
+    ) -> Result<Created, PortError> {
+        let limit = Some(self.settings.max_active_tasks);
+        let tasks = &self.services.tasks;
+        let created = tasks.create(task, request, limit).await?;
+        let Created::AtLimit(active) = &created else {
+            return Ok(created);
+        };
+        let mut released = false;
+        for id in active {
+            let live = tasks.get(id).await?.is_some_and(|t| !t.state.is_terminal());
+            if !live {
+                tasks.release(&task.ext, &task.user, id).await?;
+                released = true;
+            }
+        }
+        if released {
+            tasks.create(task, request, limit).await
+        } else {
+            Ok(created)
         }
     }
 
     /// Queues a finished task's work again as a new task: same owner, chat, function and
     /// params (`longrun tasks retry`).
-    pub async fn resubmit(&self, task: &Task) -> Result<TaskId, PortError> {
+    pub async fn resubmit(&self, task: &Task) -> Result<TaskId, EnqueueError> {
         let spec = TaskSpec {
             caller: Caller {
                 ext: task.ext.clone(),
@@ -371,6 +429,23 @@ impl Runtime {
             launcher,
         )
     }
+}
+
+/// Why a background task was not enqueued.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnqueueError {
+    /// The user already has this many tasks queued or running.
+    #[error(
+        "You already have {limit} tasks queued or running; try again when one of them has finished."
+    )]
+    TooManyTasks {
+        /// [`Settings::max_active_tasks`].
+        limit: u32,
+    },
+    /// The task table or the work queue failed.
+    #[error(transparent)]
+    Port(#[from] PortError),
 }
 
 /// The lease owner of a task waiting in the queue.
@@ -439,7 +514,13 @@ impl Launcher for TaskLauncher {
             params: input,
         };
         let task = self.runtime.new_task(spec, request_id);
-        Ok(self.runtime.enqueue(task, request).await?)
+        match self.runtime.enqueue(task, request).await {
+            Ok(task_id) => Ok(task_id),
+            Err(EnqueueError::TooManyTasks { limit }) => {
+                Err(BackgroundError::TooManyTasks { limit })
+            }
+            Err(EnqueueError::Port(err)) => Err(err.into()),
+        }
     }
 }
 
@@ -496,6 +577,11 @@ mod tests {
                 &[("LONGRUN_MAX_ATTEMPTS", "0")],
                 "LONGRUN_MAX_ATTEMPTS",
                 "outside 1 to 100",
+            ),
+            (
+                &[("LONGRUN_MAX_ACTIVE_TASKS", "0")],
+                "LONGRUN_MAX_ACTIVE_TASKS",
+                "outside 1 to 10000",
             ),
             (
                 &[("LONGRUN_LEASE_MS", "soon")],

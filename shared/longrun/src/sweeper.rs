@@ -2,10 +2,14 @@
 //! out of memory or hit the Lambda timeout, or a work message that was lost — and end those
 //! that used up their attempts or their cap; end tasks whose work message was dead-lettered.
 
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
 use crate::outcome::Outcome;
 use crate::ports::{FinishGuard, PortError, Requeue};
-use crate::runtime::Runtime;
-use crate::task::{AuditItem, AuditKind, Task, TaskState};
+use crate::runtime::{QUEUE_OWNER, Runtime, to_chrono};
+use crate::task::{AuditItem, AuditKind, Lease, Task, TaskState};
 use crate::wire::WorkMessage;
 use crate::worker::end;
 
@@ -102,10 +106,14 @@ async fn revive(rt: &Runtime, task: &Task) -> Result<bool, PortError> {
         end(rt, task, FinishGuard::ExpiredLease, outcome).await?;
         return Ok(false);
     }
+    let lease = Lease {
+        owner: QUEUE_OWNER.to_owned(),
+        until: now + to_chrono(resend_after(rt, task, now)),
+    };
     let requeued = rt
         .services
         .tasks
-        .requeue(&task.task_id, &Requeue::Expired(now), &rt.queue_lease(now))
+        .requeue(&task.task_id, &Requeue::Expired(now), &lease)
         .await?;
     if task.state == TaskState::Running {
         let audit = AuditItem::new(
@@ -127,6 +135,24 @@ async fn revive(rt: &Runtime, task: &Task) -> Result<bool, PortError> {
         .await?;
     Ok(true)
 }
+
+/// How long the sweeper leaves a task it sends to the work queue before it sends it again:
+/// the queue grace for a task whose worker died; for a task that was already waiting in the
+/// queue, as long again as it has waited (up to [`MAX_RESEND_INTERVAL`]). A queue with a
+/// backlog holds the task's message still, so re-sending it every queue grace would only
+/// grow the backlog with copies; a message truly lost is still sent again, later each time.
+fn resend_after(rt: &Runtime, task: &Task, now: DateTime<Utc>) -> Duration {
+    let grace = rt.settings.queue_grace;
+    if task.state != TaskState::Queued {
+        return grace;
+    }
+    let queued_since = task.heartbeat_at.unwrap_or(task.created_at);
+    let waited = (now - queued_since).to_std().unwrap_or_default();
+    waited.min(MAX_RESEND_INTERVAL).max(grace)
+}
+
+/// The longest a queued task waits between two re-sends of its work message.
+pub const MAX_RESEND_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Ends the task of a dead-lettered work message with a fallback error.
 pub async fn work_dead_lettered(rt: &Runtime, body: &str) -> Result<(), PortError> {
@@ -314,6 +340,31 @@ mod tests {
         assert_eq!(sweep(&stack.rt).await.unwrap().redelivered, 1);
         stack.drain(20).await;
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_is_not_grown_by_copies_of_its_own_messages() {
+        // GIVEN five queued tasks whose messages wait in a queue no worker reads for 30 min
+        let (stack, _) = stack();
+        for user in ["a", "b", "c", "d", "e"] {
+            stack.intake(call_event("bg", user, json!({}))).await;
+        }
+        let sent_by_intake = stack.work.sent();
+        // WHEN the sweeper runs every minute
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            sweep(&stack.rt).await.unwrap();
+        }
+        // THEN each task's message was sent again after 3, 7 and 15 minutes of waiting (each
+        // time as long again as it had waited), not at every sweep after its 2-minute queue
+        // grace lapsed (10 times each)
+        let resent = stack.work.sent() - sent_by_intake;
+        assert_eq!(resent, 5 * 3, "{resent} re-sends");
+        // AND once the queue is worked, each task runs once
+        stack.drain(50).await;
+        for user in ["a", "b", "c", "d", "e"] {
+            assert_eq!(results_in(&stack, &format!("chat-{user}")).len(), 1);
+        }
     }
 
     #[tokio::test(start_paused = true)]

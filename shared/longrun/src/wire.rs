@@ -128,7 +128,7 @@ pub struct IntakeError {
     #[serde(skip)]
     pub status: u16,
     /// A stable machine-readable code: `malformed`, `forbidden`, `not_found`, `conflict`,
-    /// `too_large`, `invalid_params`, `unavailable` or `internal`.
+    /// `too_large`, `invalid_params`, `too_many_tasks`, `unavailable` or `internal`.
     pub code: String,
     /// What went wrong, for a human.
     pub message: String,
@@ -165,6 +165,10 @@ impl IntakeError {
     /// 422: params fail the function's schema.
     pub fn invalid_params(message: impl Into<String>) -> Self {
         Self::new(422, "invalid_params", message)
+    }
+    /// 429: the user already has as many tasks queued or running as the deployment allows.
+    pub fn too_many_tasks(message: impl Into<String>) -> Self {
+        Self::new(429, "too_many_tasks", message)
     }
     /// 503: a dependency is unavailable; the caller may retry with the same `request_id`.
     pub fn unavailable(message: impl Into<String>) -> Self {

@@ -17,7 +17,9 @@ use crate::SecretError;
 use crate::ctx::{Caller, ProgressError, ProgressSink, TaskRun};
 use crate::lease::RunLease;
 use crate::outcome::{Outcome, panic_message};
-use crate::ports::{Claim, Finish, FinishGuard, LeaseHolder, PortError, RequestKey, Requeue};
+use crate::ports::{
+    Claim, Created, Finish, FinishGuard, LeaseHolder, PortError, RequestKey, Requeue,
+};
 use crate::runtime::{Runtime, to_chrono};
 use crate::step::{StepLog, StepRecord};
 use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskState};
@@ -146,7 +148,12 @@ async fn recover_missing(rt: &Runtime, message: &WorkMessage) -> Result<bool, Po
     }
     let mut task = message.to_task();
     task.lease = Some(rt.queue_lease(rt.now()));
-    rt.services.tasks.create(&task, request.as_ref()).await?;
+    if let Created::AtLimit(_) = rt.create_within_limit(&task, request.as_ref()).await? {
+        // Intake refused this call (its user is at the limit) while the message was on its
+        // way, or will find the task written when its own write lands: run nothing now.
+        tracing::info!(task_id = %task.task_id, "work message of a user at the task limit dropped");
+        return Ok(false);
+    }
     // Usually the message simply overtook intake's concurrent PutItem (the conditional write
     // makes this a no-op then); rarely that write was lost and this one restores the record.
     tracing::info!(task_id = %task.task_id, "task record written from its work message");
@@ -962,8 +969,9 @@ mod tests {
         // a heartbeat after the progress write, not two), with no grace period on top
         assert!(took <= Settings::default().heartbeat, "{took:?}");
         // AND no extra writes bought it: the cancel's flag and audit item, one heartbeat,
-        // the cancelled audit item and the finish
-        assert!(writes <= 5, "{writes} writes");
+        // the finish with its cancelled audit item, and the release of the user's
+        // active-task count
+        assert!(writes <= 6, "{writes} writes");
     }
 
     #[tokio::test(start_paused = true)]

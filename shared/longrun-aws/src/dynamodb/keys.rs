@@ -38,6 +38,8 @@ pub(super) const REQUEST_SK: &str = "REQ";
 pub(super) const AUDIT_PREFIX: &str = "AUDIT#";
 /// The sort key prefix of a task's step items: `STEP#{seq:06}`.
 pub(super) const STEP_PREFIX: &str = "STEP#";
+/// The sort key of a user's active-task count.
+pub(super) const ACTIVE_SK: &str = "ACTIVE";
 /// The one partition key value of the `by-lease` index.
 pub(super) const LEASE_PK: &str = "LEASE";
 
@@ -64,6 +66,12 @@ pub(super) fn request_pk(request: &RequestKey) -> String {
         escape(&request.user),
         request.request_id
     )
+}
+
+/// The partition of a user's active-task count in one extension: the ids of their queued and
+/// running tasks, which the per-user limit counts.
+pub(super) fn active_pk(ext: &str, user: &str) -> String {
+    format!("ACTIVE#{}#{}", escape(ext), escape(user))
 }
 
 /// The partition of a user's `ctx.store` values in one extension.

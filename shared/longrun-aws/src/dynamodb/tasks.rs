@@ -16,26 +16,30 @@ use aws_sdk_dynamodb::types::{
 };
 use chrono::{DateTime, Utc};
 
-use longrun::StepRecord;
 use longrun::ports::{
     Beat, Claim, Created, Finish, FinishGuard, LeaseHolder, PortError, PortResult, RequestKey,
     Requeue, TaskStore,
 };
 use longrun::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskState};
+use longrun::{ActionResult, StepRecord};
 
 use super::item::{
     Fields, Item, audit_from_item, audit_item, expiry, json_to_attribute, n, s, step_from_item,
     step_item, task_from_item, task_item,
 };
 use super::keys::{
-    AUDIT_PREFIX, GSI_BY_LEASE, GSI_BY_USER, LEASE_PK, PK, REQUEST_SK, SK, STEP_PREFIX,
-    TTL_ATTRIBUTE, iso, key, lease_sk, request_pk, task_key, task_pk, user_pk,
+    ACTIVE_SK, AUDIT_PREFIX, GSI_BY_LEASE, GSI_BY_USER, GSI1_PK, GSI1_SK, GSI2_PK, GSI2_SK,
+    LEASE_PK, PK, REQUEST_SK, SK, STEP_PREFIX, TTL_ATTRIBUTE, active_pk, iso, key, lease_sk,
+    request_pk, task_key, task_pk, user_pk,
 };
 use super::{built, lease_check, transact};
 use crate::port_error;
 
 /// How long a request key keeps a retried `call` from creating a second task.
 const REQUEST_KEY_TTL: Duration = Duration::from_secs(86_400);
+/// How long the record of a refused task is kept: long enough for the work message sent
+/// beside it to find it.
+const REFUSED_TTL: Duration = Duration::from_secs(86_400);
 
 // ---------------------------------------------------------------------------------------
 // Expressions
@@ -288,6 +292,36 @@ impl DynamoTaskStore {
         }
     }
 
+    /// The Update that counts `task` among its user's active tasks — with a `limit`, only if
+    /// the user has fewer (or it is already counted).
+    fn active_add(&self, task: &Task, limit: Option<u32>) -> PortResult<TransactWriteItem> {
+        let update = "SET #ext = :ext, #user = :user ADD #tasks :ids";
+        let mut add = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(active_pk(&task.ext, &task.user), ACTIVE_SK)))
+            .update_expression(update)
+            .expression_attribute_values(":ext", s(&task.ext))
+            .expression_attribute_values(":user", s(&task.user))
+            .expression_attribute_values(":ids", AttributeValue::Ss(vec![task.task_id.to_string()]))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        let mut expressions = vec![update];
+        let condition =
+            "attribute_not_exists(#tasks) OR size(#tasks) < :limit OR contains(#tasks, :id)";
+        if let Some(limit) = limit {
+            add = add
+                .condition_expression(condition)
+                .expression_attribute_values(":limit", n(limit))
+                .expression_attribute_values(":id", s(task.task_id.as_str()));
+            expressions.push(condition);
+        }
+        let add = built(
+            "active update",
+            add.set_expression_attribute_names(Some(names_in(&expressions)))
+                .build(),
+        )?;
+        Ok(TransactWriteItem::builder().update(add).build())
+    }
+
     /// An unconditional Put of an audit item, for a transaction.
     fn audit_put(&self, audit: &AuditItem) -> PortResult<TransactWriteItem> {
         let put = built(
@@ -298,6 +332,61 @@ impl DynamoTaskStore {
                 .build(),
         )?;
         Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    /// The end's conditional write — with `audit`, one transaction with its audit items.
+    async fn end(
+        &self,
+        task_id: &TaskId,
+        update: &str,
+        condition: &str,
+        values: Vec<(String, AttributeValue)>,
+        audit: &[AuditItem],
+    ) -> PortResult<Task> {
+        if audit.is_empty() {
+            let request = self.update_task(task_id, update, condition, values);
+            return self
+                .guarded(
+                    "UpdateItem finish",
+                    task_id,
+                    request,
+                    "finish guard does not hold",
+                )
+                .await;
+        }
+        // The audit items say how the task ended: written in one transaction with the end
+        // itself, so they exist exactly when it happened.
+        let names = names_in(&[update, condition]);
+        let ended = built(
+            "finish update",
+            Update::builder()
+                .table_name(&self.table)
+                .set_key(Some(task_key(task_id)))
+                .update_expression(update)
+                .condition_expression(condition)
+                .set_expression_attribute_names(Some(names))
+                .set_expression_attribute_values(Some(values.into_iter().collect()))
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                )
+                .build(),
+        )?;
+        let mut items = vec![TransactWriteItem::builder().update(ended).build()];
+        for audit in audit {
+            items.push(self.audit_put(audit)?);
+        }
+        match transact(&self.client, "TransactWriteItems finish", items).await? {
+            Ok(()) => self
+                .get(task_id)
+                .await?
+                .ok_or_else(|| PortError::NotFound(task_id.to_string())),
+            Err(refused) if refused.failed(0) && refused.old(0).is_none() => {
+                Err(PortError::NotFound(task_id.to_string()))
+            }
+            Err(_) => Err(PortError::Conflict(format!(
+                "task {task_id}: finish guard does not hold"
+            ))),
+        }
     }
 
     /// Runs a query to the end or until `parse` kept `limit` items, page by page.
@@ -334,50 +423,30 @@ impl DynamoTaskStore {
 
 #[async_trait]
 impl TaskStore for DynamoTaskStore {
-    async fn create(&self, task: &Task, request: Option<&RequestKey>) -> PortResult<Created> {
-        let task_put = self.task_put(task)?;
-        // The `created` audit item is deterministic (`at` = `created_at`), so writing it
-        // unconditionally, beside the record, is idempotent and costs no extra round trip.
+    async fn create(
+        &self,
+        task: &Task,
+        request: Option<&RequestKey>,
+        limit: Option<u32>,
+    ) -> PortResult<Created> {
+        // One transaction: the record, its `created` audit item (deterministic: `at` is
+        // `created_at`), the task counted among its user's active ones (within the limit),
+        // and the request key.
         let created = AuditItem::new(task, "created", AuditKind::Created, task.created_at, "");
-        let Some(request) = request else {
-            let task_write = self
-                .client
-                .put_item()
-                .table_name(&self.table)
-                .set_item(Some(task_put.item))
-                .set_condition_expression(task_put.condition_expression)
-                .set_expression_attribute_names(task_put.expression_attribute_names)
-                .send();
-            let audit_write = self
-                .client
-                .put_item()
-                .table_name(&self.table)
-                .set_item(Some(audit_item(&created, self.ttl)?))
-                .send();
-            let (sent, audited) = tokio::join!(task_write, audit_write);
-            if let Err(err) = audited {
-                tracing::warn!(task_id = %task.task_id, error = %port_error("PutItem audit", err), "created audit item not written");
-            }
-            return match sent {
-                Ok(_) => Ok(Created::New),
-                // A worker wrote it from its work message first: the same task.
-                Err(err)
-                    if matches!(
-                        err.as_service_error(),
-                        Some(PutItemError::ConditionalCheckFailedException(_))
-                    ) =>
-                {
-                    Ok(Created::New)
-                }
-                Err(err) => Err(port_error("PutItem task", err)),
-            };
-        };
-        let request_put = self.request_put(task, request)?;
-        let items = vec![
-            TransactWriteItem::builder().put(task_put).build(),
-            TransactWriteItem::builder().put(request_put).build(),
+        let mut items = vec![
+            TransactWriteItem::builder()
+                .put(self.task_put(task)?)
+                .build(),
             self.audit_put(&created)?,
+            self.active_add(task, limit)?,
         ];
+        if let Some(request) = request {
+            items.push(
+                TransactWriteItem::builder()
+                    .put(self.request_put(task, request)?)
+                    .build(),
+            );
+        }
         // A request key can vanish (TTL) or appear between our write and our read; a few
         // rounds settle it.
         for _ in 0..3 {
@@ -386,7 +455,9 @@ impl TaskStore for DynamoTaskStore {
                     Ok(()) => return Ok(Created::New),
                     Err(refused) => refused,
                 };
-            if refused.failed(1) {
+            if let Some(request) = request
+                && refused.failed(3)
+            {
                 match self.find_request(request).await? {
                     Some(existing) if existing != task.task_id => {
                         tracing::info!(task_id = %task.task_id, %existing, "duplicate request");
@@ -396,17 +467,67 @@ impl TaskStore for DynamoTaskStore {
                 }
             }
             if refused.failed(0) {
-                // The task exists (a worker recovered it): only the request key is missing.
-                if self.put_request(task, request).await? {
-                    return Ok(Created::New);
+                // The task exists (a worker wrote it from its work message first, and counted
+                // it): only the request key may be missing.
+                match request {
+                    None => return Ok(Created::New),
+                    Some(request) if self.put_request(task, request).await? => {
+                        return Ok(Created::New);
+                    }
+                    Some(_) => continue,
                 }
-                continue;
+            }
+            if refused.failed(2) {
+                let active = refused
+                    .old(2)
+                    .and_then(|item| item.get("tasks"))
+                    .and_then(|tasks| tasks.as_ss().ok())
+                    .map(|ids| ids.iter().filter_map(|id| id.parse().ok()).collect())
+                    .unwrap_or_default();
+                return Ok(Created::AtLimit(active));
             }
         }
         Err(PortError::Conflict(format!(
             "task {}: request key kept changing",
             task.task_id
         )))
+    }
+
+    async fn refuse(
+        &self,
+        task: &Task,
+        result: &ActionResult,
+        at: DateTime<Utc>,
+    ) -> PortResult<()> {
+        let refused = Task {
+            state: TaskState::Failed,
+            result: Some(result.clone()),
+            finished_at: Some(at),
+            delivered_at: Some(at),
+            redeliver_at: None,
+            lease: None,
+            ..task.clone()
+        };
+        let mut item = task_item(&refused, REFUSED_TTL)?;
+        for index_key in [GSI1_PK, GSI1_SK, GSI2_PK, GSI2_SK] {
+            item.remove(index_key);
+        }
+        self.put_if_absent("PutItem refused task", item).await
+    }
+
+    async fn release(&self, ext: &str, user: &str, task_id: &TaskId) -> PortResult<()> {
+        let update = "DELETE #tasks :ids";
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(active_pk(ext, user), ACTIVE_SK)))
+            .update_expression(update)
+            .set_expression_attribute_names(Some(names_in(&[update])))
+            .expression_attribute_values(":ids", AttributeValue::Ss(vec![task_id.to_string()]))
+            .send()
+            .await
+            .map_err(|e| port_error("UpdateItem release", e))?;
+        Ok(())
     }
 
     async fn get(&self, task_id: &TaskId) -> PortResult<Option<Task>> {
@@ -586,50 +707,14 @@ impl TaskStore for DynamoTaskStore {
             (":now".to_owned(), s(iso(finish.at))),
             (":expires".to_owned(), expiry(finish.at, self.ttl)),
         ]);
-        if finish.audit.is_empty() {
-            let request = self.update_task(task_id, update, &condition, values);
-            return self
-                .guarded(
-                    "UpdateItem finish",
-                    task_id,
-                    request,
-                    "finish guard does not hold",
-                )
-                .await;
+        let ended = self
+            .end(task_id, update, &condition, values, &finish.audit)
+            .await?;
+        if let Err(err) = self.release(&ended.ext, &ended.user, task_id).await {
+            // The count keeps a task that ended; the next refusal of this user repairs it.
+            tracing::warn!(%task_id, error = %err, "active-task count not released");
         }
-        // The audit items say how the task ended: written in one transaction with the end
-        // itself, so they exist exactly when it happened.
-        let names = names_in(&[update, &condition]);
-        let ended = built(
-            "finish update",
-            Update::builder()
-                .table_name(&self.table)
-                .set_key(Some(task_key(task_id)))
-                .update_expression(update)
-                .condition_expression(condition)
-                .set_expression_attribute_names(Some(names))
-                .set_expression_attribute_values(Some(values.into_iter().collect()))
-                .return_values_on_condition_check_failure(
-                    ReturnValuesOnConditionCheckFailure::AllOld,
-                )
-                .build(),
-        )?;
-        let mut items = vec![TransactWriteItem::builder().update(ended).build()];
-        for audit in &finish.audit {
-            items.push(self.audit_put(audit)?);
-        }
-        match transact(&self.client, "TransactWriteItems finish", items).await? {
-            Ok(()) => self
-                .get(task_id)
-                .await?
-                .ok_or_else(|| PortError::NotFound(task_id.to_string())),
-            Err(refused) if refused.failed(0) && refused.old(0).is_none() => {
-                Err(PortError::NotFound(task_id.to_string()))
-            }
-            Err(_) => Err(PortError::Conflict(format!(
-                "task {task_id}: finish guard does not hold"
-            ))),
-        }
+        Ok(ended)
     }
 
     async fn requeue(&self, task_id: &TaskId, guard: &Requeue, lease: &Lease) -> PortResult<Task> {

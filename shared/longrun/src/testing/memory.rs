@@ -32,6 +32,10 @@ struct Tables {
     writes: u64,
     step_write_delay: std::time::Duration,
     fail_beats: u32,
+    /// Each (ext, user)'s active tasks, as the limit counts them.
+    active: HashMap<(String, String), std::collections::BTreeSet<TaskId>>,
+    /// Records of refused tasks: readable by id, in no user's list.
+    unlisted: HashSet<TaskId>,
 }
 
 /// The task table in memory.
@@ -66,6 +70,16 @@ impl MemoryTaskStore {
     /// still to come.
     pub fn beat_failures_left(&self) -> u32 {
         lock(&self.tables).fail_beats
+    }
+
+    /// Counts `task_id` among the active tasks of `(ext, user)` without any record, as a
+    /// finish whose release was lost leaves it.
+    pub fn count_active(&self, ext: &str, user: &str, task_id: &TaskId) {
+        lock(&self.tables)
+            .active
+            .entry((ext.to_owned(), user.to_owned()))
+            .or_default()
+            .insert(task_id.clone());
     }
 
     /// Makes every step write take `delay` (on tokio's clock) before it lands, as a slow
@@ -103,8 +117,14 @@ fn lease_lapsed(task: &Task, now: DateTime<Utc>) -> bool {
 
 #[async_trait]
 impl TaskStore for MemoryTaskStore {
-    async fn create(&self, task: &Task, request: Option<&RequestKey>) -> PortResult<Created> {
-        let mut t = lock(&self.tables);
+    async fn create(
+        &self,
+        task: &Task,
+        request: Option<&RequestKey>,
+        limit: Option<u32>,
+    ) -> PortResult<Created> {
+        let mut guard = lock(&self.tables);
+        let t = &mut *guard;
         if t.fail_writes > 0 {
             t.fail_writes -= 1;
             return Err(PortError::Transient("injected write failure".into()));
@@ -115,7 +135,18 @@ impl TaskStore for MemoryTaskStore {
         {
             return Ok(Created::Duplicate(existing.clone()));
         }
-        if !t.tasks.contains_key(&task.task_id) {
+        let owner = (task.ext.clone(), task.user.clone());
+        let active = t.active.entry(owner).or_default();
+        let exists = t.tasks.contains_key(&task.task_id);
+        if let Some(limit) = limit
+            && !exists
+            && !active.contains(&task.task_id)
+            && active.len() >= limit as usize
+        {
+            return Ok(Created::AtLimit(active.iter().cloned().collect()));
+        }
+        if !exists {
+            active.insert(task.task_id.clone());
             t.tasks.insert(task.task_id.clone(), task.clone());
             t.writes += 1;
             let created = AuditItem::new(task, "created", AuditKind::Created, task.created_at, "");
@@ -129,6 +160,38 @@ impl TaskStore for MemoryTaskStore {
             t.requests.insert(request.clone(), task.task_id.clone());
         }
         Ok(Created::New)
+    }
+
+    async fn refuse(
+        &self,
+        task: &Task,
+        result: &crate::ActionResult,
+        at: DateTime<Utc>,
+    ) -> PortResult<()> {
+        let mut t = lock(&self.tables);
+        if !t.tasks.contains_key(&task.task_id) {
+            let refused = Task {
+                state: TaskState::Failed,
+                result: Some(result.clone()),
+                finished_at: Some(at),
+                delivered_at: Some(at),
+                lease: None,
+                ..task.clone()
+            };
+            t.tasks.insert(task.task_id.clone(), refused);
+            t.unlisted.insert(task.task_id.clone());
+            t.writes += 1;
+        }
+        Ok(())
+    }
+
+    async fn release(&self, ext: &str, user: &str, task_id: &TaskId) -> PortResult<()> {
+        let mut t = lock(&self.tables);
+        if let Some(active) = t.active.get_mut(&(ext.to_owned(), user.to_owned())) {
+            active.remove(task_id);
+        }
+        t.writes += 1;
+        Ok(())
     }
 
     async fn get(&self, task_id: &TaskId) -> PortResult<Option<Task>> {
@@ -239,6 +302,10 @@ impl TaskStore for MemoryTaskStore {
         task.lease = None;
         let ended = task.clone();
         t.writes += 1;
+        if let Some(active) = t.active.get_mut(&(ended.ext.clone(), ended.user.clone())) {
+            active.remove(task_id);
+            t.writes += 1;
+        }
         let trail = t.audit.entry(task_id.clone()).or_default();
         for item in &finish.audit {
             trail.retain(|a| a.audit_id != item.audit_id);
@@ -354,7 +421,7 @@ impl TaskStore for MemoryTaskStore {
         let mut tasks: Vec<Task> = t
             .tasks
             .values()
-            .filter(|task| task.is_owned_by(ext, user))
+            .filter(|task| task.is_owned_by(ext, user) && !t.unlisted.contains(&task.task_id))
             .cloned()
             .collect();
         tasks.sort_by(|a, b| b.task_id.cmp(&a.task_id));
