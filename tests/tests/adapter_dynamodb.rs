@@ -15,7 +15,7 @@ use longrun::ports::{
 };
 use longrun::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskKind, TaskState};
 use longrun_aws::dynamodb::{
-    DynamoKv, DynamoTaskStore, GSI_BY_LEASE, GSI_BY_USER, TTL_ATTRIBUTE, ensure_table,
+    DynamoKv, DynamoTaskStore, GSI_BY_LEASE, GSI_BY_USER, TTL_ATTRIBUTE, ensure_table, lease_shard,
 };
 use longrun_tests::dynamo::Dynoxide;
 use serde_json::json;
@@ -234,7 +234,10 @@ async fn every_task_field_round_trips() {
         raw["gsi1pk"],
         AttributeValue::S("USER#text%23tools#user%251".to_owned())
     );
-    assert_eq!(raw["gsi2pk"], AttributeValue::S("LEASE".to_owned()));
+    assert_eq!(
+        raw["gsi2pk"],
+        AttributeValue::S(format!("LEASE#{:02}", lease_shard(&task.task_id)))
+    );
     assert_eq!(
         raw["gsi2sk"],
         AttributeValue::S(format!("2030-05-01T12:01:00.123Z#{}", task.task_id))
@@ -929,11 +932,18 @@ async fn a_users_tasks_are_listed_newest_first() {
     let all = f.store.list_by_user("text-tools", "u1", 50).await.unwrap();
     assert_eq!(all.len(), 3);
     assert!(all.iter().all(|t| t.is_owned_by("text-tools", "u1")));
-    // AND `#` in ext or user cannot mix two users' lists
+    // AND `#` in ext or user cannot mix two users' lists; an entry is the task as a list
+    // shows it (the index holds neither its params nor its lease)
+    let listed = |task: Task| Task {
+        params: serde_json::Value::Null,
+        lease: None,
+        heartbeat_at: None,
+        ..task
+    };
     let a = f.store.list_by_user("a#b", "c", 10).await.unwrap();
     let b = f.store.list_by_user("a", "b#c", 10).await.unwrap();
-    assert_eq!(a, vec![tricky_a]);
-    assert_eq!(b, vec![tricky_b]);
+    assert_eq!(a, vec![listed(tricky_a)]);
+    assert_eq!(b, vec![listed(tricky_b)]);
     // AND a limit of zero lists nothing
     assert!(
         f.store
@@ -996,6 +1006,49 @@ async fn expired_leases_are_only_lapsed_live_tasks() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[tokio::test]
+async fn the_sweeper_reads_every_lease_shard_oldest_first() {
+    // GIVEN 48 running tasks, their leases lapsing a second apart, spread over the shards
+    let f = fixture().await;
+    let mut tasks = Vec::new();
+    for i in 0..48 {
+        let (task, _) = f.running("w", t0() + secs(i)).await;
+        tasks.push(task);
+    }
+    let shards: std::collections::BTreeSet<u32> =
+        tasks.iter().map(|t| lease_shard(&t.task_id)).collect();
+    assert!(shards.len() > 8, "{shards:?}");
+    // WHEN the sweeper asks for the 20 oldest after all lapsed
+    let expired = f.store.expired_leases(t0() + secs(200), 20).await.unwrap();
+    // THEN it gets exactly those, across shards, oldest lease first
+    let ids: Vec<&TaskId> = expired.iter().map(|t| &t.task_id).collect();
+    let oldest: Vec<&TaskId> = tasks[..20].iter().map(|t| &t.task_id).collect();
+    assert_eq!(ids, oldest);
+    // AND an entry holds the keys only: the sweeper reads the record itself
+    let pk = format!("TASK#{}", tasks[0].task_id);
+    let entry = f
+        .client
+        .query()
+        .table_name(&f.table)
+        .index_name(GSI_BY_LEASE)
+        .key_condition_expression("gsi2pk = :pk")
+        .expression_attribute_values(
+            ":pk",
+            AttributeValue::S(format!("LEASE#{:02}", lease_shard(&tasks[0].task_id))),
+        )
+        .send()
+        .await
+        .unwrap()
+        .items
+        .unwrap_or_default()
+        .into_iter()
+        .find(|item| item.get("pk") == Some(&AttributeValue::S(pk.clone())))
+        .expect("index entry");
+    let mut names: Vec<&str> = entry.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, vec!["gsi2pk", "gsi2sk", "pk", "sk"]);
 }
 
 #[tokio::test]

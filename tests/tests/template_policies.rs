@@ -97,3 +97,24 @@ fn each_broken_rule_is_reported() {
         );
     }
 }
+
+#[test]
+fn the_templates_indexes_project_what_the_adapter_reads() {
+    // The by-user index of the deployed table holds what the adapter's own table creation
+    // gives it (a list reads nothing else); by-lease holds keys only.
+    let template = std::fs::read_to_string(workspace_root().join("template.yaml")).unwrap();
+    let by_user = &template[template.find("IndexName: by-user").expect("by-user")..];
+    let line = by_user
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("NonKeyAttributes: ["))
+        .and_then(|l| l.strip_suffix(']'))
+        .expect("by-user's NonKeyAttributes");
+    let projected: Vec<&str> = line.split(',').map(str::trim).collect();
+    assert_eq!(projected, longrun_aws::dynamodb::BY_USER_ATTRIBUTES);
+    let by_lease = &template[template.find("IndexName: by-lease").expect("by-lease")..];
+    let projection = by_lease
+        .lines()
+        .find(|l| l.contains("ProjectionType"))
+        .unwrap();
+    assert!(projection.contains("KEYS_ONLY"), "{projection}");
+}

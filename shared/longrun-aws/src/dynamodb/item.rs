@@ -15,8 +15,8 @@ use longrun::ports::{PortError, PortResult};
 use longrun::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskKind};
 
 use super::keys::{
-    AUDIT_PREFIX, GSI1_PK, GSI1_SK, GSI2_PK, GSI2_SK, LEASE_PK, PK, SK, STEP_PREFIX, TTL_ATTRIBUTE,
-    iso, key, lease_sk, task_key, task_pk, user_pk,
+    AUDIT_PREFIX, GSI1_PK, GSI1_SK, GSI2_PK, GSI2_SK, PK, SK, STEP_PREFIX, TTL_ATTRIBUTE, iso, key,
+    lease_pk, lease_sk, task_key, task_pk, user_pk,
 };
 
 /// One DynamoDB item: attribute name to value.
@@ -176,7 +176,7 @@ pub(super) fn task_item(task: &Task, ttl: Duration) -> PortResult<Item> {
         put("lease_until", s(iso(lease.until)));
         // Only live tasks belong in the sweeper's index by their lease...
         if !task.state.is_terminal() {
-            put(GSI2_PK, s(LEASE_PK));
+            put(GSI2_PK, s(lease_pk(&task.task_id)));
             put(GSI2_SK, s(lease_sk(lease.until, &task.task_id)));
         }
     }
@@ -185,7 +185,7 @@ pub(super) fn task_item(task: &Task, ttl: Duration) -> PortResult<Item> {
         && task.delivered_at.is_none()
         && let Some(at) = task.redeliver_at
     {
-        put(GSI2_PK, s(LEASE_PK));
+        put(GSI2_PK, s(lease_pk(&task.task_id)));
         put(GSI2_SK, s(lease_sk(at, &task.task_id)));
     }
     if let Some(request_id) = &task.request_id {

@@ -13,8 +13,35 @@ use super::item::{Item, s};
 
 /// The index of a user's tasks, newest first.
 pub const GSI_BY_USER: &str = "by-user";
-/// The sparse index of queued and running tasks by lease expiry: the sweeper's work.
+/// The sparse index of queued and running tasks by lease expiry, and of finished ones by when
+/// their undelivered result is due again: the sweeper's work. It projects the keys only.
 pub const GSI_BY_LEASE: &str = "by-lease";
+/// What the `by-user` index holds of a task besides its keys: what a user's task list shows.
+/// Not the params (up to 128 KiB, never listed) nor the heartbeat and lease attributes, so a
+/// heartbeat that carries no progress writes nothing to this index.
+pub const BY_USER_ATTRIBUTES: &[&str] = &[
+    "task_id",
+    "ext",
+    "user",
+    "chat",
+    "function",
+    "kind",
+    "event",
+    "name",
+    "state",
+    "progress_pct",
+    "progress_message",
+    "progress_seq",
+    "attempt",
+    "cap_s",
+    "cancel_requested",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "delivered_at",
+    "result",
+    "request_id",
+];
 /// The TTL attribute: epoch seconds after which DynamoDB may delete the item.
 pub const TTL_ATTRIBUTE: &str = "expires_at";
 /// The table's partition key.
@@ -25,7 +52,7 @@ pub const SK: &str = "sk";
 pub const GSI1_PK: &str = "gsi1pk";
 /// `by-user`'s sort key: the task id.
 pub const GSI1_SK: &str = "gsi1sk";
-/// `by-lease`'s partition key: always `LEASE`.
+/// `by-lease`'s partition key: `LEASE#{shard}`, one of [`LEASE_SHARDS`].
 pub const GSI2_PK: &str = "gsi2pk";
 /// `by-lease`'s sort key: `{lease_until}#{task_id}`.
 pub const GSI2_SK: &str = "gsi2sk";
@@ -40,8 +67,12 @@ pub(super) const AUDIT_PREFIX: &str = "AUDIT#";
 pub(super) const STEP_PREFIX: &str = "STEP#";
 /// The sort key of a user's active-task count.
 pub(super) const ACTIVE_SK: &str = "ACTIVE";
-/// The one partition key value of the `by-lease` index.
-pub(super) const LEASE_PK: &str = "LEASE";
+/// How many partition keys the `by-lease` index spreads its tasks over. Every heartbeat moves
+/// a running task's entry (its sort key is the lease's expiry): two index writes. DynamoDB
+/// takes at most 1 000 write units a second on one partition key, so one key for every task
+/// would cap the running tasks at about 2 500 (a 5 s heartbeat, 1 KB entries); 16 keys put
+/// 10 000 running tasks at about 250 a key. The sweeper reads all 16.
+pub const LEASE_SHARDS: u32 = 16;
 
 /// Escapes a key component that is followed by another one.
 fn escape(component: &str) -> String {
@@ -79,6 +110,28 @@ pub(super) fn kv_pk(ext: &str, user: &str) -> String {
     format!("KV#{}#{}", escape(ext), escape(user))
 }
 
+/// The `by-lease` partition key of a task: `LEASE#{shard}`, the shard a hash of its id (the
+/// same on every write, and uniform: a ULID ends in 80 random bits).
+pub(super) fn lease_pk(task_id: &TaskId) -> String {
+    lease_shard_pk(lease_shard(task_id))
+}
+
+/// The shard of a task in the `by-lease` index, `0..LEASE_SHARDS` (FNV-1a of its id).
+pub fn lease_shard(task_id: &TaskId) -> u32 {
+    let hash = task_id
+        .as_str()
+        .bytes()
+        .fold(0x811c_9dc5_u32, |hash, byte| {
+            (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+        });
+    hash % LEASE_SHARDS
+}
+
+/// The `by-lease` partition key of shard `shard`.
+pub(super) fn lease_shard_pk(shard: u32) -> String {
+    format!("LEASE#{shard:02}")
+}
+
 /// The `by-lease` sort key of a task whose lease runs `until`: oldest lease sorts first.
 pub(super) fn lease_sk(until: DateTime<Utc>, task_id: &TaskId) -> String {
     format!("{}#{task_id}", iso(until))
@@ -108,6 +161,20 @@ mod tests {
         assert_eq!(user_pk("a#b", "c"), "USER#a%23b#c");
         assert_ne!(user_pk("a#b", "c"), user_pk("a", "b#c"));
         assert_eq!(kv_pk("50%", "#"), "KV#50%25#%23");
+    }
+
+    #[test]
+    fn tasks_spread_evenly_over_the_lease_shards() {
+        let now = chrono::Utc::now();
+        let mut counts = [0u32; LEASE_SHARDS as usize];
+        for _ in 0..16_000 {
+            let id = TaskId::generate(now);
+            assert_eq!(lease_shard(&id), lease_shard(&id));
+            counts[lease_shard(&id) as usize] += 1;
+        }
+        // 1 000 expected a shard; six standard deviations (~190) is a generous band.
+        assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
+        assert_eq!(lease_shard_pk(3), "LEASE#03");
     }
 
     #[test]

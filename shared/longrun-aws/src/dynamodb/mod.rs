@@ -15,9 +15,10 @@
 //! | `ctx.store` value | `KV#{ext}#{user}` | `{key}` |
 //!
 //! Index `by-user` (`gsi1pk` = `USER#{ext}#{user}`, `gsi1sk` = `{task_id}`) lists a user's
-//! tasks newest first; the sparse index `by-lease` (`gsi2pk` = `LEASE`,
-//! `gsi2sk` = `{lease_until}#{task_id}`) holds only queued and running tasks, oldest lease
-//! first, for the sweeper. `expires_at` (epoch seconds) is the TTL attribute.
+//! tasks newest first, projecting what a list shows ([`BY_USER_ATTRIBUTES`]); the sparse index
+//! `by-lease` (`gsi2pk` = `LEASE#{shard}`, one of [`LEASE_SHARDS`]; `gsi2sk` =
+//! `{lease_until}#{task_id}`, or `{redeliver_at}#{task_id}` for a finished, undelivered task)
+//! holds the sweeper's work, keys only. `expires_at` (epoch seconds) is the TTL attribute.
 //!
 //! In keys, `ext` and `user` are escaped (`%` → `%25`, `#` → `%23`) so that a `#` inside
 //! them can never make two different `(ext, user)` pairs share a key. The last component of
@@ -45,7 +46,8 @@ use item::{Item, s};
 
 pub use item::{attribute_to_json, json_to_attribute};
 pub use keys::{
-    GSI_BY_LEASE, GSI_BY_USER, GSI1_PK, GSI1_SK, GSI2_PK, GSI2_SK, PK, SK, TTL_ATTRIBUTE,
+    BY_USER_ATTRIBUTES, GSI_BY_LEASE, GSI_BY_USER, GSI1_PK, GSI1_SK, GSI2_PK, GSI2_SK,
+    LEASE_SHARDS, PK, SK, TTL_ATTRIBUTE, lease_shard,
 };
 pub use kv::DynamoKv;
 pub use schema::ensure_table;

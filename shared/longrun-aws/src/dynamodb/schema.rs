@@ -17,7 +17,8 @@ use longrun::ports::{PortError, PortResult};
 
 use super::built;
 use super::keys::{
-    GSI_BY_LEASE, GSI_BY_USER, GSI1_PK, GSI1_SK, GSI2_PK, GSI2_SK, PK, SK, TTL_ATTRIBUTE,
+    BY_USER_ATTRIBUTES, GSI_BY_LEASE, GSI_BY_USER, GSI1_PK, GSI1_SK, GSI2_PK, GSI2_SK, PK, SK,
+    TTL_ATTRIBUTE,
 };
 use crate::port_error;
 
@@ -51,21 +52,26 @@ pub async fn ensure_table(client: &Client, table: &str) -> PortResult<bool> {
                 .build(),
         )
     };
-    let index = |name: &str, pk: &str, sk: &str| -> PortResult<GlobalSecondaryIndex> {
+    let index = |name: &str, pk: &str, sk: &str, projection: Projection| {
         built(
             "index",
             GlobalSecondaryIndex::builder()
                 .index_name(name)
                 .key_schema(key_element(pk, KeyType::Hash)?)
                 .key_schema(key_element(sk, KeyType::Range)?)
-                .projection(
-                    Projection::builder()
-                        .projection_type(ProjectionType::All)
-                        .build(),
-                )
+                .projection(projection)
                 .build(),
         )
     };
+    let listed = Projection::builder()
+        .projection_type(ProjectionType::Include)
+        .set_non_key_attributes(Some(
+            BY_USER_ATTRIBUTES.iter().map(|a| (*a).to_owned()).collect(),
+        ))
+        .build();
+    let keys_only = Projection::builder()
+        .projection_type(ProjectionType::KeysOnly)
+        .build();
     let created = client
         .create_table()
         .table_name(table)
@@ -78,8 +84,8 @@ pub async fn ensure_table(client: &Client, table: &str) -> PortResult<bool> {
                 .map(attribute)
                 .collect::<PortResult<Vec<_>>>()?,
         ))
-        .global_secondary_indexes(index(GSI_BY_USER, GSI1_PK, GSI1_SK)?)
-        .global_secondary_indexes(index(GSI_BY_LEASE, GSI2_PK, GSI2_SK)?)
+        .global_secondary_indexes(index(GSI_BY_USER, GSI1_PK, GSI1_SK, listed)?)
+        .global_secondary_indexes(index(GSI_BY_LEASE, GSI2_PK, GSI2_SK, keys_only)?)
         .send()
         .await;
     match created {

@@ -15,6 +15,7 @@ use aws_sdk_dynamodb::types::{
     Update,
 };
 use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
 
 use longrun::ports::{
     Beat, Claim, Created, Finish, FinishGuard, LeaseHolder, PortError, PortResult, RequestKey,
@@ -29,8 +30,8 @@ use super::item::{
 };
 use super::keys::{
     ACTIVE_SK, AUDIT_PREFIX, GSI_BY_LEASE, GSI_BY_USER, GSI1_PK, GSI1_SK, GSI2_PK, GSI2_SK,
-    LEASE_PK, PK, REQUEST_SK, SK, STEP_PREFIX, TTL_ATTRIBUTE, active_pk, iso, key, lease_sk,
-    request_pk, task_key, task_pk, user_pk,
+    LEASE_SHARDS, PK, REQUEST_SK, SK, STEP_PREFIX, TTL_ATTRIBUTE, active_pk, iso, key, lease_pk,
+    lease_shard_pk, lease_sk, request_pk, task_key, task_pk, user_pk,
 };
 use super::{built, lease_check, transact};
 use crate::port_error;
@@ -580,7 +581,7 @@ impl TaskStore for DynamoTaskStore {
             (":owner".to_owned(), s(&lease.owner)),
             (":until".to_owned(), s(iso(lease.until))),
             (":now".to_owned(), s(iso(now))),
-            (":lease_pk".to_owned(), s(LEASE_PK)),
+            (":lease_pk".to_owned(), s(lease_pk(task_id))),
             (":lease_sk".to_owned(), s(lease_sk(lease.until, task_id))),
         ];
         let request = self.update_task(task_id, update, &condition, values);
@@ -615,7 +616,7 @@ impl TaskStore for DynamoTaskStore {
             (":owner".to_owned(), s(&lease.owner)),
             (":until".to_owned(), s(iso(lease.until))),
             (":now".to_owned(), s(iso(now))),
-            (":lease_pk".to_owned(), s(LEASE_PK)),
+            (":lease_pk".to_owned(), s(lease_pk(task_id))),
             (":lease_sk".to_owned(), s(lease_sk(lease.until, task_id))),
         ];
         if let Some(progress) = progress {
@@ -697,7 +698,7 @@ impl TaskStore for DynamoTaskStore {
                       REMOVE #lease_owner, #lease_until";
         values.extend([
             (":redeliver".to_owned(), s(iso(finish.redeliver_at))),
-            (":lease_pk".to_owned(), s(LEASE_PK)),
+            (":lease_pk".to_owned(), s(lease_pk(task_id))),
             (
                 ":redeliver_sk".to_owned(),
                 s(lease_sk(finish.redeliver_at, task_id)),
@@ -726,7 +727,7 @@ impl TaskStore for DynamoTaskStore {
             (":running".to_owned(), s(TaskState::Running.as_str())),
             (":new_owner".to_owned(), s(&lease.owner)),
             (":until".to_owned(), s(iso(lease.until))),
-            (":lease_pk".to_owned(), s(LEASE_PK)),
+            (":lease_pk".to_owned(), s(lease_pk(task_id))),
             (":lease_sk".to_owned(), s(lease_sk(lease.until, task_id))),
         ];
         let condition = match guard {
@@ -800,7 +801,7 @@ impl TaskStore for DynamoTaskStore {
             Some(at) => {
                 values.extend([
                     (":redeliver".to_owned(), s(iso(at))),
-                    (":lease_pk".to_owned(), s(LEASE_PK)),
+                    (":lease_pk".to_owned(), s(lease_pk(task_id))),
                     (":redeliver_sk".to_owned(), s(lease_sk(at, task_id))),
                 ]);
                 "SET #redeliver_at = :redeliver, #gsi2pk = :lease_pk, #gsi2sk = :redeliver_sk"
@@ -910,32 +911,68 @@ impl TaskStore for DynamoTaskStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // Every shard's oldest entries due before now (the index holds keys only)...
         let condition = "#gsi2pk = :lease_pk AND #gsi2sk < :now";
-        let query = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name(GSI_BY_LEASE)
-            .key_condition_expression(condition)
-            .set_expression_attribute_names(Some(names_in(&[condition])))
-            .expression_attribute_values(":lease_pk", s(LEASE_PK))
-            .expression_attribute_values(":now", s(iso(now)))
-            .scan_index_forward(true);
-        // The index lags the table: check the rule again on what it returns. The sweeper's
-        // conditional writes are the final word on anything that moved since. An item that
-        // does not read as a task (written by hand, or by another version) is logged and
-        // passed over: oldest first, it would otherwise stop every sweep from then on.
-        self.query("Query by-lease", query, Some(limit), |item| {
-            match task_from_item(item) {
-                Ok(task) => Ok(task.due_for_sweep(now).then_some(task)),
-                Err(error) => {
-                    let pk = item.get("pk").and_then(|v| v.as_s().ok());
-                    tracing::error!(pk, %error, "unreadable task item in the by-lease index; the sweeper passes it over");
-                    Ok(None)
-                }
-            }
-        })
-        .await
+        let shards = (0..LEASE_SHARDS).map(|shard| {
+            let query = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(GSI_BY_LEASE)
+                .key_condition_expression(condition)
+                .set_expression_attribute_names(Some(names_in(&[condition])))
+                .expression_attribute_values(":lease_pk", s(lease_shard_pk(shard)))
+                .expression_attribute_values(":now", s(iso(now)))
+                .scan_index_forward(true);
+            self.query("Query by-lease", query, Some(limit), |item| {
+                let sort = item.get(GSI2_SK).and_then(|v| v.as_s().ok());
+                let task_id = item
+                    .get(PK)
+                    .and_then(|v| v.as_s().ok())
+                    .and_then(|pk| pk.strip_prefix("TASK#"))
+                    .and_then(|id| id.parse::<TaskId>().ok());
+                Ok(sort.cloned().zip(task_id))
+            })
+        });
+        let mut due: Vec<(String, TaskId)> = futures::future::try_join_all(shards)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        // ...then each record, read consistently: the index lags the table, so the rule is
+        // checked again on what the table holds now (the sweeper's conditional writes are the
+        // final word on anything that moves after). A record that does not read as a task
+        // (written by hand, or by another version) is logged and passed over: oldest first,
+        // it would otherwise stop every sweep from then on.
+        let records = futures::stream::iter(due)
+            .map(|(_, task_id)| async move {
+                let out = self
+                    .client
+                    .get_item()
+                    .table_name(&self.table)
+                    .set_key(Some(task_key(&task_id)))
+                    .consistent_read(true)
+                    .send()
+                    .await
+                    .map_err(|e| port_error("GetItem task", e))?;
+                Ok::<_, PortError>(out.item.and_then(|item| match task_from_item(&item) {
+                    Ok(task) => Some(task),
+                    Err(error) => {
+                        tracing::error!(%task_id, %error, "unreadable task item in the by-lease index; the sweeper passes it over");
+                        None
+                    }
+                }))
+            })
+            .buffered(10)
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(records
+            .into_iter()
+            .flatten()
+            .filter(|task| task.due_for_sweep(now))
+            .collect())
     }
 }
 
