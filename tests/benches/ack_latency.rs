@@ -342,7 +342,7 @@ where
         let started = Instant::now();
         let failed = match role {
             Role::Worker => longrun::worker::handle_batch(rt, records, None).await,
-            Role::Delivery => longrun::delivery::handle_batch(rt, records).await,
+            Role::Delivery => longrun::delivery::handle_batch(rt, records, None).await,
         };
         busy += started.elapsed();
         invocations += 1;

@@ -263,7 +263,7 @@ async fn a_chat_outage_delays_the_result_then_dead_letters_it_for_a_redrive() {
             .audit_count(
                 &second,
                 AuditKind::Critical,
-                &format!("critical#undeliverable#{key}")
+                &format!("critical#last-attempt#{key}")
             )
             .await,
         1

@@ -34,6 +34,9 @@ pub struct PipelineOptions {
     /// The worker function's timeout: each worker batch gets this deadline, so a task near it
     /// hands itself on to a fresh invocation as it does on Lambda.
     pub worker_timeout: Duration,
+    /// The delivery function's timeout: each delivery batch gets this deadline, and posts
+    /// it cannot finish in time are left to the queue, as on Lambda.
+    pub delivery_timeout: Duration,
     /// How often the sweeper runs (deployed: every minute).
     pub sweep_every: Duration,
     /// At shutdown, how long running batches may take to finish (a delivery that posted its
@@ -47,6 +50,7 @@ impl Default for PipelineOptions {
             batch_size: 10,
             max_concurrency: 10,
             worker_timeout: Duration::from_secs(u64::from(longrun_aws::sqs::WORKER_TIMEOUT_S)),
+            delivery_timeout: Duration::from_secs(u64::from(longrun_aws::sqs::DELIVERY_TIMEOUT_S)),
             sweep_every: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(2),
         }
@@ -89,13 +93,17 @@ impl LocalPipeline {
             },
         ));
         let delivery_rt = rt.clone();
+        let delivery_timeout = options.delivery_timeout;
         let delivery = tokio::spawn(poll(
             Arc::clone(&queues.delivery),
             options.clone(),
             stopped.clone(),
             move |records| {
                 let rt = delivery_rt.clone();
-                async move { delivery::handle_batch(&rt, records).await }
+                async move {
+                    delivery::handle_batch(&rt, records, Some(Instant::now() + delivery_timeout))
+                        .await
+                }
             },
         ));
         let sweeper = tokio::spawn(sweep_loop(rt, queues, options.sweep_every, stopped));
@@ -434,7 +442,7 @@ mod tests {
         assert!(
             trail
                 .iter()
-                .any(|a| a.kind == AuditKind::Critical && a.audit_id.contains("undeliverable")),
+                .any(|a| a.kind == AuditKind::Critical && a.audit_id.contains("last-attempt")),
             "{trail:?}"
         );
         assert!(results(&local.chat, "chat-u1").is_empty());

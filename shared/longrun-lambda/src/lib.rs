@@ -309,8 +309,9 @@ pub async fn delivery_batch(
     rt: &Runtime,
     event: LambdaEvent<SqsEvent>,
 ) -> Result<SqsBatchResponse, Diagnostic> {
+    let deadline = deadline(&event.context);
     Ok(batch_response(
-        delivery::handle_batch(rt, records(event.payload)).await,
+        delivery::handle_batch(rt, records(event.payload), deadline).await,
     ))
 }
 

@@ -2,74 +2,163 @@
 //! message per task, user and chat read from the stored task only, one audit item per
 //! delivered message.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 
 use futures::StreamExt;
+use tokio::time::Instant;
 
 use crate::ports::{ChatOutcome, PortError};
 use crate::runtime::Runtime;
-use crate::task::{AuditItem, AuditKind, Task};
+use crate::task::{AuditItem, AuditKind, Task, TaskId};
 use crate::wire::{ChatMessage, DeliveryMessage};
 use crate::worker::{BATCH_CONCURRENCY, QueueRecord};
 
+/// What is kept back from the invocation's deadline: no post starts, and none runs, later
+/// than this before it — time to record the post in flight and answer the batch.
+pub const DELIVERY_MARGIN: Duration = Duration::from_secs(2);
+/// The shortest time a post is started with; less, and the message is left to the queue.
+const MIN_POST_TIME: Duration = Duration::from_secs(1);
+
+/// One received delivery message.
+struct Received {
+    message_id: String,
+    receive_count: u32,
+    message: DeliveryMessage,
+}
+
 /// Works a batch of delivery messages; returns the ids to be redelivered.
 ///
-/// Messages about one task are posted in order (progress by sequence, the result last), and
-/// tasks run concurrently.
-pub async fn handle_batch(rt: &Runtime, records: Vec<QueueRecord>) -> Vec<String> {
-    let mut by_task: BTreeMap<String, Vec<(String, u32, DeliveryMessage)>> = BTreeMap::new();
+/// Messages about one task are posted in order (progress by sequence, the result last) with
+/// one read of the task, and tasks run concurrently. Of one task's progress messages only the
+/// latest is posted (the others are news it replaces); a message repeated in the batch is
+/// posted once. `deadline` is the Lambda invocation's: every post is cut off
+/// [`DELIVERY_MARGIN`] before it, and what could not be posted in time is reported back for
+/// redelivery rather than lost with a timed-out invocation.
+pub async fn handle_batch(
+    rt: &Runtime,
+    records: Vec<QueueRecord>,
+    deadline: Option<Instant>,
+) -> Vec<String> {
+    let mut by_task: BTreeMap<TaskId, Vec<Received>> = BTreeMap::new();
     for record in records {
         match serde_json::from_str::<DeliveryMessage>(&record.body) {
             Ok(message) => by_task
-                .entry(message.task_id().to_string())
+                .entry(message.task_id().clone())
                 .or_default()
-                .push((record.message_id, record.receive_count, message)),
+                .push(Received {
+                    message_id: record.message_id,
+                    receive_count: record.receive_count,
+                    message,
+                }),
             Err(err) => {
                 tracing::error!(message_id = %record.message_id, error = %err, "malformed delivery message dropped")
             }
         }
     }
-    futures::stream::iter(by_task.into_values())
-        .map(|mut messages| async move {
-            messages.sort_by_key(|(_, _, m)| match m {
-                DeliveryMessage::Progress { seq, .. } => *seq,
-                DeliveryMessage::Result { .. } => u64::MAX,
-            });
-            let mut failed = Vec::new();
-            for (message_id, receive_count, message) in messages {
-                if let Err(err) = handle_message(rt, &message).await {
-                    tracing::warn!(%message_id, task_id = %message.task_id(), error = %err, "delivery will be retried");
-                    if receive_count >= rt.settings.max_receives {
-                        undeliverable(rt, &message, &err).await;
-                    }
-                    failed.push(message_id);
-                }
-            }
-            failed
-        })
+    futures::stream::iter(by_task)
+        .map(|(task_id, messages)| deliver_task(rt, task_id, messages, deadline))
         .buffer_unordered(BATCH_CONCURRENCY)
         .flat_map(futures::stream::iter)
         .collect()
         .await
 }
 
-/// The last receive failed: the queue moves the message to its dead-letter queue, where
-/// `longrun dlq redrive` can send it again once the chat API is back. Leave a critical audit
-/// item so operators see it.
-async fn undeliverable(rt: &Runtime, message: &DeliveryMessage, err: &PortError) {
-    let Ok(Some(task)) = rt.services.tasks.get(message.task_id()).await else {
-        return;
+/// Posts one task's messages of a batch; returns the ids to be redelivered.
+async fn deliver_task(
+    rt: &Runtime,
+    task_id: TaskId,
+    mut messages: Vec<Received>,
+    deadline: Option<Instant>,
+) -> Vec<String> {
+    messages.sort_by_key(|r| match r.message {
+        DeliveryMessage::Progress { seq, .. } => seq,
+        DeliveryMessage::Result { .. } => u64::MAX,
+    });
+    let retry_all = |messages: Vec<Received>| messages.into_iter().map(|r| r.message_id).collect();
+    let task = match rt.services.tasks.get(&task_id).await {
+        Ok(Some(task)) => task,
+        Ok(None) => {
+            tracing::error!(%task_id, "delivery for an unknown task dropped");
+            return Vec::new();
+        }
+        Err(err) => {
+            tracing::warn!(%task_id, error = %err, "task unreadable; its delivery will be retried");
+            return retry_all(messages);
+        }
     };
-    let key = message.idempotency_key();
-    tracing::error!(task_id = %task.task_id, %key, error = %err, "critical: message dead-lettered after its last retry");
+    let latest_progress = messages
+        .iter()
+        .filter_map(|r| match r.message {
+            DeliveryMessage::Progress { seq, .. } => Some(seq),
+            DeliveryMessage::Result { .. } => None,
+        })
+        .max();
+    let mut seen = HashSet::new();
+    let mut failed = Vec::new();
+    for received in messages {
+        let Received {
+            message_id,
+            receive_count,
+            message,
+        } = received;
+        let key = message.idempotency_key();
+        if !seen.insert(key.clone()) {
+            continue; // the same message twice in one batch: one post answers both
+        }
+        if let DeliveryMessage::Progress { seq, .. } = message
+            && Some(seq) < latest_progress
+        {
+            tracing::debug!(%task_id, seq, "progress superseded within the batch not posted");
+            continue;
+        }
+        if receive_count >= rt.settings.max_receives {
+            last_attempt(rt, &task, &key).await;
+        }
+        let Some(budget) = time_left(deadline) else {
+            tracing::warn!(%message_id, %task_id, "no time left in this invocation; delivery will be retried");
+            failed.push(message_id);
+            continue;
+        };
+        let outcome = match tokio::time::timeout(budget, deliver(rt, &task, &message)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(PortError::Transient(format!(
+                "delivery cut off {DELIVERY_MARGIN:?} before the invocation's deadline"
+            ))),
+        };
+        if let Err(err) = outcome {
+            tracing::warn!(%message_id, %task_id, error = %err, "delivery will be retried");
+            failed.push(message_id);
+        }
+    }
+    failed
+}
+
+/// How long a post may still take, or `None` when it should not start.
+fn time_left(deadline: Option<Instant>) -> Option<Duration> {
+    let Some(deadline) = deadline else {
+        return Some(Duration::MAX);
+    };
+    let left = deadline
+        .checked_duration_since(Instant::now())?
+        .checked_sub(DELIVERY_MARGIN)?;
+    (left >= MIN_POST_TIME).then_some(left)
+}
+
+/// A message's last receive: if this attempt fails too, the queue moves the message to its
+/// dead-letter queue, where `longrun dlq redrive` can send it again once the chat API is back.
+/// The critical audit item is written before the attempt, so that an invocation cut off
+/// mid-post still leaves it; a `delivered` item after it means the attempt went through.
+async fn last_attempt(rt: &Runtime, task: &Task, key: &str) {
+    tracing::warn!(task_id = %task.task_id, %key, "last delivery attempt before the dead-letter queue");
     let audit = AuditItem::new(
-        &task,
-        format!("critical#undeliverable#{key}"),
+        task,
+        format!("critical#last-attempt#{key}"),
         AuditKind::Critical,
         rt.now(),
         format!(
-            "{key} dead-lettered after {} attempts: {err}",
-            rt.settings.max_receives
+            "{key}: attempt {max} of {max}; unless a delivered item follows, it waits in the delivery dead-letter queue",
+            max = rt.settings.max_receives
         ),
     );
     if let Err(err) = rt.services.tasks.append_audit(&audit).await {
@@ -77,12 +166,9 @@ async fn undeliverable(rt: &Runtime, message: &DeliveryMessage, err: &PortError)
     }
 }
 
-/// Delivers one message. `Err` means "redeliver it later".
-pub async fn handle_message(rt: &Runtime, message: &DeliveryMessage) -> Result<(), PortError> {
-    let Some(task) = rt.services.tasks.get(message.task_id()).await? else {
-        tracing::error!(task_id = %message.task_id(), "delivery for an unknown task dropped");
-        return Ok(());
-    };
+/// Delivers one message about `task`, as read at the start of its batch. `Err` means
+/// "redeliver it later".
+async fn deliver(rt: &Runtime, task: &Task, message: &DeliveryMessage) -> Result<(), PortError> {
     let (body, audit_id) = match message {
         DeliveryMessage::Result { .. } => {
             if task.delivered_at.is_some() {
@@ -128,12 +214,12 @@ pub async fn handle_message(rt: &Runtime, message: &DeliveryMessage) -> Result<(
     };
     let key = message.idempotency_key();
     match rt.services.chat.post(&task.chat, &key, &body).await {
-        ChatOutcome::Delivered => delivered(rt, &task, message, audit_id).await,
+        ChatOutcome::Delivered => delivered(rt, task, message, audit_id).await,
         ChatOutcome::Rejected { status } => {
             let detail = format!("chat API refused {key} with {status}");
             tracing::error!(task_id = %task.task_id, status, "critical: chat API refused the message");
             let audit = AuditItem::new(
-                &task,
+                task,
                 format!("critical#{audit_id}"),
                 AuditKind::Critical,
                 rt.now(),
@@ -267,7 +353,7 @@ mod tests {
             json!({"kind":"result","task_id":task_id,"user":"mallory","chat":"chat-mallory"})
                 .to_string(),
         )];
-        handle_batch(&stack.rt, records).await;
+        handle_batch(&stack.rt, records, None).await;
         // THEN nothing ever lands in mallory's chat
         assert!(stack.chat.in_chat("chat-mallory").is_empty());
         assert!(stack.chat.posted().iter().all(|p| p.chat == "chat-alice"));
@@ -338,7 +424,7 @@ mod tests {
             };
             // THEN every receive asks for a retry…
             assert_eq!(
-                handle_batch(&stack.rt, vec![record]).await,
+                handle_batch(&stack.rt, vec![record], None).await,
                 vec!["m".to_owned()]
             );
             let critical = count(&audit_kinds(&stack, &task_id).await, AuditKind::Critical);
@@ -348,6 +434,99 @@ mod tests {
                 usize::from(receive_count == stack.rt.settings.max_receives)
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_chat_api_slower_than_the_invocation_is_cut_off_and_left_to_the_queue() {
+        // GIVEN a finished task and a chat API that takes a minute to answer
+        let (stack, _) = stack();
+        let task_id = finished_job(&stack).await;
+        stack.delivery.take(10);
+        stack.chat.answer_after(Duration::from_secs(60));
+        let body = serde_json::to_string(&DeliveryMessage::Result {
+            task_id: task_id.clone(),
+        })
+        .unwrap();
+        // WHEN its result message is received for the last time by a 30 s invocation
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let record = QueueRecord {
+            receive_count: stack.rt.settings.max_receives,
+            ..QueueRecord::new("m", body.clone())
+        };
+        let failed = handle_batch(&stack.rt, vec![record], Some(deadline)).await;
+        // THEN the batch answers before the deadline, with the message to be redelivered…
+        assert!(Instant::now() <= deadline - DELIVERY_MARGIN);
+        assert_eq!(failed, vec!["m".to_owned()]);
+        // …and the critical item of the last attempt was written before the post began
+        let audit = audit_kinds(&stack, &task_id).await;
+        let key = format!("{task_id}:result");
+        assert!(
+            audit.contains(&(AuditKind::Critical, format!("critical#last-attempt#{key}"))),
+            "{audit:?}"
+        );
+        assert_eq!(count(&audit, AuditKind::Delivered), 0);
+        // AND a batch started with less than the margin left posts nothing at all
+        let attempts = stack.chat.attempts();
+        let late = Instant::now() + DELIVERY_MARGIN;
+        let failed = handle_batch(
+            &stack.rt,
+            vec![QueueRecord::new("n", body.clone())],
+            Some(late),
+        )
+        .await;
+        assert_eq!(failed, vec!["n".to_owned()]);
+        assert_eq!(stack.chat.attempts(), attempts);
+        // AND once the chat API is fast again, the redelivered message posts the result once
+        stack.chat.answer_after(Duration::ZERO);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let failed =
+            handle_batch(&stack.rt, vec![QueueRecord::new("m", body)], Some(deadline)).await;
+        assert!(failed.is_empty());
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert!(task(&stack, &task_id).await.delivered_at.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_of_progress_posts_only_the_latest_once() {
+        // GIVEN a running task with five checkpoints, whose messages all arrive in one batch,
+        // the latest twice
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let now = stack.rt.now();
+        let lease = crate::task::Lease {
+            owner: "w1".into(),
+            until: now + chrono::Duration::seconds(60),
+        };
+        stack.tasks.claim(&task_id, &lease, now).await.unwrap();
+        let at = |pct: u8| crate::task::Progress {
+            pct,
+            message: format!("{pct}%"),
+        };
+        let mut records = Vec::new();
+        for seq in 1..=5u64 {
+            let pct = u8::try_from(seq * 20).unwrap();
+            stack
+                .tasks
+                .beat(&task_id, &lease, Some(&at(pct)), now)
+                .await
+                .unwrap();
+            let message = DeliveryMessage::Progress {
+                task_id: task_id.clone(),
+                seq,
+                progress: at(pct),
+            };
+            records.push(QueueRecord::new(
+                format!("p{seq}"),
+                serde_json::to_string(&message).unwrap(),
+            ));
+        }
+        records.push(records[4].clone());
+        // WHEN the batch is delivered
+        let failed = handle_batch(&stack.rt, records, None).await;
+        // THEN one post went out, the latest, and every message is acknowledged
+        assert!(failed.is_empty());
+        assert_eq!(stack.chat.attempts(), 1);
+        assert_eq!(progress_in(&stack, "chat-u1"), vec![100]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -419,7 +598,7 @@ mod tests {
             ),
             QueueRecord::new("c", json!({"kind":"gossip"}).to_string()),
         ];
-        assert!(handle_batch(&stack.rt, records).await.is_empty());
+        assert!(handle_batch(&stack.rt, records, None).await.is_empty());
         assert!(stack.chat.posted().is_empty());
     }
 }

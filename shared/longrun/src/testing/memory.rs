@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -657,9 +658,15 @@ pub struct MemoryChat {
     keys: Mutex<HashSet<String>>,
     script: Mutex<VecDeque<ChatOutcome>>,
     attempts: Mutex<u64>,
+    latency: Mutex<Duration>,
 }
 
 impl MemoryChat {
+    /// Every later post takes `latency` before it is answered (a slow chat API).
+    pub fn answer_after(&self, latency: Duration) {
+        *lock(&self.latency) = latency;
+    }
+
     /// The messages delivered, in order.
     pub fn posted(&self) -> Vec<Posted> {
         lock(&self.posted).clone()
@@ -689,6 +696,10 @@ impl MemoryChat {
 impl ChatApi for MemoryChat {
     async fn post(&self, chat: &str, idempotency_key: &str, message: &ChatMessage) -> ChatOutcome {
         *lock(&self.attempts) += 1;
+        let latency = *lock(&self.latency);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         if let Some(outcome) = lock(&self.script).pop_front() {
             return outcome;
         }

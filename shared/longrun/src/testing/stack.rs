@@ -88,7 +88,7 @@ impl MemoryStack {
         let batch = self.delivery.take(10);
         let n = batch.len();
         let records = records(&batch);
-        let failed = delivery::handle_batch(&self.rt, records.clone()).await;
+        let failed = delivery::handle_batch(&self.rt, records.clone(), None).await;
         requeue_failed(&self.delivery, &batch, &records, &failed);
         n
     }
