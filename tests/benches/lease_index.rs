@@ -220,6 +220,7 @@ fn task(i: usize, item_kb: usize) -> Task {
             until: at + chrono::Duration::seconds(120),
         }),
         request_id: None,
+        isolated: false,
     }
 }
 

@@ -57,6 +57,9 @@ pub struct Faults {
     pub copies: usize,
     /// Reverse each batch's record order.
     pub reorder: bool,
+    /// Receive nothing while set: messages gather in the queue, and the first receive after
+    /// it is cleared hands them out together (one batch of up to the batch size).
+    pub hold: bool,
 }
 
 /// What one mapping did so far.
@@ -291,6 +294,10 @@ impl Poller {
             let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                 return;
             };
+            if this.faults.lock().unwrap_or_else(|p| p.into_inner()).hold {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
             let received = match this.receive().await {
                 Ok(received) => received,
                 Err(_) => {

@@ -1,6 +1,6 @@
 //! The reference extension plus the faults the end-to-end scenarios need and the reference
 //! extension cannot produce: a handler that panics, one that returns an error, one that
-//! outruns its cap without ever calling `ctx.progress`, and probes that pass a caller's
+//! outruns its cap without ever calling `ctx.progress`, one that kills its process, and probes that pass a caller's
 //! timeout to `ctx.http` and a caller's percentage to `ctx.progress`.
 //!
 //! `faults` (src/bin) is the Lambda `main` over this extension.
@@ -55,6 +55,15 @@ pub fn extension() -> Extension {
                 Ok(ActionResult::success("spun", ()))
             })
             .description("Runs past any test cap without reporting progress.")
+            .background(true),
+        )
+        .function(
+            ChatFunction::new("abort", |_ctx: Ctx, _: Nothing| async move {
+                // Long enough for the rest of its batch to be claimed and running.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                std::process::abort()
+            })
+            .description("Kills its worker process (as a stack overflow or out-of-memory does).")
             .background(true),
         )
         .function(

@@ -149,6 +149,7 @@ fn queued_task(ext: &str, user: &str, at: DateTime<Utc>) -> Task {
         params: json!({"input": "hello"}),
         lease: Some(lease("queue", at + secs(30))),
         request_id: None,
+        isolated: false,
     }
 }
 
@@ -208,6 +209,7 @@ async fn every_task_field_round_trips() {
         params: json!({"input": "ünïcödé", "n": 12, "list": ["a", {"b": []}], "empty": {}}),
         lease: Some(lease("worker-1", at + secs(60))),
         request_id: Some("req#1".to_owned()),
+        isolated: true,
         ..queued_task("text#tools", "user%1", at)
     };
     // WHEN it is created and read back
@@ -1166,9 +1168,47 @@ async fn requeue_is_guarded_by_owner_or_lapse() {
     let ghost = TaskId::generate(t0());
     assert!(is_not_found(
         f.store
+            .requeue(&ghost, &Requeue::Isolate(t0()), &revived_lease)
+            .await
+    ));
+    let ghost = TaskId::generate(t0());
+    assert!(is_not_found(
+        f.store
             .requeue(&ghost, &Requeue::Expired(t0()), &revived_lease)
             .await
     ));
+}
+
+#[tokio::test]
+async fn a_task_whose_process_died_with_others_is_requeued_isolated() {
+    // GIVEN a running task held by a worker process until t0+60s
+    let f = fixture().await;
+    let (task, _) = f.running("p1/w1", t0()).await;
+    let id = &task.task_id;
+    let queue_lease = lease("queue", t0() + secs(300));
+    // WHEN the sweeper isolates it before and after the lease lapsed
+    let early = f
+        .store
+        .requeue(id, &Requeue::Isolate(t0() + secs(30)), &queue_lease)
+        .await;
+    let requeued = f
+        .store
+        .requeue(id, &Requeue::Isolate(t0() + secs(61)), &queue_lease)
+        .await
+        .unwrap();
+    // THEN only the lapsed lease is requeued, marked isolated, its attempt kept and uncounted
+    assert!(is_conflict(early));
+    assert_eq!(requeued.state, TaskState::Queued);
+    assert!(requeued.isolated);
+    assert_eq!(requeued.attempt, task.attempt);
+    assert_eq!(requeued.counted_attempts(), task.attempt - 1);
+    assert_eq!(f.store.get(id).await.unwrap().unwrap(), requeued);
+    // AND a queued task is not isolated: only a running one died in a process
+    let queued = f
+        .store
+        .requeue(id, &Requeue::Isolate(t0() + secs(301)), &queue_lease)
+        .await;
+    assert!(is_conflict(queued));
 }
 
 #[tokio::test]

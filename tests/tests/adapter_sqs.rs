@@ -39,6 +39,7 @@ fn work_message(params: Value) -> WorkMessage {
         cap_s: 180,
         created_at,
         request_id: Some("r1".into()),
+        isolated: false,
     }
 }
 

@@ -31,6 +31,7 @@ async fn every_message_three_times_still_runs_each_task_once_with_one_result() {
             Faults {
                 copies: 2,
                 reorder: true,
+                ..Faults::default()
             },
         );
     }
@@ -154,6 +155,71 @@ async fn a_worker_killed_mid_task_is_retried_to_exactly_one_result() {
     // AND nothing is left stuck
     assert_all_terminal(&stack, "dora").await;
     stack.assert_no_secret_in_output();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_kills_its_process_ends_alone_and_its_batch_neighbours_finish() {
+    let mut options = Options::new("blast").with_faults();
+    // `cargo lambda watch` does not replace a dead instance: room for the four deaths.
+    options.concurrency = 8;
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    // GIVEN the worker mapping holding messages back, so the next four tasks share one
+    // batch — one worker process
+    stack.esm.set_faults(
+        "worker",
+        Faults {
+            hold: true,
+            ..Faults::default()
+        },
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await; // a receive in flight comes back empty
+    let poison = stack
+        .start_task("blast-0", "chat-blast-0", "abort", json!({}))
+        .await;
+    let mut neighbours = Vec::new();
+    for i in 1..4 {
+        let user = format!("blast-{i}");
+        stack.connect_openai_key(&user).await;
+        let input = format!("neighbour {i} [[delay=4000]]");
+        let task_id = stack
+            .start_task(
+                &user,
+                &format!("chat-{user}"),
+                "refine_output",
+                json!({ "input": input }),
+            )
+            .await;
+        neighbours.push(task_id);
+    }
+    // WHEN one invocation gets all four and the `abort` handler kills its process
+    stack.esm.set_faults("worker", Faults::default());
+    // THEN each neighbour runs again alone, not charged for that death, to one result
+    for task_id in &neighbours {
+        let task = stack.wait_delivered(task_id, WAIT).await;
+        assert_eq!(task.state, TaskState::Succeeded, "{task:?}");
+        assert!(task.isolated, "{task:?}");
+        assert_eq!(task.counted_attempts(), 1, "{task:?}");
+        let results = stack.chat.results_for(task_id);
+        assert_eq!(results.len(), 1, "{results:?}");
+        assert_eq!(results[0]["ok"], true);
+    }
+    // AND the task at fault ends failed after its own attempts, with one fallback message
+    let task = stack.wait_delivered(&poison, WAIT).await;
+    assert_eq!(task.state, TaskState::Failed, "{task:?}");
+    assert!(task.isolated);
+    assert_eq!(task.counted_attempts(), 3, "{task:?}");
+    assert_eq!(stack.chat.results_for(&poison).len(), 1);
+    assert_eq!(
+        stack
+            .audit_count(&poison, AuditKind::Critical, "critical#attempts_exhausted")
+            .await,
+        1
+    );
+    for i in 0..4 {
+        assert_all_terminal(&stack, &format!("blast-{i}")).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

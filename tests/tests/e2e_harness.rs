@@ -222,6 +222,7 @@ async fn the_player_redelivers_failures_and_sqs_dead_letters_after_max_receive_c
         Faults {
             copies: 2,
             reorder: true,
+            ..Faults::default()
         },
     );
     for body in ["{\"n\":1}", "{\"n\":2}"] {

@@ -108,6 +108,10 @@ pub enum Requeue {
     Owner(String),
     /// Anyone, if the task is queued or running and its lease lapsed before this moment.
     Expired(DateTime<Utc>),
+    /// Anyone, if the task is running and its lease lapsed before this moment; the task is
+    /// marked [`isolated`](crate::task::Task::isolated) (its worker process died with other
+    /// tasks in it).
+    Isolate(DateTime<Utc>),
 }
 
 /// The worker that must still hold a task's lease for a write to land. A background task's

@@ -293,6 +293,7 @@ impl Runtime {
             params: spec.params,
             lease: Some(self.queue_lease(now)),
             request_id,
+            isolated: false,
         }
     }
 

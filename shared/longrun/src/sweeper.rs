@@ -2,6 +2,7 @@
 //! out of memory or hit the Lambda timeout, or a work message that was lost — and end those
 //! that used up their attempts or their cap; end tasks whose work message was dead-lettered.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -11,7 +12,7 @@ use crate::ports::{FinishGuard, PortError, Requeue};
 use crate::runtime::{QUEUE_OWNER, Runtime, to_chrono};
 use crate::task::{AuditItem, AuditKind, Lease, Task, TaskState};
 use crate::wire::WorkMessage;
-use crate::worker::end;
+use crate::worker::{end, process_of};
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -32,10 +33,34 @@ pub const REDELIVER_EVERY: std::time::Duration = std::time::Duration::from_secs(
 pub const SWEEP_LIMIT: usize = 100;
 
 /// Revives or ends every task whose lease lapsed.
+///
+/// Running tasks whose worker process died with others in it (an out-of-memory or a crash
+/// any of them may have caused) are requeued [isolated](Task::isolated), that death not
+/// counted against their attempts; they are handled once every one of them has lapsed. A
+/// process's leases lapse within one heartbeat of each other, so the sweep also reads those
+/// that lapse within the next heartbeat, to see each process's tasks together.
 pub async fn sweep(rt: &Runtime) -> Result<SweepReport, PortError> {
     let now = rt.now();
     let mut report = SweepReport::default();
-    for task in rt.services.tasks.expired_leases(now, SWEEP_LIMIT).await? {
+    let horizon = now + to_chrono(rt.settings.heartbeat);
+    let seen = rt
+        .services
+        .tasks
+        .expired_leases(horizon, SWEEP_LIMIT)
+        .await?;
+    let deaths = process_deaths(&seen, now);
+    for task in seen {
+        if !task.due_for_sweep(now) {
+            continue;
+        }
+        let shared = match running_process(&task).and_then(|p| deaths.get(p)) {
+            Some(death) if death.tasks > 1 && !death.all_lapsed => {
+                tracing::info!(task_id = %task.task_id, "lease lapsed with others of its worker process still lapsing; next sweep");
+                continue;
+            }
+            Some(death) => death.tasks > 1,
+            None => false,
+        };
         if task.state.is_terminal() {
             match redeliver(rt, &task).await {
                 Ok(()) => report.redelivered += 1,
@@ -45,7 +70,7 @@ pub async fn sweep(rt: &Runtime) -> Result<SweepReport, PortError> {
             }
             continue;
         }
-        match revive(rt, &task).await {
+        match revive(rt, &task, shared).await {
             Ok(true) => report.requeued += 1,
             Ok(false) => report.ended += 1,
             Err(PortError::Conflict(_)) => {} // a worker got there first
@@ -81,13 +106,49 @@ async fn redeliver(rt: &Runtime, task: &Task) -> Result<(), PortError> {
     crate::worker::send_result(rt, task).await
 }
 
-/// Requeues `task` (`Ok(true)`) or ends it (`Ok(false)`).
-async fn revive(rt: &Runtime, task: &Task) -> Result<bool, PortError> {
+/// The running tasks of one worker process among those a sweep read.
+struct ProcessDeath {
+    tasks: usize,
+    /// Whether every one of them lapsed already.
+    all_lapsed: bool,
+}
+
+fn process_deaths(seen: &[Task], now: DateTime<Utc>) -> HashMap<String, ProcessDeath> {
+    let mut deaths: HashMap<String, ProcessDeath> = HashMap::new();
+    for task in seen {
+        if let Some(process) = running_process(task) {
+            let death = deaths.entry(process.to_owned()).or_insert(ProcessDeath {
+                tasks: 0,
+                all_lapsed: true,
+            });
+            death.tasks += 1;
+            death.all_lapsed &= task.lease.as_ref().is_some_and(|l| l.until < now);
+        }
+    }
+    deaths
+}
+
+/// The worker process holding a running task.
+fn running_process(task: &Task) -> Option<&str> {
+    (task.state == TaskState::Running)
+        .then_some(task.lease.as_ref())
+        .flatten()
+        .and_then(|l| process_of(&l.owner))
+}
+
+/// Requeues `task` (`Ok(true)`) or ends it (`Ok(false)`). `shared`: its worker process died
+/// with other tasks in it.
+async fn revive(rt: &Runtime, task: &Task, shared: bool) -> Result<bool, PortError> {
     let now = rt.now();
     let cap_passed = task.cap_deadline().is_some_and(|d| d <= now);
+    // Isolation forgives one death, once: an isolated task runs alone, so its own deaths count.
+    let isolate = shared && !task.isolated;
     let outcome = if task.state == TaskState::Running && task.cancel_requested {
         Some(Outcome::cancelled(&task.function))
-    } else if task.state == TaskState::Running && task.attempt >= rt.settings.max_attempts {
+    } else if task.state == TaskState::Running
+        && !isolate
+        && task.counted_attempts() >= rt.settings.max_attempts
+    {
         Some(Outcome::failed(
             &task.function,
             "attempts_exhausted",
@@ -113,19 +174,35 @@ async fn revive(rt: &Runtime, task: &Task) -> Result<bool, PortError> {
     let requeued = rt
         .services
         .tasks
-        .requeue(&task.task_id, &Requeue::Expired(now), &lease)
+        .requeue(
+            &task.task_id,
+            &if isolate {
+                Requeue::Isolate(now)
+            } else {
+                Requeue::Expired(now)
+            },
+            &lease,
+        )
         .await?;
     if task.state == TaskState::Running {
+        let detail = if isolate {
+            format!(
+                "lease of attempt {} lapsed with other tasks of its worker process; requeued by the sweeper to run alone, this attempt not counted",
+                task.attempt
+            )
+        } else {
+            format!(
+                "lease of attempt {} lapsed; requeued by the sweeper",
+                task.attempt
+            )
+        };
         let audit = AuditItem::new(
             task,
             // The same id the claiming worker writes: one item per reclaim.
             format!("reclaimed#{}", task.attempt + 1),
             AuditKind::Reclaimed,
             now,
-            format!(
-                "lease of attempt {} lapsed; requeued by the sweeper",
-                task.attempt
-            ),
+            detail,
         );
         rt.services.tasks.append_audit(&audit).await?;
     }
@@ -207,6 +284,103 @@ mod tests {
             stack.tasks.claim(task_id, &lease, now).await.unwrap(),
             Claim::Claimed(_)
         ));
+    }
+
+    /// Claims the task as a worker of `process` for `lease_s` seconds; it never beats again.
+    async fn claim_in(
+        stack: &crate::testing::MemoryStack,
+        task_id: &crate::TaskId,
+        process: &str,
+        lease_s: i64,
+    ) -> crate::task::Task {
+        let now = stack.rt.now();
+        let lease = Lease {
+            owner: format!("{process}/{}", ulid::Ulid::new()),
+            until: now + chrono::Duration::seconds(lease_s),
+        };
+        match stack.tasks.claim(task_id, &lease, now).await.unwrap() {
+            Claim::Claimed(task) => task,
+            other => panic!("not claimed: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tasks_whose_process_died_together_run_alone_after_and_lose_no_attempt() {
+        // GIVEN three tasks: two in worker process p1, one alone in p2
+        let (stack, runs) = stack();
+        let mut ids = Vec::new();
+        for user in ["u1", "u2", "u3"] {
+            ids.push(task_id_of(
+                &stack.intake(call_event("bg", user, json!({}))).await,
+            ));
+        }
+        stack.work.take(10);
+        claim_in(&stack, &ids[0], "p1", 60).await;
+        claim_in(&stack, &ids[2], "p2", 60).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        claim_in(&stack, &ids[1], "p1", 60).await;
+        // WHEN both processes die, and the sweeper runs when p1's first lease has lapsed
+        // but not its second
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        // THEN p2's task is requeued, its death counted; p1's wait for the next sweep
+        assert_eq!(sweep(&stack.rt).await.unwrap().requeued, 1);
+        let alone = task(&stack, &ids[2]).await;
+        assert_eq!((alone.state, alone.isolated), (TaskState::Queued, false));
+        assert_eq!(alone.counted_attempts(), 1);
+        assert_eq!(task(&stack, &ids[0]).await.state, TaskState::Running);
+        // AND once both of p1's leases lapsed, both are requeued to run alone, uncounted
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().requeued, 2);
+        for id in &ids[..2] {
+            let requeued = task(&stack, id).await;
+            assert_eq!(requeued.state, TaskState::Queued);
+            assert!(requeued.isolated);
+            assert_eq!(requeued.counted_attempts(), 0);
+        }
+        let messages = stack.work.take(10);
+        let isolated = messages.iter().filter(|m| m.isolated).count();
+        assert_eq!((messages.len(), isolated), (3, 2));
+        let audit = audit_kinds(&stack, &ids[0]).await;
+        assert_eq!(count(&audit, AuditKind::Reclaimed), 1, "{audit:?}");
+        // AND every task then runs once more to one result
+        for message in &messages {
+            stack.work.push(message.clone());
+        }
+        stack.drain(40).await;
+        assert_eq!(runs.started.load(std::sync::atomic::Ordering::SeqCst), 3);
+        for (id, user) in ids.iter().zip(["u1", "u2", "u3"]) {
+            assert_eq!(task(&stack, id).await.state, TaskState::Succeeded);
+            assert_eq!(results_in(&stack, &format!("chat-{user}")).len(), 1);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poison_task_ends_after_its_own_deaths_only() {
+        // GIVEN a task that kills its process every time, first beside a neighbour
+        let (stack, _) = stack();
+        let poison = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let neighbour = task_id_of(&stack.intake(call_event("bg", "u2", json!({}))).await);
+        stack.work.take(10);
+        claim_in(&stack, &poison, "p1", 60).await;
+        claim_in(&stack, &neighbour, "p1", 60).await;
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().requeued, 2);
+        // WHEN from then on it dies alone, each time
+        let mut deaths = 0;
+        while task(&stack, &poison).await.state == TaskState::Queued {
+            stack.work.take(10);
+            claim_in(&stack, &poison, &format!("alone{deaths}"), 10).await;
+            deaths += 1;
+            tokio::time::sleep(Duration::from_secs(11)).await;
+            sweep(&stack.rt).await.unwrap();
+        }
+        // THEN it ends failed after max_attempts deaths of its own, the shared one forgiven
+        assert_eq!(deaths, stack.rt.settings.max_attempts);
+        let ended = task(&stack, &poison).await;
+        assert_eq!(ended.state, TaskState::Failed);
+        assert_eq!(ended.attempt, stack.rt.settings.max_attempts + 1);
+        stack.drain(20).await;
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -295,9 +295,21 @@ pub struct Task {
     /// The caller's `request_id`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The worker process that ran the task died with other tasks of its batch in it (an
+    /// out-of-memory or a crash that any of them may have caused): from then on the task runs
+    /// alone in its worker invocation, and that one death is not counted against its
+    /// attempts (see [`Task::counted_attempts`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolated: bool,
 }
 
 impl Task {
+    /// The attempts that count against `Settings::max_attempts`: every claim but the one
+    /// whose process died with other tasks in it, when the task was isolated for that.
+    pub fn counted_attempts(&self) -> u32 {
+        self.attempt.saturating_sub(u32::from(self.isolated))
+    }
+
     /// Whether the sweeper has work with this task at `now`: a live task whose lease lapsed
     /// (its worker died, or its work message was lost), or a finished one whose result is
     /// still undelivered at its `redeliver_at`.

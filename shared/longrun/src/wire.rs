@@ -275,6 +275,9 @@ pub struct WorkMessage {
     /// The caller's `request_id`, if any; with `ext` and `user`, the task's request key.
     #[serde(default)]
     pub request_id: Option<String>,
+    /// The task runs alone in its worker invocation ([`Task::isolated`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolated: bool,
 }
 
 impl WorkMessage {
@@ -293,6 +296,7 @@ impl WorkMessage {
             cap_s: task.cap_s,
             created_at: task.created_at,
             request_id: task.request_id.clone(),
+            isolated: task.isolated,
         }
     }
 
@@ -323,6 +327,7 @@ impl WorkMessage {
             params: self.params.clone(),
             lease: None,
             request_id: self.request_id.clone(),
+            isolated: self.isolated,
         }
     }
 }

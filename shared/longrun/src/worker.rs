@@ -28,6 +28,19 @@ use crate::wire::{DeliveryMessage, MAX_RESULT_BYTES, WorkMessage};
 /// How many messages of one batch run at once.
 pub const BATCH_CONCURRENCY: usize = 10;
 
+/// This worker process's id: the first part of every lease owner id it writes
+/// (`{process}/{claim}`), so the sweeper can tell which tasks died together.
+pub fn worker_process() -> &'static str {
+    static PROCESS: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| ulid::Ulid::new().to_string());
+    &PROCESS
+}
+
+/// The worker process a lease owner id names, if it names one (the queue's does not).
+pub fn process_of(owner: &str) -> Option<&str> {
+    owner.split_once('/').map(|(process, _)| process)
+}
+
 /// One SQS record: its message id and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueRecord {
@@ -58,7 +71,8 @@ pub async fn handle_batch(
     records: Vec<QueueRecord>,
     deadline: Option<Instant>,
 ) -> Vec<String> {
-    futures::stream::iter(records)
+    let (records, mut failed) = isolate(rt, records).await;
+    let run: Vec<String> = futures::stream::iter(records)
         .map(|record| async move {
             match handle_message(rt, &record.body, deadline).await {
                 Ok(()) => None,
@@ -71,7 +85,51 @@ pub async fn handle_batch(
         .buffer_unordered(BATCH_CONCURRENCY)
         .filter_map(|failed| async move { failed })
         .collect()
-        .await
+        .await;
+    failed.extend(run);
+    failed
+}
+
+/// An isolated task ([`Task::isolated`]) runs alone: when the batch holds one, it keeps that
+/// message only and sends the others to the work queue again, for other invocations. Returns
+/// the records to run here and the ids of those that could not be sent on (the queue
+/// redelivers them).
+async fn isolate(rt: &Runtime, records: Vec<QueueRecord>) -> (Vec<QueueRecord>, Vec<String>) {
+    if records.len() < 2 {
+        return (records, Vec::new());
+    }
+    let parsed: Vec<Option<WorkMessage>> = records
+        .iter()
+        .map(|r| serde_json::from_str(&r.body).ok())
+        .collect();
+    let Some(alone) = parsed
+        .iter()
+        .position(|m| m.as_ref().is_some_and(|m| m.isolated))
+    else {
+        return (records, Vec::new());
+    };
+    let mut keep = Vec::new();
+    let mut failed = Vec::new();
+    for (i, (record, message)) in records.into_iter().zip(parsed).enumerate() {
+        if i == alone {
+            keep.push(record);
+            continue;
+        }
+        let Some(message) = message else {
+            keep.push(record); // malformed: dropped by the usual path
+            continue;
+        };
+        match rt.services.work.send(&message).await {
+            Ok(()) => {
+                tracing::info!(task_id = %message.task_id, "sent on: this invocation runs an isolated task alone")
+            }
+            Err(err) => {
+                tracing::warn!(task_id = %message.task_id, error = %err, "not sent on; the queue redelivers it");
+                failed.push(record.message_id);
+            }
+        }
+    }
+    (keep, failed)
 }
 
 /// Works one work message. `Err` means "redeliver it later".
@@ -89,7 +147,7 @@ pub async fn handle_message(
         }
     };
     let task_id = message.task_id.clone();
-    let owner = ulid::Ulid::new().to_string();
+    let owner = format!("{}/{}", worker_process(), ulid::Ulid::new());
     let now = rt.now();
     let lease = Lease {
         owner,
@@ -186,7 +244,7 @@ async fn run(
         );
         rt.services.tasks.append_audit(&audit).await?;
     }
-    let ending = if task.attempt > rt.settings.max_attempts {
+    let ending = if task.counted_attempts() > rt.settings.max_attempts {
         Ending::Done(Outcome::failed(
             &task.function,
             "attempts_exhausted",
@@ -1075,6 +1133,31 @@ mod tests {
         assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 0);
         assert!(stack2.tasks.all().is_empty());
         assert!(stack2.chat.posted().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_isolated_task_runs_alone_and_the_rest_of_its_batch_is_sent_on() {
+        // GIVEN a batch of three work messages, the second of an isolated task
+        let (stack, runs) = stack();
+        for user in ["u1", "u2", "u3"] {
+            stack.intake(call_event("bg", user, json!({}))).await;
+        }
+        let mut messages = stack.work.take(10);
+        messages[1].isolated = true;
+        let isolated = messages[1].task_id.clone();
+        let records: Vec<QueueRecord> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| QueueRecord::new(format!("m{i}"), serde_json::to_string(m).unwrap()))
+            .collect();
+        // WHEN one invocation gets it
+        let failed = handle_batch(&stack.rt, records, None).await;
+        // THEN it runs the isolated task only, and the others wait in the queue again
+        assert!(failed.is_empty());
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 1);
+        assert_eq!(task(&stack, &isolated).await.state, TaskState::Succeeded);
+        let sent_on = stack.work.take(10);
+        assert_eq!(sent_on, vec![messages[0].clone(), messages[2].clone()]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -153,6 +153,9 @@ pub(super) fn task_item(task: &Task, ttl: Duration) -> PortResult<Item> {
         "cancel_requested",
         AttributeValue::Bool(task.cancel_requested),
     );
+    if task.isolated {
+        put("isolated", AttributeValue::Bool(true));
+    }
     put("created_at", s(iso(task.created_at)));
     for (name, at) in [
         ("started_at", task.started_at),
@@ -341,6 +344,7 @@ pub(super) fn task_from_item(item: &Item) -> PortResult<Task> {
         params: f.json("params")?.unwrap_or(Value::Null),
         lease,
         request_id: f.opt_s("request_id")?.map(str::to_owned),
+        isolated: f.flag("isolated")?,
     })
 }
 

@@ -742,6 +742,12 @@ impl TaskStore for DynamoTaskStore {
                 values.push((":now".to_owned(), s(iso(*now))));
                 format!("#state IN (:queued, :running) AND {LEASE_LAPSED}")
             }
+            Requeue::Isolate(now) => {
+                update.push_str(", #isolated = :true");
+                values.push((":true".to_owned(), AttributeValue::Bool(true)));
+                values.push((":now".to_owned(), s(iso(*now))));
+                format!("#state = :running AND {LEASE_LAPSED}")
+            }
         };
         let request = self.update_task(task_id, &update, &condition, values);
         self.guarded(

@@ -331,6 +331,7 @@ impl TaskStore for MemoryTaskStore {
                 matches!(task.state, TaskState::Running | TaskState::Queued)
                     && lease_lapsed(task, *now)
             }
+            Requeue::Isolate(now) => task.state == TaskState::Running && lease_lapsed(task, *now),
         };
         if !allowed {
             return Err(conflict(task_id, "requeue guard does not hold"));
@@ -338,6 +339,9 @@ impl TaskStore for MemoryTaskStore {
         if matches!(guard, Requeue::Owner(_)) {
             // A hand-off to a fresh invocation is not a failed attempt.
             task.attempt = task.attempt.saturating_sub(1);
+        }
+        if matches!(guard, Requeue::Isolate(_)) {
+            task.isolated = true;
         }
         task.state = TaskState::Queued;
         task.lease = Some(lease.clone());
