@@ -221,6 +221,7 @@ fn task(i: usize, item_kb: usize) -> Task {
         }),
         request_id: None,
         isolated: false,
+        partial: None,
     }
 }
 
@@ -285,7 +286,7 @@ async fn main() {
                     message: "Refined chunk 4 of 10".into(),
                 };
                 store
-                    .beat(&t.task_id, &lease, Some(&progress), at)
+                    .beat(&t.task_id, &lease, Some(&progress), None, at)
                     .await
                     .expect("beat");
                 (old, read(t.task_id.clone()).await)

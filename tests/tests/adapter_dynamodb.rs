@@ -150,6 +150,7 @@ fn queued_task(ext: &str, user: &str, at: DateTime<Utc>) -> Task {
         lease: Some(lease("queue", at + secs(30))),
         request_id: None,
         isolated: false,
+        partial: None,
     }
 }
 
@@ -210,6 +211,7 @@ async fn every_task_field_round_trips() {
         lease: Some(lease("worker-1", at + secs(60))),
         request_id: Some("req#1".to_owned()),
         isolated: true,
+        partial: Some(json!({"text": "so far", "n": [1, 2]})),
         ..queued_task("text#tools", "user%1", at)
     };
     // WHEN it is created and read back
@@ -458,14 +460,26 @@ async fn the_lease_holder_beats_and_a_stranger_conflicts() {
     };
     let beat = f
         .store
-        .beat(&task.task_id, &renewed, Some(&progress), t0() + secs(10))
+        .beat(
+            &task.task_id,
+            &renewed,
+            Some(&progress),
+            None,
+            t0() + secs(10),
+        )
         .await
         .unwrap();
     assert_eq!(beat.progress_seq, 1);
     assert!(!beat.cancel_requested);
     let beat = f
         .store
-        .beat(&task.task_id, &renewed, Some(&progress), t0() + secs(11))
+        .beat(
+            &task.task_id,
+            &renewed,
+            Some(&progress),
+            None,
+            t0() + secs(11),
+        )
         .await
         .unwrap();
     // THEN the sequence is bumped and the lease, heartbeat and checkpoint recorded
@@ -486,10 +500,30 @@ async fn the_lease_holder_beats_and_a_stranger_conflicts() {
     // AND a heartbeat without progress leaves the sequence alone
     let beat = f
         .store
-        .beat(&task.task_id, &renewed, None, t0() + secs(12))
+        .beat(&task.task_id, &renewed, None, None, t0() + secs(12))
         .await
         .unwrap();
     assert_eq!(beat.progress_seq, 2);
+    // AND a beat carrying a partial result stores it as a native map, leaving progress be
+    let partial = json!({"text": "two chunks ✅", "chunks_done": 2, "scores": [1, 2.5]});
+    f.store
+        .beat(
+            &task.task_id,
+            &renewed,
+            None,
+            Some(&partial),
+            t0() + secs(12),
+        )
+        .await
+        .unwrap();
+    let stored = f.store.get(&task.task_id).await.unwrap().unwrap();
+    assert_eq!(stored.partial, Some(partial));
+    assert_eq!(stored.progress_seq, 2);
+    let raw = f
+        .raw(&format!("TASK#{}", task.task_id), "TASK")
+        .await
+        .unwrap();
+    assert!(matches!(raw["partial"], AttributeValue::M(_)));
 
     // WHEN a stranger beats
     let stranger = f
@@ -497,6 +531,7 @@ async fn the_lease_holder_beats_and_a_stranger_conflicts() {
         .beat(
             &task.task_id,
             &lease("w2", t0() + secs(500)),
+            None,
             None,
             t0() + secs(13),
         )
@@ -509,7 +544,9 @@ async fn the_lease_holder_beats_and_a_stranger_conflicts() {
     );
     // AND a beat on a task that does not exist is NotFound
     let ghost = TaskId::generate(t0());
-    assert!(is_not_found(f.store.beat(&ghost, &held, None, t0()).await));
+    assert!(is_not_found(
+        f.store.beat(&ghost, &held, None, None, t0()).await
+    ));
 }
 
 #[tokio::test]
@@ -527,7 +564,7 @@ async fn a_cancel_request_reaches_the_next_beat() {
     // THEN the worker's next beat says so
     let beat = f
         .store
-        .beat(&task.task_id, &held, None, t0() + secs(2))
+        .beat(&task.task_id, &held, None, None, t0() + secs(2))
         .await
         .unwrap();
     assert!(beat.cancel_requested);

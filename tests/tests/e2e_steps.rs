@@ -115,3 +115,41 @@ async fn a_worker_killed_in_step_two_re_runs_only_step_two() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_cancelled_after_two_chunks_hands_the_user_those_two() {
+    // GIVEN a five-chunk document, each chunk 3 s at the AI
+    let options = Options::new("steps-partial").setting("LONGRUN_CAP_S", 120);
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    stack.connect_openai_key("fay").await;
+    let params = json!({"document": document(5, |_| "[[delay=3000]]".to_owned())});
+    let task_id = stack
+        .start_task("fay", "chat-fay", "refine_document", params)
+        .await;
+    // WHEN the user cancels while the third chunk is at the AI
+    eventually("the AI call of chunk 2", WAIT, || async {
+        (stack.openai.calls_with("chunk-2-marker").len() == 1).then_some(())
+    })
+    .await;
+    let cancelled = stack.ask("cancel", "fay", &task_id).await;
+    assert_eq!(cancelled["status"], 200, "{cancelled}");
+    // THEN one "cancelled" result carries the two chunks refined before it
+    let result = stack.wait_result(&task_id, WAIT).await;
+    assert_eq!(result["ok"], false, "{result}");
+    assert_eq!(result["summary"], "'refine_document' was cancelled.");
+    let partial = &result["data"]["partial"];
+    assert_eq!(partial["chunks_done"], 2, "{result}");
+    assert_eq!(partial["chunks"], 5);
+    let text = partial["text"].as_str().unwrap();
+    assert!(
+        text.contains("chunk-0-marker") && text.contains("chunk-1-marker"),
+        "{text:.200}"
+    );
+    assert!(!text.contains("chunk-2-marker"));
+    let task = stack.wait_delivered(&task_id, WAIT).await;
+    assert_eq!(task.state, TaskState::Cancelled);
+    assert_eq!(stack.chat.results_for(&task_id).len(), 1);
+    assert!(stack.openai.calls_with("chunk-3-marker").is_empty());
+}

@@ -18,7 +18,8 @@ use std::time::Duration;
 use longrun::schemars::{self, JsonSchema};
 use longrun::serde_json::json;
 use longrun::{
-    ActionResult, ActionType, BackgroundOptions, ChatFunction, Ctx, Extension, Job, Secret,
+    ActionResult, ActionType, BackgroundOptions, ChatFunction, Ctx, Extension, Job, PartialError,
+    Secret,
 };
 use serde::{Deserialize, Serialize};
 
@@ -194,6 +195,13 @@ async fn refine_document(ctx: Ctx, params: RefineDocumentParams) -> longrun::Res
             Ok(Ok(text)) => refined.push(text),
             Ok(Err(result)) => return Ok(result),
             Err(error) => return Err(longrun::Error::msg(error)),
+        }
+        // What the user keeps if they cancel now or the task runs out of time. A document
+        // whose refined text outgrows the limit keeps the last value that fitted.
+        let so_far = json!({"text": refined.join("\n\n"), "chunks_done": i + 1, "chunks": total});
+        match ctx.partial(so_far).await {
+            Ok(()) | Err(PartialError::TooLarge { .. }) => {}
+            Err(other) => return Err(other.into()),
         }
         let pct = i64::try_from((i + 1) * 95 / total).unwrap_or(95);
         ctx.progress(pct, format!("Refined chunk {} of {total}", i + 1))

@@ -13,7 +13,9 @@ pub struct ActionResult {
     pub ok: bool,
     /// The one line shown in the chat.
     pub summary: String,
-    /// Structured payload; `null` for errors.
+    /// Structured payload; `null` for errors, except a cancelled or timed-out task's
+    /// fallback, which carries `{"partial": …}` when the handler recorded one
+    /// (`ctx.partial`).
     #[serde(default)]
     pub data: Option<Value>,
     /// Whether trying again may help (errors only; always `false` on success).

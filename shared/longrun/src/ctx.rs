@@ -33,6 +33,28 @@ pub enum ProgressError {
     LeaseLost,
 }
 
+/// Why `ctx.partial` did not record a value (the one recorded before stays).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PartialError {
+    /// The value does not serialize to JSON.
+    #[error("partial result does not serialize: {0}")]
+    Serialize(String),
+    /// The value is larger than a partial result may be.
+    #[error("partial result is {size} bytes; the limit is {limit}")]
+    TooLarge {
+        /// The value's size as JSON, in bytes.
+        size: usize,
+        /// [`MAX_PARTIAL_BYTES`].
+        limit: usize,
+    },
+    /// The table cannot store the value (too deeply nested, or a number out of range).
+    #[error("partial result cannot be stored: {0}")]
+    Unstorable(String),
+}
+
+/// The largest value `ctx.partial` records, as JSON: it must fit in the fallback result.
+pub const MAX_PARTIAL_BYTES: usize = 64 * 1024;
+
 /// Why `ctx.background_task` did not start a task.
 #[derive(Debug, thiserror::Error)]
 pub enum BackgroundError {
@@ -99,6 +121,9 @@ impl BackgroundOptions {
 #[async_trait]
 pub(crate) trait ProgressSink: Send + Sync {
     async fn report(&self, progress: Progress) -> Result<(), ProgressError>;
+
+    /// Keeps `value` as the run's partial result, written with the next checkpoint.
+    async fn partial(&self, value: Value);
 
     /// Turns `true` once the task is seen cancelled (stops `ctx.http` calls in flight).
     fn cancel_signal(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
@@ -450,6 +475,36 @@ impl Ctx {
             }
             None => Ok(()),
         }
+    }
+
+    /// Records what the handler has achieved so far, for the user to keep if the task ends
+    /// before it returns.
+    ///
+    /// If the task is cancelled or runs out of time, the fallback result in the chat carries
+    /// the last value recorded as `data: {"partial": value}`; a task that finishes otherwise
+    /// delivers its own result and the value is only kept in the task record (`partial`).
+    /// The call writes nothing itself: the value goes out with the next checkpoint — a
+    /// progress write or a heartbeat, at most one heartbeat later — so it may be called after
+    /// every chunk of work. A later value replaces an earlier one; values are limited to
+    /// [`MAX_PARTIAL_BYTES`] as JSON. Outside a background task (Pattern A) it only checks
+    /// the value.
+    pub async fn partial(&self, value: impl Serialize) -> Result<(), PartialError> {
+        let value =
+            serde_json::to_value(value).map_err(|e| PartialError::Serialize(e.to_string()))?;
+        let size = serde_json::to_vec(&value)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if size > MAX_PARTIAL_BYTES {
+            return Err(PartialError::TooLarge {
+                size,
+                limit: MAX_PARTIAL_BYTES,
+            });
+        }
+        crate::wire::check_storable(&value).map_err(PartialError::Unstorable)?;
+        if let Some(sink) = &self.progress {
+            sink.partial(value).await;
+        }
+        Ok(())
     }
 
     /// Runs `body` as a checkpointed step named `name` and returns its output.

@@ -507,7 +507,7 @@ mod tests {
             let pct = u8::try_from(seq * 20).unwrap();
             stack
                 .tasks
-                .beat(&task_id, &lease, Some(&at(pct)), now)
+                .beat(&task_id, &lease, Some(&at(pct)), None, now)
                 .await
                 .unwrap();
             let message = DeliveryMessage::Progress {
@@ -565,7 +565,7 @@ mod tests {
         for pct in [30, 60] {
             stack
                 .tasks
-                .beat(&task_id, &lease, Some(&at(pct)), now)
+                .beat(&task_id, &lease, Some(&at(pct)), None, now)
                 .await
                 .unwrap();
         }

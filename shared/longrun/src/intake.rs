@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::ctx::Caller;
-use crate::outcome::{cancelled_result, panic_message};
+use crate::outcome::panic_message;
 use crate::ports::{PortError, RequestKey};
 use crate::runtime::{EnqueueError, Runtime, TaskSpec};
 use crate::task::{AuditItem, AuditKind, Task, TaskId, TaskKind, TaskState};
@@ -289,7 +289,10 @@ pub async fn cancel_task(rt: &Runtime, task: Task) -> Result<Task, IntakeError> 
         TaskState::Queued => {
             let finish = crate::ports::Finish {
                 state: TaskState::Cancelled,
-                result: cancelled_result(&task.function),
+                // A task requeued after a partial run hands over what it recorded.
+                result: crate::outcome::Outcome::cancelled(&task.function)
+                    .with_partial(task.partial.as_ref())
+                    .result,
                 at: now,
                 guard: FinishGuard::Queued,
                 redeliver_at: rt.redeliver_at(now),

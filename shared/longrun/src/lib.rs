@@ -92,8 +92,9 @@ pub mod worker;
 
 pub use action::ActionResult;
 pub use ctx::{
-    BackgroundError, BackgroundOptions, Caller, Ctx, MAX_PROGRESS_MESSAGE_CHARS,
-    MAX_STORE_KEY_BYTES, MissingState, ProgressError, SecretError, Secrets, Store, StoreError,
+    BackgroundError, BackgroundOptions, Caller, Ctx, MAX_PARTIAL_BYTES, MAX_PROGRESS_MESSAGE_CHARS,
+    MAX_STORE_KEY_BYTES, MissingState, PartialError, ProgressError, SecretError, Secrets, Store,
+    StoreError,
 };
 pub use error::{Cancelled, Error, Result};
 pub use extension::{

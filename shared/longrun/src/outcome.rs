@@ -60,6 +60,18 @@ impl Outcome {
         }
     }
 
+    /// A cancelled or timed-out run hands the user what the handler recorded with
+    /// `ctx.partial`, as the result's `data`: `{"partial": value}`. Other ends keep theirs.
+    pub(crate) fn with_partial(mut self, partial: Option<&serde_json::Value>) -> Self {
+        if let Some(partial) = partial
+            && matches!(self.state, TaskState::Cancelled | TaskState::TimedOut)
+            && self.result.data.is_none()
+        {
+            self.result.data = Some(serde_json::json!({ "partial": partial }));
+        }
+        self
+    }
+
     /// The task ran past its cap.
     pub(crate) fn timed_out(function: &str, cap_s: u64) -> Self {
         Self {

@@ -182,13 +182,14 @@ pub trait TaskStore: Send + Sync {
     -> PortResult<Claim>;
 
     /// One conditional write: renews the lease held by `lease.owner`, records the heartbeat
-    /// and, when `progress` is given, the checkpoint (bumping `progress_seq`). Returns the
-    /// cancel flag. `Conflict` when the caller no longer holds the lease.
+    /// and, when `progress` is given, the checkpoint (bumping `progress_seq`); when `partial`
+    /// is given, the handler's partial result. Returns the cancel flag. `Conflict` when the caller no longer holds the lease.
     async fn beat(
         &self,
         task_id: &TaskId,
         lease: &Lease,
         progress: Option<&Progress>,
+        partial: Option<&serde_json::Value>,
         now: DateTime<Utc>,
     ) -> PortResult<Beat>;
 

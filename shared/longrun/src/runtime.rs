@@ -291,6 +291,7 @@ impl Runtime {
             redeliver_at: None,
             result: None,
             params: spec.params,
+            partial: None,
             lease: Some(self.queue_lease(now)),
             request_id,
             isolated: false,

@@ -439,13 +439,15 @@ mod tests {
             .status;
         assert_eq!(status, 200);
         while invoke(&stack, 45).await > 0 {}
-        // THEN no further step ran and the chat got one "cancelled" result
+        // THEN no further step ran and the chat got one "cancelled" result, carrying the
+        // chunks the first invocation recorded (`ctx.partial` outlives the invocation)
         assert_eq!(runs.step_runs("chunk-3"), 0);
         assert_eq!(task(&stack, &id).await.state, TaskState::Cancelled);
-        assert_eq!(
-            results_in(&stack, "chat-u1"),
-            vec![ActionResult::error("'chunks' was cancelled.", false)]
-        );
+        let mut cancelled = ActionResult::error("'chunks' was cancelled.", false);
+        cancelled.data = Some(json!({"partial": {"chunks": [
+            "refined 0 (run 1)", "refined 1 (run 1)", "refined 2 (run 1)"
+        ]}}));
+        assert_eq!(results_in(&stack, "chat-u1"), vec![cancelled]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -288,6 +288,10 @@ pub struct Task {
     /// The handler's input, kept so a lost work message can be re-sent.
     #[serde(default)]
     pub params: serde_json::Value,
+    /// What the handler recorded with `ctx.partial` by its last checkpoint: handed to the
+    /// user in the result's `data.partial` if the task ends cancelled or timed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<serde_json::Value>,
     /// Who holds the task: a worker while it runs, the queue while it waits (when that lapses,
     /// the sweeper re-sends the work message). `None` once it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]

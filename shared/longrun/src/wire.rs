@@ -325,6 +325,7 @@ impl WorkMessage {
             redeliver_at: None,
             result: None,
             params: self.params.clone(),
+            partial: None,
             lease: None,
             request_id: self.request_id.clone(),
             isolated: self.isolated,

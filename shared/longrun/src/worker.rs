@@ -372,9 +372,15 @@ async fn execute(
     let first = tokio::select! {
         finished = &mut work => Some(finished),
         _ = tokio::time::sleep_until(cap_deadline) => {
-            return Ending::Done(Outcome::timed_out(&task.function, task.cap_s));
+            let partial = checkpoint.latest_partial().await;
+            return Ending::Done(
+                Outcome::timed_out(&task.function, task.cap_s).with_partial(partial.as_ref()),
+            );
         }
-        _ = sleep_until_opt(yield_at) => return Ending::Continue,
+        _ = sleep_until_opt(yield_at) => {
+            checkpoint.flush().await;
+            return Ending::Continue;
+        }
         // A step or store write found the task taken over: stop at once.
         _ = run_lease.lost() => return Ending::LeaseLost,
         _ = steps.handed_off() => {
@@ -394,11 +400,15 @@ async fn execute(
             Ok(finished) => finished,
             Err(_) => {
                 tracing::info!(task_id = %task.task_id, "cancelled handler dropped after the grace period");
-                return Ending::Done(Outcome::cancelled(&task.function));
+                let partial = checkpoint.latest_partial().await;
+                return Ending::Done(
+                    Outcome::cancelled(&task.function).with_partial(partial.as_ref()),
+                );
             }
         },
     };
     checkpoint.flush().await;
+    let partial = checkpoint.latest_partial().await;
     // How the run ended is decided from what the runtime itself saw, not from the handler's
     // error: a lost lease, a replay that met another step than the record holds.
     if run_lease.is_lost() {
@@ -435,7 +445,11 @@ async fn execute(
             )
         }
         Ok(Ok(result)) => Outcome::returned(result),
-        Ok(Err(err)) if err.is_cancelled() => Outcome::cancelled(&task.function),
+        // An error after the cancel was seen is the cancel's doing, whatever the handler made
+        // of it (a cancelled AI call turned into a step's error value, say).
+        Ok(Err(err)) if err.is_cancelled() || checkpoint.is_cancelled() => {
+            Outcome::cancelled(&task.function).with_partial(partial.as_ref())
+        }
         Ok(Err(ref err)) if let Some(missing) = err.downcast_ref::<SecretError>() => {
             Outcome::returned(missing.to_result())
         }
@@ -465,6 +479,9 @@ pub(crate) async fn end(
     outcome: Outcome,
 ) -> Result<(), PortError> {
     let now = rt.now();
+    // A cancelled or timed-out end hands the user what the handler recorded (the run's own
+    // latest value when the worker ends it, else the one the record holds).
+    let outcome = outcome.with_partial(task.partial.as_ref());
     let mut audit = Vec::new();
     if let Some(critical) = &outcome.critical {
         audit.push(AuditItem::new(
@@ -531,6 +548,10 @@ struct Written {
     /// When the last write (progress or heartbeat) was made — or tried: a table that fails
     /// is tried again a period later, not in a tight loop.
     at: Instant,
+    /// The last partial result the handler recorded (`ctx.partial`)...
+    partial: Option<serde_json::Value>,
+    /// ...and whether the table holds it.
+    partial_stored: bool,
 }
 
 /// The running task's checkpoint writer: the single place progress, heartbeats, lease renewal
@@ -560,6 +581,8 @@ impl Checkpoint {
                 at: Instant::now()
                     .checked_sub(rt.settings.progress_interval)
                     .unwrap_or_else(Instant::now),
+                partial: task.partial.clone(),
+                partial_stored: true,
             }),
             cancelled: AtomicBool::new(false),
             cancel_signal: tokio::sync::watch::Sender::new(false),
@@ -571,6 +594,11 @@ impl Checkpoint {
 
     fn is_lease_lost(&self) -> bool {
         self.run_lease.is_lost()
+    }
+
+    /// Whether the cancel flag was seen.
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
     }
 
     fn check(&self) -> Result<(), ProgressError> {
@@ -592,14 +620,24 @@ impl Checkpoint {
             until: now + to_chrono(self.rt.settings.lease),
         };
         let progress = (state.reported != state.written).then(|| state.reported.clone());
+        let partial = state.partial.clone().filter(|_| !state.partial_stored);
         match self
             .rt
             .services
             .tasks
-            .beat(&self.task.task_id, &lease, progress.as_ref(), now)
+            .beat(
+                &self.task.task_id,
+                &lease,
+                progress.as_ref(),
+                partial.as_ref(),
+                now,
+            )
             .await
         {
             Ok(beat) => {
+                if partial.is_some() {
+                    state.partial_stored = true;
+                }
                 if let Some(progress) = progress {
                     state.written = progress.clone();
                     let message = DeliveryMessage::Progress {
@@ -663,12 +701,17 @@ impl Checkpoint {
         }
     }
 
-    /// Writes the last reported progress if it was coalesced away.
+    /// Writes the last reported progress and partial result if they were not written yet.
     async fn flush(&self) {
         let mut state = self.state.lock().await;
-        if state.reported != state.written && !self.is_lease_lost() {
+        if (state.reported != state.written || !state.partial_stored) && !self.is_lease_lost() {
             self.write(&mut state).await;
         }
+    }
+
+    /// The last partial result the handler recorded, written or not.
+    async fn latest_partial(&self) -> Option<serde_json::Value> {
+        self.state.lock().await.partial.clone()
     }
 }
 
@@ -691,6 +734,12 @@ impl ProgressSink for Checkpoint {
         }
         drop(state);
         self.check()
+    }
+
+    async fn partial(&self, value: serde_json::Value) {
+        let mut state = self.state.lock().await;
+        state.partial = Some(value);
+        state.partial_stored = false;
     }
 }
 
@@ -943,6 +992,98 @@ mod tests {
             results_in(&stack, "chat-u1"),
             vec![ActionResult::error("'bg' was cancelled.", false)]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_task_hands_over_its_partial_result() {
+        // GIVEN a job of five 10 s steps that records the chunks refined so far
+        let (stack, _) = stack();
+        let task_id = task_id_of(
+            &stack
+                .intake(call_event("chunks", "u1", json!({"n": 5})))
+                .await,
+        );
+        let worker = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        // WHEN the user cancels during the third chunk
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
+        worker.await.unwrap();
+        stack.drain(20).await;
+        // THEN one "cancelled" result carries the two chunks refined before it
+        let partial = json!({"chunks": ["refined 0 (run 1)", "refined 1 (run 1)"]});
+        let mut expected = ActionResult::error("'chunks' was cancelled.", false);
+        expected.data = Some(json!({ "partial": partial }));
+        assert_eq!(results_in(&stack, "chat-u1"), vec![expected]);
+        let ended = task(&stack, &task_id).await;
+        assert_eq!(ended.state, TaskState::Cancelled);
+        assert_eq!(ended.partial, Some(partial));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_out_task_hands_over_its_last_partial_result_written_once_a_heartbeat() {
+        // GIVEN a silent handler that records a partial result every second, ten times, and
+        // one that records none
+        let writes_of = |n: u32| async move {
+            let (stack, _) = stack();
+            let task_id = task_id_of(
+                &stack
+                    .intake(call_event("partial", "u1", json!({"n": n})))
+                    .await,
+            );
+            // WHEN each runs past its cap
+            stack.drain(20).await;
+            (stack, task_id)
+        };
+        let (silent, _) = writes_of(0).await;
+        let (stack, task_id) = writes_of(10).await;
+        // THEN the timed-out result carries the last value
+        let ended = task(&stack, &task_id).await;
+        assert_eq!(ended.state, TaskState::TimedOut);
+        let results = results_in(&stack, "chat-u1");
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0].data, Some(json!({"partial": {"done": 10}})));
+        // AND the ten calls cost no write of their own: the heartbeats carried them (the cap
+        // and a heartbeat fall due at the same instant, so either run may write one more)
+        assert!(stack.tasks.writes().abs_diff(silent.tasks.writes()) <= 1);
+        assert_eq!(
+            results_in(&silent, "chat-u1")[0].data,
+            None,
+            "nothing recorded, nothing handed over"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_never_records_a_partial_result_ends_as_before() {
+        let (stack, _) = stack();
+        task_id_of(&stack.intake(call_event("sleepy", "u1", json!({}))).await);
+        stack.drain(20).await;
+        let results = results_in(&stack, "chat-u1");
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0].data, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handler_that_turns_the_cancel_into_its_own_error_ends_cancelled() {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("swallow", "u1", json!({}))).await);
+        let worker = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
+        worker.await.unwrap();
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::error("'swallow' was cancelled.", false)]
+        );
+        let audit = audit_kinds(&stack, &task_id).await;
+        assert_eq!(count(&audit, AuditKind::Critical), 0, "{audit:?}");
     }
 
     #[tokio::test(start_paused = true)]

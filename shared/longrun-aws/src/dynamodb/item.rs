@@ -174,6 +174,9 @@ pub(super) fn task_item(task: &Task, ttl: Duration) -> PortResult<Item> {
         put("result", json_to_attribute(&value));
     }
     put("params", json_to_attribute(&task.params));
+    if let Some(partial) = &task.partial {
+        put("partial", json_to_attribute(partial));
+    }
     if let Some(lease) = &task.lease {
         put("lease_owner", s(&lease.owner));
         put("lease_until", s(iso(lease.until)));
@@ -342,6 +345,7 @@ pub(super) fn task_from_item(item: &Item) -> PortResult<Task> {
         redeliver_at: f.opt_time("redeliver_at")?,
         result,
         params: f.json("params")?.unwrap_or(Value::Null),
+        partial: f.json("partial")?,
         lease,
         request_id: f.opt_s("request_id")?.map(str::to_owned),
         isolated: f.flag("isolated")?,

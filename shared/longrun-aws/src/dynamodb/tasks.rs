@@ -604,6 +604,7 @@ impl TaskStore for DynamoTaskStore {
         task_id: &TaskId,
         lease: &Lease,
         progress: Option<&Progress>,
+        partial: Option<&serde_json::Value>,
         now: DateTime<Utc>,
     ) -> PortResult<Beat> {
         let mut update = String::from(
@@ -630,6 +631,10 @@ impl TaskStore for DynamoTaskStore {
                 (":zero".to_owned(), n(0)),
                 (":one".to_owned(), n(1)),
             ]);
+        }
+        if let Some(partial) = partial {
+            update.push_str(", #partial = :partial");
+            values.push((":partial".to_owned(), json_to_attribute(partial)));
         }
         let request = self.update_task(task_id, &update, condition, values);
         let task = self

@@ -122,6 +122,7 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
                             })
                             .await?;
                         out.push(text);
+                        ctx.partial(json!({"chunks": out})).await?;
                         ctx.progress(
                             i64::from((i + 1) * 100 / n.max(1)),
                             format!("chunk {} of {}", i + 1, n),
@@ -216,6 +217,32 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
                 ctx.progress(1, "Starting").await?;
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 Ok(ActionResult::success("woke up", ()))
+            })
+            .background(true),
+        )
+        .function(
+            // Records a partial result after each of `n` seconds of work, silently (no progress
+            // calls), then hangs until its cap.
+            ChatFunction::new("partial", |ctx: Ctx, p: Params| async move {
+                for done in 1..=p.n {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    ctx.partial(json!({"done": done})).await?;
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(ActionResult::success("never", ()))
+            })
+            .background(true),
+        )
+        .function(
+            // Turns the cancellation it sees into an error of its own making.
+            ChatFunction::new("swallow", |ctx: Ctx, _p: Params| async move {
+                for i in 0..100 {
+                    if let Err(seen) = ctx.progress(i, "working").await {
+                        return Err(crate::Error::msg(format!("gave up: {seen}")));
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Ok(ActionResult::success("done", ()))
             })
             .background(true),
         )

@@ -239,6 +239,7 @@ impl TaskStore for MemoryTaskStore {
         task_id: &TaskId,
         lease: &Lease,
         progress: Option<&Progress>,
+        partial: Option<&serde_json::Value>,
         now: DateTime<Utc>,
     ) -> PortResult<Beat> {
         let mut t = lock(&self.tables);
@@ -260,6 +261,9 @@ impl TaskStore for MemoryTaskStore {
         if let Some(progress) = progress {
             task.progress = progress.clone();
             task.progress_seq += 1;
+        }
+        if let Some(partial) = partial {
+            task.partial = Some(partial.clone());
         }
         let beat = Beat {
             cancel_requested: task.cancel_requested,
