@@ -185,3 +185,43 @@ async fn another_user_gets_403_and_learns_nothing_of_the_task() {
     assert_eq!(own["task"]["state"], "succeeded");
     stack.assert_no_secret_in_output();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_silent_past_the_stall_period_gets_one_notice_then_its_result() {
+    // A 2 s stall period, heartbeats every 500 ms.
+    let options = Options::new("stall").setting("LONGRUN_STALL_MS", 2000);
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    stack.connect_openai_key("gus").await;
+    // GIVEN a Pattern B task whose AI call takes 6 s, with no progress meanwhile
+    let task_id = stack
+        .start_task(
+            "gus",
+            "chat-gus",
+            "refine_output",
+            json!({"input": "slow one [[delay=6000]]"}),
+        )
+        .await;
+    // WHEN it runs to its result
+    let result = stack.wait_result(&task_id, WAIT).await;
+    assert_eq!(result["ok"], true, "{result}");
+    stack.wait_delivered(&task_id, WAIT).await;
+    // THEN the chat got exactly one "still working" notice, before the result
+    let posts = stack.chat.for_task(&task_id);
+    let notices: Vec<_> = posts
+        .iter()
+        .filter(|p| p.idempotency_key.contains(":notice:stalled:"))
+        .collect();
+    assert_eq!(notices.len(), 1, "{posts:?}");
+    let text = notices[0].body["progress"]["message"].as_str().unwrap();
+    assert!(text.starts_with("Still working on it…"), "{text}");
+    assert_eq!(posts.last().unwrap().kind(), "result");
+    assert_eq!(
+        stack
+            .audit_count(&task_id, AuditKind::Delivered, "delivered#notice#stalled#")
+            .await,
+        1
+    );
+    assert_eq!(stack.task(&task_id).await.state, TaskState::Succeeded);
+}

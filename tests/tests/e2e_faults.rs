@@ -152,6 +152,14 @@ async fn a_worker_killed_mid_task_is_retried_to_exactly_one_result() {
         "the killed call died with it"
     );
     assert_eq!(ai.last().map(|c| c.state), Some(CallState::Answered));
+    // AND the chat was told once that the task resumed
+    let resumed = stack
+        .chat
+        .for_task(&task_id)
+        .iter()
+        .filter(|p| p.idempotency_key.contains(":notice:resumed:"))
+        .count();
+    assert_eq!(resumed, 1);
     // AND nothing is left stuck
     assert_all_terminal(&stack, "dora").await;
     stack.assert_no_secret_in_output();

@@ -10,8 +10,8 @@ use tokio::time::Instant;
 
 use crate::ports::{ChatOutcome, PortError};
 use crate::runtime::Runtime;
-use crate::task::{AuditItem, AuditKind, Task, TaskId};
-use crate::wire::{ChatMessage, DeliveryMessage};
+use crate::task::{AuditItem, AuditKind, Progress, Task, TaskId};
+use crate::wire::{ChatMessage, DeliveryMessage, Notice};
 use crate::worker::{BATCH_CONCURRENCY, QueueRecord};
 
 /// What is kept back from the invocation's deadline: no post starts, and none runs, later
@@ -73,6 +73,7 @@ async fn deliver_task(
 ) -> Vec<String> {
     messages.sort_by_key(|r| match r.message {
         DeliveryMessage::Progress { seq, .. } => seq,
+        DeliveryMessage::Notice { .. } => u64::MAX - 1,
         DeliveryMessage::Result { .. } => u64::MAX,
     });
     let retry_all = |messages: Vec<Received>| messages.into_iter().map(|r| r.message_id).collect();
@@ -91,7 +92,7 @@ async fn deliver_task(
         .iter()
         .filter_map(|r| match r.message {
             DeliveryMessage::Progress { seq, .. } => Some(seq),
-            DeliveryMessage::Result { .. } => None,
+            DeliveryMessage::Result { .. } | DeliveryMessage::Notice { .. } => None,
         })
         .max();
     let mut seen = HashSet::new();
@@ -211,6 +212,27 @@ async fn deliver(rt: &Runtime, task: &Task, message: &DeliveryMessage) -> Result
             };
             (body, format!("delivered#progress#{seq}"))
         }
+        DeliveryMessage::Notice { notice, .. } => {
+            if task.state.is_terminal() {
+                return Ok(()); // none after the result
+            }
+            if let Notice::Stalled { seq, .. } = notice
+                && *seq < task.progress_seq
+            {
+                // The task moved on since it was seen stalled.
+                return Ok(());
+            }
+            let body = ChatMessage::Progress {
+                user: task.user.clone(),
+                ext: task.ext.clone(),
+                task_id: task.task_id.clone(),
+                progress: Progress {
+                    pct: task.progress.pct,
+                    message: notice.text(),
+                },
+            };
+            (body, notice.audit_id())
+        }
     };
     let key = message.idempotency_key();
     match rt.services.chat.post(&task.chat, &key, &body).await {
@@ -253,6 +275,13 @@ async fn delivered(
         DeliveryMessage::Result { .. } => format!("result delivered to chat {}", task.chat),
         DeliveryMessage::Progress { seq, .. } => {
             format!("progress #{seq} delivered to chat {}", task.chat)
+        }
+        DeliveryMessage::Notice { notice, .. } => {
+            format!(
+                "notice \"{}\" delivered to chat {}",
+                notice.text(),
+                task.chat
+            )
         }
     };
     rt.services

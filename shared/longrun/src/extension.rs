@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
@@ -100,6 +101,7 @@ pub struct ChatFunction {
     event: Option<String>,
     background: bool,
     long_running: bool,
+    stall: Option<Option<Duration>>,
     params_schema: Value,
     example: Option<Value>,
     validate: Validator,
@@ -121,6 +123,7 @@ impl ChatFunction {
             event: None,
             background: false,
             long_running: false,
+            stall: None,
             params_schema: schemars::schema_for!(P).to_value(),
             example: None,
             validate: validator::<P>(),
@@ -155,6 +158,14 @@ impl ChatFunction {
     /// Raises the task cap from 180 s to 1800 s (background functions only).
     pub fn long_running(mut self, long_running: bool) -> Self {
         self.long_running = long_running;
+        self
+    }
+
+    /// When the chat gets a "still working on it" notice: after `after` without progress
+    /// while the task is alive, or never (`None`). The default is `Settings::stall_after`
+    /// (60 s).
+    pub fn stall_notice(mut self, after: Option<Duration>) -> Self {
+        self.stall = Some(after);
         self
     }
 
@@ -221,6 +232,7 @@ impl ChatFunction {
 pub struct Job {
     name: String,
     event: Option<String>,
+    stall: Option<Option<Duration>>,
     validate: Validator,
     handler: Handler,
 }
@@ -236,6 +248,7 @@ impl Job {
         Self {
             name: name.into(),
             event: None,
+            stall: None,
             validate: validator::<I>(),
             handler: handler(run),
         }
@@ -244,6 +257,13 @@ impl Job {
     /// The event name the platform emits with an ok result.
     pub fn event(mut self, event: impl Into<String>) -> Self {
         self.event = Some(event.into());
+        self
+    }
+
+    /// When the chat gets a "still working on it" notice, as
+    /// [`ChatFunction::stall_notice`].
+    pub fn stall_notice(mut self, after: Option<Duration>) -> Self {
+        self.stall = Some(after);
         self
     }
 
@@ -442,6 +462,18 @@ impl Extension {
                 self.functions.get(name).map(|f| Arc::clone(&f.handler))
             }
             crate::task::TaskKind::Job => self.jobs.get(name).map(|j| Arc::clone(&j.handler)),
+        }
+    }
+
+    /// The stall notice a task of `kind` named `name` set for itself, if it set one.
+    pub(crate) fn stall_notice(
+        &self,
+        kind: crate::task::TaskKind,
+        name: &str,
+    ) -> Option<Option<Duration>> {
+        match kind {
+            crate::task::TaskKind::Function => self.functions.get(name).and_then(|f| f.stall),
+            crate::task::TaskKind::Job => self.jobs.get(name).and_then(|j| j.stall),
         }
     }
 

@@ -52,6 +52,10 @@ pub struct Settings {
     /// the heartbeat, so a progress write stands in for a heartbeat and writes per task do not
     /// grow with the progress rate.
     pub progress_interval: Duration,
+    /// How long a running task's progress may stand still, its heartbeat alive, before the
+    /// chat gets one "still working on it" notice (`LONGRUN_STALL_MS`, 60 s); a function may
+    /// set its own or none ([`ChatFunction::stall_notice`](crate::ChatFunction::stall_notice)).
+    pub stall_after: Duration,
     /// How long a cancelled handler may take to notice before it is dropped.
     pub cancel_grace: Duration,
     /// How long a queued task may wait for a worker before the sweeper re-sends its message.
@@ -82,6 +86,7 @@ impl Default for Settings {
             lease: Duration::from_secs(60),
             heartbeat: Duration::from_secs(5),
             progress_interval: Duration::from_secs(5),
+            stall_after: Duration::from_secs(60),
             cancel_grace: Duration::from_secs(2),
             queue_grace: Duration::from_secs(120),
             max_attempts: 3,
@@ -131,6 +136,7 @@ impl Settings {
             lease: ms("LONGRUN_LEASE_MS", d.lease)?,
             heartbeat: ms("LONGRUN_HEARTBEAT_MS", d.heartbeat)?,
             progress_interval: ms("LONGRUN_PROGRESS_INTERVAL_MS", d.progress_interval)?,
+            stall_after: ms("LONGRUN_STALL_MS", d.stall_after)?,
             cancel_grace: ms("LONGRUN_CANCEL_GRACE_MS", d.cancel_grace)?,
             queue_grace: ms("LONGRUN_QUEUE_GRACE_MS", d.queue_grace)?,
             max_attempts: match number("LONGRUN_MAX_ATTEMPTS")? {
@@ -175,6 +181,7 @@ impl Settings {
             ("LONGRUN_LEASE_MS", self.lease),
             ("LONGRUN_HEARTBEAT_MS", self.heartbeat),
             ("LONGRUN_PROGRESS_INTERVAL_MS", self.progress_interval),
+            ("LONGRUN_STALL_MS", self.stall_after),
             ("LONGRUN_QUEUE_GRACE_MS", self.queue_grace),
             ("LONGRUN_STEP_BUDGET_MS", self.step_budget),
             ("LONGRUN_CAP_S", self.cap_override.unwrap_or(Duration::MAX)),

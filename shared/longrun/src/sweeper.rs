@@ -406,6 +406,15 @@ mod tests {
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
         let audit = audit_kinds(&stack, &task_id).await;
         assert_eq!(count(&audit, AuditKind::Reclaimed), 1, "{audit:?}");
+        // AND the chat was told once that the task resumed
+        let resumed: Vec<_> = stack
+            .chat
+            .posted()
+            .into_iter()
+            .filter(|p| p.idempotency_key == format!("{task_id}:notice:resumed:2"))
+            .collect();
+        assert_eq!(resumed.len(), 1);
+        assert!(audit.contains(&(AuditKind::Delivered, "delivered#notice#resumed#2".into())));
     }
 
     #[tokio::test(start_paused = true)]

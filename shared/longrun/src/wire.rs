@@ -170,6 +170,10 @@ impl IntakeError {
     pub fn too_many_tasks(message: impl Into<String>) -> Self {
         Self::new(429, "too_many_tasks", message)
     }
+    /// 429: the user used up one of the extension's daily budgets.
+    pub fn over_budget(message: impl Into<String>) -> Self {
+        Self::new(429, "over_budget", message)
+    }
     /// 503: a dependency is unavailable; the caller may retry with the same `request_id`.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(503, "unavailable", message)
@@ -353,21 +357,85 @@ pub enum DeliveryMessage {
         /// The checkpoint to post: percentage and message.
         progress: Progress,
     },
+    /// A notice about a running task the handler did not write: posted as a progress
+    /// message, at most once each.
+    Notice {
+        /// The task it is about.
+        task_id: TaskId,
+        /// What happened.
+        notice: Notice,
+    },
+}
+
+/// What a notice says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Notice {
+    /// The task's progress has stood at checkpoint `seq` for the stall period while its
+    /// worker is alive; it has run `running_s` seconds.
+    Stalled {
+        /// The task's `progress_seq` when it was seen stalled: one notice per value.
+        seq: u64,
+        /// How long the task has run, in seconds.
+        running_s: u64,
+    },
+    /// A worker resumed the task after the previous one stopped without finishing it.
+    Resumed {
+        /// The attempt that resumed it.
+        attempt: u32,
+    },
+}
+
+impl Notice {
+    /// The text the chat shows.
+    pub fn text(&self) -> String {
+        match self {
+            Self::Stalled { running_s, .. } => {
+                let (m, s) = (running_s / 60, running_s % 60);
+                let took = if m == 0 {
+                    format!("{s} s")
+                } else {
+                    format!("{m} min {s} s")
+                };
+                format!("Still working on it… (running for {took})")
+            }
+            Self::Resumed { .. } => {
+                "The task was interrupted and is resuming where it left off.".to_owned()
+            }
+        }
+    }
+
+    /// The idempotency key and audit id suffix: `stalled:{seq}` or `resumed:{attempt}`.
+    fn key(&self) -> String {
+        match self {
+            Self::Stalled { seq, .. } => format!("stalled:{seq}"),
+            Self::Resumed { attempt } => format!("resumed:{attempt}"),
+        }
+    }
+
+    /// The `delivered` audit item's id: `delivered#notice#stalled#3`.
+    pub fn audit_id(&self) -> String {
+        format!("delivered#notice#{}", self.key().replace(':', "#"))
+    }
 }
 
 impl DeliveryMessage {
     /// The task the message is about.
     pub fn task_id(&self) -> &TaskId {
         match self {
-            Self::Result { task_id } | Self::Progress { task_id, .. } => task_id,
+            Self::Result { task_id }
+            | Self::Progress { task_id, .. }
+            | Self::Notice { task_id, .. } => task_id,
         }
     }
 
-    /// The chat API idempotency key: `{task_id}:result` or `{task_id}:progress:{seq}`.
+    /// The chat API idempotency key: `{task_id}:result`, `{task_id}:progress:{seq}`,
+    /// `{task_id}:notice:stalled:{seq}` or `{task_id}:notice:resumed:{attempt}`.
     pub fn idempotency_key(&self) -> String {
         match self {
             Self::Result { task_id } => format!("{task_id}:result"),
             Self::Progress { task_id, seq, .. } => format!("{task_id}:progress:{seq}"),
+            Self::Notice { task_id, notice } => format!("{task_id}:notice:{}", notice.key()),
         }
     }
 }

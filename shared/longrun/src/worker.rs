@@ -23,7 +23,7 @@ use crate::ports::{
 use crate::runtime::{Runtime, to_chrono};
 use crate::step::{StepLog, StepRecord};
 use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskState};
-use crate::wire::{DeliveryMessage, MAX_RESULT_BYTES, WorkMessage};
+use crate::wire::{DeliveryMessage, MAX_RESULT_BYTES, Notice, WorkMessage};
 
 /// How many messages of one batch run at once.
 pub const BATCH_CONCURRENCY: usize = 10;
@@ -276,6 +276,19 @@ async fn run(
                     return Err(err);
                 }
             };
+            if task.attempt > 1 {
+                // The previous worker stopped without finishing (a hand-off gives its attempt
+                // back): tell the chat once that the task goes on.
+                let message = DeliveryMessage::Notice {
+                    task_id: task.task_id.clone(),
+                    notice: Notice::Resumed {
+                        attempt: task.attempt,
+                    },
+                };
+                if let Err(err) = rt.services.delivery.send(&message).await {
+                    tracing::warn!(task_id = %task.task_id, error = %err, "resume notice not sent");
+                }
+            }
             execute(
                 rt,
                 &task,
@@ -552,6 +565,12 @@ struct Written {
     partial: Option<serde_json::Value>,
     /// ...and whether the table holds it.
     partial_stored: bool,
+    /// When the reported progress last changed (or the run started).
+    moved_at: Instant,
+    /// The task's `progress_seq` as last written.
+    seq: u64,
+    /// The `progress_seq` a stall notice was sent for: one per stall episode.
+    noticed: Option<u64>,
 }
 
 /// The running task's checkpoint writer: the single place progress, heartbeats, lease renewal
@@ -561,6 +580,8 @@ struct Checkpoint {
     rt: Runtime,
     task: Task,
     lease: Lease,
+    /// How long progress may stand still before the chat gets a notice; `None`: never.
+    stall_after: Option<Duration>,
     state: Mutex<Written>,
     cancelled: AtomicBool,
     /// Tells `ctx.http` calls in flight that the task was cancelled.
@@ -571,9 +592,14 @@ struct Checkpoint {
 
 impl Checkpoint {
     fn new(rt: Runtime, task: &Task, lease: Lease, run_lease: Arc<RunLease>) -> Self {
+        let stall_after = rt
+            .extension()
+            .and_then(|e| e.stall_notice(task.kind, &task.function))
+            .unwrap_or(Some(rt.settings.stall_after));
         Self {
             task: task.clone(),
             lease,
+            stall_after,
             state: Mutex::new(Written {
                 reported: task.progress.clone(),
                 written: task.progress.clone(),
@@ -583,6 +609,9 @@ impl Checkpoint {
                     .unwrap_or_else(Instant::now),
                 partial: task.partial.clone(),
                 partial_stored: true,
+                moved_at: Instant::now(),
+                seq: task.progress_seq,
+                noticed: None,
             }),
             cancelled: AtomicBool::new(false),
             cancel_signal: tokio::sync::watch::Sender::new(false),
@@ -635,6 +664,7 @@ impl Checkpoint {
             .await
         {
             Ok(beat) => {
+                state.seq = beat.progress_seq;
                 if partial.is_some() {
                     state.partial_stored = true;
                 }
@@ -689,6 +719,7 @@ impl Checkpoint {
                     if state.at.elapsed() >= every {
                         self.write(&mut state).await;
                     }
+                    self.notice_stall(&mut state).await;
                 }
                 _ = &mut stopped => {}
             }
@@ -698,6 +729,36 @@ impl Checkpoint {
             if self.cancelled.load(Ordering::SeqCst) {
                 return Stop::Cancelled;
             }
+        }
+    }
+
+    /// Tells the chat once per stall episode that a live task's progress has stood still for
+    /// the stall period. Sent after a successful heartbeat (the task is alive and not
+    /// cancelled); delivery drops it if the task moved on or ended meanwhile.
+    async fn notice_stall(&self, state: &mut Written) {
+        let Some(stall_after) = self.stall_after else {
+            return;
+        };
+        if state.moved_at.elapsed() < stall_after
+            || state.noticed == Some(state.seq)
+            || self.is_cancelled()
+            || self.is_lease_lost()
+        {
+            return;
+        }
+        state.noticed = Some(state.seq);
+        let started = self.task.started_at.unwrap_or(self.task.created_at);
+        let running_s = (self.rt.now() - started).num_seconds().max(0) as u64;
+        let message = DeliveryMessage::Notice {
+            task_id: self.task.task_id.clone(),
+            notice: Notice::Stalled {
+                seq: state.seq,
+                running_s,
+            },
+        };
+        tracing::info!(task_id = %self.task.task_id, running_s, "progress stalled; the chat is told");
+        if let Err(err) = self.rt.services.delivery.send(&message).await {
+            tracing::warn!(task_id = %self.task.task_id, error = %err, "stall notice not sent");
         }
     }
 
@@ -726,6 +787,9 @@ impl ProgressSink for Checkpoint {
         let mut state = self.state.lock().await;
         // Progress in the chat never goes backwards.
         progress.pct = progress.pct.max(state.reported.pct);
+        if progress != state.reported {
+            state.moved_at = Instant::now();
+        }
         state.reported = progress;
         if state.at.elapsed() >= self.rt.settings.progress_interval
             && state.reported != state.written
@@ -1084,6 +1148,81 @@ mod tests {
         );
         let audit = audit_kinds(&stack, &task_id).await;
         assert_eq!(count(&audit, AuditKind::Critical), 0, "{audit:?}");
+    }
+
+    /// The progress messages the chat shows for `task_id`, in order.
+    fn progress_messages(stack: &crate::testing::MemoryStack) -> Vec<String> {
+        stack
+            .chat
+            .in_chat("chat-u1")
+            .into_iter()
+            .filter_map(|m| match m {
+                ChatMessage::Progress { progress, .. } => Some(progress.message),
+                ChatMessage::Result { .. } => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_silent_past_the_stall_period_gets_one_notice_per_episode_then_its_result() {
+        // GIVEN a handler silent for 70 s, then after one more progress call for 100 s
+        let (stack, _) = stack();
+        let params = json!({"steps_ms": [70_000, 100_000]});
+        let task_id = task_id_of(&stack.intake(call_event("quiet", "u1", params)).await);
+        // WHEN it runs to its result
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
+        // THEN the chat got one notice in each silence (at the first heartbeat 60 s into
+        // it), never two, and the result after them
+        assert_eq!(
+            progress_messages(&stack),
+            vec![
+                "part 0",
+                "Still working on it… (running for 1 min 0 s)",
+                "part 1",
+                "Still working on it… (running for 2 min 10 s)",
+            ]
+        );
+        assert!(matches!(
+            stack.chat.posted().last().unwrap().message,
+            ChatMessage::Result { .. }
+        ));
+        // AND each notice is one audit item, under its own idempotency key
+        let audit = audit_kinds(&stack, &task_id).await;
+        for id in ["delivered#notice#stalled#1", "delivered#notice#stalled#2"] {
+            assert!(
+                audit.contains(&(AuditKind::Delivered, id.to_owned())),
+                "{audit:?}"
+            );
+        }
+        let keys: Vec<String> = stack
+            .chat
+            .posted()
+            .into_iter()
+            .map(|p| p.idempotency_key)
+            .filter(|k| k.contains(":notice:"))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                format!("{task_id}:notice:stalled:1"),
+                format!("{task_id}:notice:stalled:2")
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_function_may_go_without_stall_notices_and_a_short_silence_gets_none() {
+        let (hushed, _) = stack();
+        let long = json!({"steps_ms": [150_000]});
+        task_id_of(&hushed.intake(call_event("hushed", "u1", long)).await);
+        hushed.drain(20).await;
+        let (stack2, _) = stack();
+        let short = json!({"steps_ms": [50_000, 50_000]});
+        task_id_of(&stack2.intake(call_event("quiet", "u1", short)).await);
+        stack2.drain(20).await;
+        assert_eq!(progress_messages(&hushed), vec!["part 0"]);
+        assert_eq!(progress_messages(&stack2), vec!["part 0", "part 1"]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -31,7 +31,8 @@ pub struct Params {
     /// `http`: how long to wait before its progress call and the AI call.
     #[serde(default)]
     pub delay_ms: u64,
-    /// `chunks`: each step's duration in ms (else `n` steps of 10 s).
+    /// `chunks`: each step's duration in ms (else `n` steps of 10 s); `quiet`: each silence
+    /// after a progress call.
     #[serde(default)]
     pub steps_ms: Vec<u64>,
 }
@@ -246,6 +247,12 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
             })
             .background(true),
         )
+        .function(ChatFunction::new("quiet", quiet).background(true))
+        .function(
+            ChatFunction::new("hushed", quiet)
+                .background(true)
+                .stall_notice(None),
+        )
         .function(
             ChatFunction::new("ticker", |ctx: Ctx, _p: Params| async move {
                 for i in 0..100 {
@@ -401,6 +408,16 @@ pub async fn finished_job(stack: &MemoryStack) -> TaskId {
     let task_id = task_id_of(&stack.intake(call_event("launch", "u1", json!({}))).await);
     while stack.work_once().await > 0 {}
     task_id
+}
+
+/// `quiet` and `hushed`: a progress call, then a silence, for each of `steps_ms`.
+async fn quiet(ctx: Ctx, p: Params) -> crate::Result<ActionResult> {
+    for (i, ms) in p.steps_ms.iter().enumerate() {
+        ctx.progress(i64::try_from(i + 1).unwrap_or(0) * 10, format!("part {i}"))
+            .await?;
+        tokio::time::sleep(Duration::from_millis(*ms)).await;
+    }
+    Ok(ActionResult::success("spoke at last", ()))
 }
 
 pub async fn task(stack: &MemoryStack, id: &TaskId) -> Task {
