@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use crate::{bootstrap, call, dev, dlq, new, secrets, tasks};
+use crate::{bootstrap, call, dev, dlq, new, secrets, tasks, usage};
 
 /// Run long AI calls from chat extensions on AWS Lambda: run the whole pipeline locally, call
 /// functions, set up, inspect and repair a deployment.
@@ -93,6 +93,9 @@ pub enum Command {
     /// Inspect and redrive the dead-letter queues.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Show or reset a user's use of the extension's daily budgets.
+    #[command(subcommand)]
+    Usage(usage::UsageCommand),
 }
 
 /// How a command failed.
@@ -223,5 +226,6 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         Command::Secrets(cmd) => secrets::run(&args.aws, cmd).await,
         Command::Tasks(cmd) => tasks::run(&args.aws, cmd).await,
         Command::Dlq(cmd) => dlq::run(&args.aws, cmd).await,
+        Command::Usage(cmd) => usage::run(&args.aws, cmd).await,
     }
 }

@@ -10,3 +10,4 @@ pub mod dlq;
 pub mod new;
 pub mod secrets;
 pub mod tasks;
+pub mod usage;

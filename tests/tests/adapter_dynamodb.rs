@@ -11,11 +11,12 @@ use chrono::{DateTime, Utc};
 use longrun::ActionResult;
 use longrun::ports::{
     Claim, Created, Finish, FinishGuard, KvStore, LeaseHolder, PortError, RequestKey, Requeue,
-    TaskStore,
+    TaskStore, UsageStore,
 };
 use longrun::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskKind, TaskState};
 use longrun_aws::dynamodb::{
-    DynamoKv, DynamoTaskStore, GSI_BY_LEASE, GSI_BY_USER, TTL_ATTRIBUTE, ensure_table, lease_shard,
+    DynamoKv, DynamoTaskStore, DynamoUsage, GSI_BY_LEASE, GSI_BY_USER, TTL_ATTRIBUTE, ensure_table,
+    lease_shard,
 };
 use longrun_tests::dynamo::Dynoxide;
 use serde_json::json;
@@ -1246,6 +1247,81 @@ async fn a_task_whose_process_died_with_others_is_requeued_isolated() {
         .requeue(id, &Requeue::Isolate(t0() + secs(301)), &queue_lease)
         .await;
     assert!(is_conflict(queued));
+}
+
+#[tokio::test]
+async fn budget_meters_count_each_charge_once_per_user_and_day() {
+    let f = fixture().await;
+    let usage = DynamoUsage::new(f.client.clone(), &f.table);
+    let day = t0().date_naive();
+    let next_day = day.succ_opt().unwrap();
+    // GIVEN charges of u1's tokens, one of them retried, and of another meter, user and day
+    assert_eq!(
+        usage
+            .charge("ext#1", "u1", "tokens", day, "r1:tokens:1", 40)
+            .await
+            .unwrap(),
+        40
+    );
+    assert_eq!(
+        usage
+            .charge("ext#1", "u1", "tokens", day, "r1:tokens:2", 25)
+            .await
+            .unwrap(),
+        65
+    );
+    // WHEN the first charge comes again (a resumed task charging at the same position)
+    let again = usage
+        .charge("ext#1", "u1", "tokens", day, "r1:tokens:1", 40)
+        .await;
+    // THEN it is not counted again, and the total is answered all the same
+    assert_eq!(again.unwrap(), 65);
+    usage
+        .charge("ext#1", "u1", "seconds", day, "r1:seconds:1", 7)
+        .await
+        .unwrap();
+    usage
+        .charge("ext#1", "u2", "tokens", day, "r2:tokens:1", 99)
+        .await
+        .unwrap();
+    usage
+        .charge("ext#1", "u1", "tokens", next_day, "r3:tokens:1", 5)
+        .await
+        .unwrap();
+    // AND each (user, day) reads its own meters
+    let of = |user: &'static str, day| {
+        let usage = usage.clone();
+        async move { usage.usage("ext#1", user, day).await.unwrap() }
+    };
+    assert_eq!(
+        of("u1", day).await,
+        [("seconds".to_owned(), 7), ("tokens".to_owned(), 65)].into()
+    );
+    assert_eq!(of("u2", day).await, [("tokens".to_owned(), 99)].into());
+    assert_eq!(of("u1", next_day).await, [("tokens".to_owned(), 5)].into());
+    // AND the item carries its TTL, two days after its day
+    let items = f.partition("USAGE#ext%231#u1").await;
+    assert_eq!(items.len(), 3);
+    assert!(items.iter().all(|i| i.contains_key(TTL_ATTRIBUTE)));
+    // WHEN one meter, then every meter of the day is reset
+    usage
+        .reset("ext#1", "u1", day, Some("seconds"))
+        .await
+        .unwrap();
+    assert_eq!(of("u1", day).await, [("tokens".to_owned(), 65)].into());
+    usage.reset("ext#1", "u1", day, None).await.unwrap();
+    // THEN that day is empty, and the other day and user keep theirs
+    assert!(of("u1", day).await.is_empty());
+    assert_eq!(of("u1", next_day).await, [("tokens".to_owned(), 5)].into());
+    assert_eq!(of("u2", day).await, [("tokens".to_owned(), 99)].into());
+    // AND a charge after a reset counts from zero, even under an id seen before
+    assert_eq!(
+        usage
+            .charge("ext#1", "u1", "tokens", day, "r1:tokens:1", 40)
+            .await
+            .unwrap(),
+        40
+    );
 }
 
 #[tokio::test]

@@ -1,8 +1,8 @@
 //! The `longrun` commands as a user runs them — the built binary, its output and its exit
 //! code — against a running `longrun dev` (dynoxide, the in-process queues behind the local SQS
 //! API, the secrets file): `call`, `tasks list|show|cancel|retry`, `dlq list|redrive`,
-//! `secrets set|delete`, `bootstrap`, and `call` of a "deployed" intake over the Lambda Invoke
-//! API.
+//! `secrets set|delete`, `usage show|reset`, `bootstrap`, and `call` of a "deployed" intake
+//! over the Lambda Invoke API.
 
 mod dev_support;
 
@@ -208,6 +208,31 @@ async fn tasks_list_show_cancel_retry_and_bootstrap_work_on_the_local_stack() {
     .await;
     assert_eq!(run.code, 0, "{run:?}");
     let id = task_id(&run);
+
+    // usage: the tokens the simulated AI call reported, charged to the user's daily budget;
+    // reset forgets them
+    let usage = |command: &'static str| {
+        let mut args = vec![
+            "--local",
+            "usage",
+            command,
+            "--ext",
+            "text-tools",
+            "--user",
+            "dev-user",
+        ];
+        if command == "show" {
+            args.push("--json");
+        }
+        async move { longrun(state, &args, None).await }
+    };
+    let run = usage("show").await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let shown = run.json();
+    assert!(shown["used"]["ai_tokens"].as_u64().unwrap() > 0, "{shown}");
+    let run = usage("reset").await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(usage("show").await.json()["used"], json!({}));
 
     // list: a table by default, JSON with --json, filtered by --state
     let run = longrun(

@@ -9,7 +9,8 @@
 //!   `ctx.step`, so the task outlives a Lambda invocation without paying for a chunk twice.
 //!
 //! All three call an OpenAI-compatible chat completions API at `OPENAI_BASE_URL` (default
-//! `https://api.openai.com/v1`) with the user's `openai_api_key` secret.
+//! `https://api.openai.com/v1`) with the user's `openai_api_key` secret, and charge the tokens
+//! each call reports to the user's daily `ai_tokens` budget (`TEXT_TOOLS_DAILY_AI_TOKENS`).
 
 mod openai;
 
@@ -58,6 +59,7 @@ pub const EXAMPLE_TEXT: &str = "hey team, so basically we're gonna ship the new 
 pub fn extension_with(openai: OpenAi) -> Extension {
     Extension::new(NAME)
         .secret(API_KEY_SECRET, "OpenAI key")
+        .budget(AI_TOKENS, daily_ai_tokens(), "AI tokens")
         .with_state(openai)
         .function(
             ChatFunction::new("refine", refine)
@@ -91,6 +93,26 @@ pub fn extension_with(openai: OpenAi) -> Extension {
                 .long_running(true),
         )
         .job(Job::new(REFINE_JOB, refine_job).event("text_refined"))
+}
+
+/// The budget meter of the tokens the AI calls use.
+pub const AI_TOKENS: &str = "ai_tokens";
+
+/// Each user's daily AI token budget: `TEXT_TOOLS_DAILY_AI_TOKENS`, default 1 000 000.
+fn daily_ai_tokens() -> u64 {
+    std::env::var("TEXT_TOOLS_DAILY_AI_TOKENS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+/// Charges the tokens a completion used to the user's daily budget; past the budget, the
+/// error ends the call with the budget message.
+async fn charge(ctx: &Ctx, completion: &Completion) -> longrun::Result<()> {
+    if completion.tokens() > 0 {
+        ctx.charge(AI_TOKENS, completion.tokens()).await?;
+    }
+    Ok(())
 }
 
 /// The job `start_refinement` launches on its slow path.
@@ -191,6 +213,11 @@ async fn refine_document(ctx: Ctx, params: RefineDocumentParams) -> longrun::Res
                     .map_err(|e| e.to_string())
             })
             .await?;
+        // Charged after the step, replayed or not: a resumed task charges each chunk at the
+        // same position again, and the meter counts it once.
+        if let Ok(completion) = &completion {
+            charge(&ctx, completion).await?;
+        }
         match completion.map(Completion::into_text) {
             Ok(Ok(text)) => refined.push(text),
             Ok(Err(result)) => return Ok(result),
@@ -244,6 +271,7 @@ async fn refine(ctx: Ctx, params: RefineParams) -> longrun::Result<ActionResult>
             LONG_CALL,
         )
         .await?;
+    charge(&ctx, &completion).await?;
     Ok(completion.into_result("Refined text ready!"))
 }
 
@@ -275,10 +303,9 @@ async fn refine_output(ctx: Ctx, params: StartRefinementParams) -> longrun::Resu
     let openai = ctx.state::<OpenAi>()?;
     ctx.progress(15, "Fetching context").await?;
     ctx.progress(45, "Generating with AI").await?;
-    let text = match refine_long(openai, &ctx, &api_key, &params.input)
-        .await?
-        .into_text()
-    {
+    let completion = refine_long(openai, &ctx, &api_key, &params.input).await?;
+    charge(&ctx, &completion).await?;
+    let text = match completion.into_text() {
         Ok(text) => text,
         Err(result) => return Ok(result),
     };
@@ -305,6 +332,7 @@ async fn start_refinement(ctx: Ctx, params: StartParams) -> longrun::Result<Acti
                 Duration::from_secs(30),
             )
             .await?;
+        charge(&ctx, &completion).await?;
         return Ok(completion.into_result("Quick refine done."));
     }
     let task_id = ctx
@@ -329,10 +357,9 @@ async fn refine_job(ctx: Ctx, input: RefineJobInput) -> longrun::Result<ActionRe
     let api_key = ctx.secrets.require(API_KEY_SECRET).await?;
     let openai = ctx.state::<OpenAi>()?;
     ctx.progress(50, "Generating with AI").await?;
-    let text = match refine_long(openai, &ctx, &api_key, &input.input)
-        .await?
-        .into_text()
-    {
+    let completion = refine_long(openai, &ctx, &api_key, &input.input).await?;
+    charge(&ctx, &completion).await?;
+    let text = match completion.into_text() {
         Ok(text) => text,
         Err(result) => return Ok(result),
     };

@@ -73,7 +73,11 @@ impl OpenAi {
             Err(_) => return Ok(Completion::Failed(malformed())),
         };
         Ok(match body["choices"][0]["message"]["content"].as_str() {
-            Some(text) => Completion::Text(text.to_owned()),
+            Some(text) => Completion::Text {
+                text: text.to_owned(),
+                // What the API reports it used; a server that reports nothing charges nothing.
+                tokens: body["usage"]["total_tokens"].as_u64().unwrap_or(0),
+            },
             None => Completion::Failed(malformed()),
         })
     }
@@ -87,15 +91,27 @@ fn malformed() -> ActionResult {
 /// checkpointed step's output.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Completion {
-    Text(String),
+    /// The completion's text and the tokens the call used (`usage.total_tokens`).
+    Text {
+        text: String,
+        tokens: u64,
+    },
     Failed(ActionResult),
 }
 
 impl Completion {
+    /// The tokens the call used.
+    pub fn tokens(&self) -> u64 {
+        match self {
+            Self::Text { tokens, .. } => *tokens,
+            Self::Failed(_) => 0,
+        }
+    }
+
     /// The text, or the error result to answer with instead.
     pub fn into_text(self) -> Result<String, ActionResult> {
         match self {
-            Self::Text(text) => Ok(text),
+            Self::Text { text, .. } => Ok(text),
             Self::Failed(result) => Err(result),
         }
     }
@@ -103,7 +119,7 @@ impl Completion {
     /// A success with `summary` and `{"text": …}`, or the error result.
     pub fn into_result(self, summary: &str) -> ActionResult {
         match self {
-            Self::Text(text) => ActionResult::success(summary, json!({ "text": text })),
+            Self::Text { text, .. } => ActionResult::success(summary, json!({ "text": text })),
             Self::Failed(result) => result,
         }
     }

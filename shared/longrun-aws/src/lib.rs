@@ -150,6 +150,10 @@ pub fn services(
             clients.dynamodb.clone(),
             &config.table,
         )),
+        usage: Arc::new(dynamodb::DynamoUsage::new(
+            clients.dynamodb.clone(),
+            &config.table,
+        )),
         work: Arc::new(sqs::SqsWorkQueue::new(
             clients.sqs.clone(),
             &config.work_queue_url,

@@ -279,7 +279,9 @@ mod tests {
     use longrun::ports::{ChatOutcome, TaskStore, TokioClock};
     use longrun::task::{AuditKind, TaskState};
     use longrun::testing::fixture::{self as testkit, Runs};
-    use longrun::testing::memory::{MemoryChat, MemoryKv, MemorySecrets, MemoryTaskStore};
+    use longrun::testing::memory::{
+        MemoryChat, MemoryKv, MemorySecrets, MemoryTaskStore, MemoryUsage,
+    };
     use longrun::wire::ChatMessage;
     use longrun::{Services, Settings, intake};
 
@@ -310,6 +312,7 @@ mod tests {
             delivery: queues.delivery.clone(),
             secrets: Arc::new(MemorySecrets::default()),
             kv: Arc::new(MemoryKv::default()),
+            usage: Arc::new(MemoryUsage::default()),
             chat: chat.clone(),
             clock: Arc::new(TokioClock::starting_at(chrono::Utc::now())),
             http: reqwest::Client::new(),

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use longrun::ports::{PortResult, Secret, SecretStore, SystemClock};
 use longrun::wire::IntakeResponse;
 use longrun::{Extension, Runtime, Services, Settings};
-use longrun_aws::dynamodb::{DynamoKv, DynamoTaskStore, ensure_table};
+use longrun_aws::dynamodb::{DynamoKv, DynamoTaskStore, DynamoUsage, ensure_table};
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -262,7 +262,8 @@ impl DevStack {
         let chat = Arc::new(LocalChat::new());
         let services = Services {
             tasks: Arc::new(DynamoTaskStore::new(dynamo.clone(), TABLE, TASK_TTL)),
-            kv: Arc::new(DynamoKv::new(dynamo, TABLE)),
+            kv: Arc::new(DynamoKv::new(dynamo.clone(), TABLE)),
+            usage: Arc::new(DynamoUsage::new(dynamo, TABLE)),
             work: queues.work.clone(),
             delivery: queues.delivery.clone(),
             secrets,

@@ -12,7 +12,7 @@ use crate::ActionResult;
 use crate::extension::{Extension, ParamsError};
 use crate::http::Http;
 use crate::lease::RunLease;
-use crate::ports::{KvStore, PortError, Secret, SecretStore};
+use crate::ports::{Clock, KvStore, PortError, Secret, SecretStore, UsageStore};
 use crate::step::{StepError, StepLog};
 use crate::task::{Progress, TaskId};
 
@@ -31,6 +31,61 @@ pub enum ProgressError {
     /// Another worker took the task over (this one's lease lapsed); stop working.
     #[error("the task's lease was taken over by another worker")]
     LeaseLost,
+}
+
+/// Why `ctx.charge` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChargeError {
+    /// No budget of that name is declared on the extension (`Extension::budget`).
+    #[error("no budget named {0:?} is declared")]
+    UnknownMeter(String),
+    /// This charge took the user past the day's budget. It is recorded all the same (the use
+    /// happened). Propagated with `?` out of a handler, the runtime answers the user with this
+    /// message (not retryable, no critical audit item), and intake refuses the user's next
+    /// calls until the day is over (`429 over_budget`).
+    #[error("Your daily budget of {per_day} {description} is used up; it renews at 00:00 UTC.")]
+    OverBudget {
+        /// The meter.
+        meter: String,
+        /// The day's total, this charge included.
+        used: u64,
+        /// The budget per day.
+        per_day: u64,
+        /// What the unit is.
+        description: String,
+    },
+    /// The meter could not be written.
+    #[error("could not record the use of {meter:?}: {source}")]
+    Unavailable {
+        /// The meter.
+        meter: String,
+        /// What the store said.
+        source: PortError,
+    },
+}
+
+impl ChargeError {
+    /// What the user is told when a handler propagates this error.
+    pub fn to_result(&self) -> ActionResult {
+        match self {
+            Self::OverBudget { .. } => ActionResult::error(self.to_string(), false),
+            Self::UnknownMeter(_) | Self::Unavailable { .. } => ActionResult::error(
+                "Could not record what this used; try again in a moment.",
+                true,
+            ),
+        }
+    }
+}
+
+/// Where `ctx.charge` records: the meters, who is charged, and the id of each charge.
+pub(crate) struct Meter {
+    pub(crate) usage: Arc<dyn UsageStore>,
+    pub(crate) clock: Arc<dyn Clock>,
+    /// Names the run: a charge's id is `{run}:{meter}:{n}`, n counting the run's charges, so
+    /// a replayed or retried run's charges count once.
+    pub(crate) run: String,
+    pub(crate) charges: std::sync::atomic::AtomicU32,
 }
 
 /// Why `ctx.partial` did not record a value (the one recorded before stays).
@@ -375,6 +430,7 @@ pub struct Ctx {
     progress: Option<Arc<dyn ProgressSink>>,
     steps: Option<Arc<StepLog>>,
     launcher: Arc<dyn Launcher>,
+    meter: Arc<Meter>,
 }
 
 impl Ctx {
@@ -385,6 +441,7 @@ impl Ctx {
         (secrets, kv): (Arc<dyn SecretStore>, Arc<dyn KvStore>),
         run: Option<TaskRun>,
         launcher: Arc<dyn Launcher>,
+        meter: Meter,
     ) -> Self {
         let (task_id, progress, steps, lease) = match run {
             Some(run) => (
@@ -413,6 +470,7 @@ impl Ctx {
             extension,
             task_id,
             progress,
+            meter: Arc::new(meter),
             steps,
             launcher,
         }
@@ -443,6 +501,47 @@ impl Ctx {
             .ok_or(MissingState {
                 type_name: std::any::type_name::<S>(),
             })
+    }
+
+    /// Records `amount` units of the budget `meter` (declared with `Extension::budget`) as
+    /// used by this user today (UTC), and returns the day's total.
+    ///
+    /// Charges are identified by their order in the run: a task resumed after a hand-off or
+    /// a crash that charges again in the same order (a step replayed, then charged) counts
+    /// each charge once. A charge that takes the user past the budget is recorded and fails
+    /// with [`ChargeError::OverBudget`]: propagate it with `?` to stop, and the user gets a
+    /// clear message; intake refuses the user's next calls until the day is over.
+    pub async fn charge(&self, meter: &str, amount: u64) -> Result<u64, ChargeError> {
+        let budget = self
+            .extension
+            .as_deref()
+            .and_then(|e| e.get_budget(meter))
+            .ok_or_else(|| ChargeError::UnknownMeter(meter.to_owned()))?;
+        let n = self
+            .meter
+            .charges
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let id = format!("{}:{meter}:{n}", self.meter.run);
+        let day = self.meter.clock.now().date_naive();
+        let used = self
+            .meter
+            .usage
+            .charge(&self.caller.ext, &self.caller.user, meter, day, &id, amount)
+            .await
+            .map_err(|source| ChargeError::Unavailable {
+                meter: meter.to_owned(),
+                source,
+            })?;
+        if used > budget.per_day {
+            return Err(ChargeError::OverBudget {
+                meter: meter.to_owned(),
+                used,
+                per_day: budget.per_day,
+                description: budget.description.clone(),
+            });
+        }
+        Ok(used)
     }
 
     /// The background task this handler runs as, if any.

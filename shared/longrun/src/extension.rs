@@ -343,6 +343,18 @@ pub enum InvalidExtension {
     },
 }
 
+/// A per-user daily budget of a unit the extension counts with `ctx.charge` — AI tokens,
+/// task-seconds, images, anything with a whole-number unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Budget {
+    /// The meter's name, e.g. `ai_tokens`.
+    pub meter: String,
+    /// How many units one user may use per UTC day.
+    pub per_day: u64,
+    /// What the unit is, in the user's words: `AI tokens`.
+    pub description: String,
+}
+
 type State = Arc<dyn Any + Send + Sync>;
 
 /// An extension: its name, declared secrets, state, chat functions and jobs.
@@ -353,6 +365,7 @@ pub struct Extension {
     state: Vec<State>,
     functions: BTreeMap<String, ChatFunction>,
     jobs: BTreeMap<String, Job>,
+    budgets: Vec<Budget>,
     duplicate: Option<InvalidExtension>,
 }
 
@@ -372,6 +385,35 @@ impl Extension {
             description: description.into(),
         });
         self
+    }
+
+    /// Declares a per-user daily budget: each user may use `per_day` units of `meter` a UTC
+    /// day, as recorded with `ctx.charge(meter, n)`; intake refuses a user's calls once they
+    /// used it up (`429 over_budget`). A second budget of the same meter replaces the first.
+    pub fn budget(
+        mut self,
+        meter: impl Into<String>,
+        per_day: u64,
+        description: impl Into<String>,
+    ) -> Self {
+        let meter = meter.into();
+        self.budgets.retain(|b| b.meter != meter);
+        self.budgets.push(Budget {
+            meter,
+            per_day,
+            description: description.into(),
+        });
+        self
+    }
+
+    /// The declared budgets.
+    pub fn budgets(&self) -> &[Budget] {
+        &self.budgets
+    }
+
+    /// The budget of `meter`, if declared.
+    pub fn get_budget(&self, meter: &str) -> Option<&Budget> {
+        self.budgets.iter().find(|b| b.meter == meter)
     }
 
     /// Gives every handler `state`, reached with [`Ctx::state::<S>()`](crate::Ctx::state):

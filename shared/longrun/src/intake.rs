@@ -138,6 +138,34 @@ fn port_error(err: PortError) -> IntakeError {
     }
 }
 
+/// Refuses a call from a user who used up one of the extension's daily budgets (one Query of
+/// the user's meters, only for an extension that declares budgets).
+async fn check_budgets(rt: &Runtime, caller: &Caller) -> Result<(), IntakeError> {
+    let Some(extension) = rt.extension().filter(|e| !e.budgets().is_empty()) else {
+        return Ok(());
+    };
+    let today = rt.now().date_naive();
+    let used = rt
+        .services
+        .usage
+        .usage(&caller.ext, &caller.user, today)
+        .await
+        .map_err(port_error)?;
+    for budget in extension.budgets() {
+        let spent = used.get(&budget.meter).copied().unwrap_or(0);
+        if spent >= budget.per_day {
+            let over = crate::ChargeError::OverBudget {
+                meter: budget.meter.clone(),
+                used: spent,
+                per_day: budget.per_day,
+                description: budget.description.clone(),
+            };
+            return Err(IntakeError::over_budget(over.to_string()));
+        }
+    }
+    Ok(())
+}
+
 async fn call(rt: &Runtime, req: CallRequest) -> Result<IntakeResponse, IntakeError> {
     check_identity(rt, &req.ext, &req.user)?;
     check_name("chat", &req.chat)?;
@@ -170,6 +198,7 @@ async fn call(rt: &Runtime, req: CallRequest) -> Result<IntakeResponse, IntakeEr
         user: req.user,
         chat: req.chat,
     };
+    check_budgets(rt, &caller).await?;
 
     if function.is_background() {
         // Pattern B: the worker runs the whole handler; the ack goes back at once.
@@ -206,6 +235,12 @@ async fn call(rt: &Runtime, req: CallRequest) -> Result<IntakeResponse, IntakeEr
         Ok(Ok(Ok(result))) => result,
         Ok(Ok(Err(ref err))) if let Some(missing) = err.downcast_ref::<crate::SecretError>() => {
             missing.to_result()
+        }
+        Ok(Ok(Err(ref err)))
+            if let Some(over @ crate::ChargeError::OverBudget { .. }) =
+                err.downcast_ref::<crate::ChargeError>() =>
+        {
+            over.to_result()
         }
         Ok(Ok(Err(ref err)))
             if let Some(limited @ crate::BackgroundError::TooManyTasks { .. }) =
@@ -408,6 +443,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::ports::UsageStore;
     use crate::testing::fixture::*;
 
     #[tokio::test(start_paused = true)]
@@ -452,6 +488,40 @@ mod tests {
             count(&audit_kinds(&stack, &task_id).await, AuditKind::Created),
             1
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_user_over_a_daily_budget_is_refused_until_reset_and_others_are_not() {
+        // GIVEN a budget of 100 test tokens a day, and u1 spending 60 twice
+        let (stack, _) = stack();
+        let spend = |user: &str| call_event("spend", user, json!({"n": 60}));
+        let first = stack.intake(spend("u1")).await;
+        assert_eq!(first.result.unwrap().data, Some(json!({"used": 60})));
+        // WHEN the second charge takes u1 past the budget
+        let second = stack.intake(spend("u1")).await;
+        // THEN that call answers with the budget message (the use is recorded)…
+        assert_eq!(second.status, 200);
+        let message = "Your daily budget of 100 test tokens is used up; it renews at 00:00 UTC.";
+        assert_eq!(second.result.unwrap(), ActionResult::error(message, false));
+        // …and the next call of any function is refused before it runs, with the same words
+        let refused = stack.intake(call_event("bg", "u1", json!({}))).await;
+        assert_eq!(refused.status, 429);
+        let error = refused.error.unwrap();
+        assert_eq!(
+            (error.code.as_str(), error.message.as_str()),
+            ("over_budget", message)
+        );
+        assert!(stack.work.pending().is_empty(), "nothing enqueued");
+        // AND u2 is not affected
+        assert_eq!(stack.intake(spend("u2")).await.status, 200);
+        // AND once u1's usage is reset, u1 may call again
+        let today = stack.rt.now().date_naive();
+        assert_eq!(
+            stack.usage.usage(EXT, "u1", today).await.unwrap(),
+            std::collections::BTreeMap::from([("tokens".to_owned(), 120)])
+        );
+        stack.usage.reset(EXT, "u1", today, None).await.unwrap();
+        assert_eq!(stack.intake(spend("u1")).await.status, 200);
     }
 
     #[tokio::test(start_paused = true)]

@@ -92,13 +92,14 @@ pub mod worker;
 
 pub use action::ActionResult;
 pub use ctx::{
-    BackgroundError, BackgroundOptions, Caller, Ctx, MAX_PARTIAL_BYTES, MAX_PROGRESS_MESSAGE_CHARS,
-    MAX_STORE_KEY_BYTES, MissingState, PartialError, ProgressError, SecretError, Secrets, Store,
-    StoreError,
+    BackgroundError, BackgroundOptions, Caller, ChargeError, Ctx, MAX_PARTIAL_BYTES,
+    MAX_PROGRESS_MESSAGE_CHARS, MAX_STORE_KEY_BYTES, MissingState, PartialError, ProgressError,
+    SecretError, Secrets, Store, StoreError,
 };
 pub use error::{Cancelled, Error, Result};
 pub use extension::{
-    ActionType, ChatFunction, Extension, InvalidExtension, Job, ParamsError, SecretSpec, ToolSpec,
+    ActionType, Budget, ChatFunction, Extension, InvalidExtension, Job, ParamsError, SecretSpec,
+    ToolSpec,
 };
 pub use http::{
     DEFAULT_HTTP_TIMEOUT, Http, HttpError, HttpRequest, HttpResponse, MAX_HTTP_BODY_BYTES,

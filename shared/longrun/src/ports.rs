@@ -2,10 +2,11 @@
 //! implement them for AWS (DynamoDB, SQS, Secrets Manager, the chat API) and for memory
 //! (unit tests, the local stack). Domain code only ever sees these traits.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -237,6 +238,40 @@ pub trait TaskStore: Send + Sync {
     /// The sweeper's work: live tasks whose lease lapsed before `now` (queued or running),
     /// and finished tasks whose result is undelivered and whose `redeliver_at` passed.
     async fn expired_leases(&self, now: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>>;
+}
+
+/// Per-user daily meters of what an extension counts (`ctx.charge`): AI tokens,
+/// task-seconds, anything with a whole-number unit.
+#[async_trait]
+pub trait UsageStore: Send + Sync {
+    /// Adds `amount` to `(ext, user, meter)` on `day` unless `charge_id` was counted already
+    /// (a retried or replayed charge counts once); returns the day's total either way.
+    async fn charge(
+        &self,
+        ext: &str,
+        user: &str,
+        meter: &str,
+        day: NaiveDate,
+        charge_id: &str,
+        amount: u64,
+    ) -> PortResult<u64>;
+
+    /// `(ext, user)`'s totals on `day`, by meter (meters not used that day are absent).
+    async fn usage(
+        &self,
+        ext: &str,
+        user: &str,
+        day: NaiveDate,
+    ) -> PortResult<BTreeMap<String, u64>>;
+
+    /// Forgets `(ext, user)`'s use on `day` of `meter`, or of every meter.
+    async fn reset(
+        &self,
+        ext: &str,
+        user: &str,
+        day: NaiveDate,
+        meter: Option<&str>,
+    ) -> PortResult<()>;
 }
 
 /// Per (ext, user) key/value storage behind `ctx.store`.

@@ -14,7 +14,7 @@ use crate::ctx::{BackgroundError, BackgroundOptions, Caller, Launcher, TaskRun};
 use crate::http::Http;
 use crate::ports::{
     ChatApi, Clock, Created, DeliveryQueue, KvStore, PortError, RequestKey, SecretStore, TaskStore,
-    WorkQueue,
+    UsageStore, WorkQueue,
 };
 use crate::task::{Cap, Lease, Progress, Task, TaskId, TaskKind, TaskState};
 use crate::wire::{MAX_PARAMS_BYTES, WorkMessage};
@@ -33,6 +33,8 @@ pub struct Services {
     pub secrets: Arc<dyn SecretStore>,
     /// Per-user key/value storage, behind `ctx.store`.
     pub kv: Arc<dyn KvStore>,
+    /// Per-user daily budgets' meters, behind `ctx.charge`.
+    pub usage: Arc<dyn UsageStore>,
     /// The chat platform's message API, which delivery posts to.
     pub chat: Arc<dyn ChatApi>,
     /// Wall time for timestamps and lease expiry.
@@ -104,7 +106,7 @@ impl Settings {
     /// The defaults, with any of these set in the environment (for tests and demos, where a
     /// 180 s cap or a 60 s lease would make every run slow): `LONGRUN_CAP_S`,
     /// `LONGRUN_LEASE_MS`, `LONGRUN_HEARTBEAT_MS`, `LONGRUN_PROGRESS_INTERVAL_MS`,
-    /// `LONGRUN_CANCEL_GRACE_MS`, `LONGRUN_QUEUE_GRACE_MS`, `LONGRUN_MAX_ATTEMPTS`,
+    /// `LONGRUN_STALL_MS`, `LONGRUN_CANCEL_GRACE_MS`, `LONGRUN_QUEUE_GRACE_MS`, `LONGRUN_MAX_ATTEMPTS`,
     /// `LONGRUN_DEADLINE_MARGIN_MS`, `LONGRUN_STEP_BUDGET_MS`, `LONGRUN_MAX_ACTIVE_TASKS`; and
     /// `LONGRUN_TASK_TTL_DAYS`.
     pub fn from_env() -> Result<Self, crate::config::ConfigError> {
@@ -416,6 +418,14 @@ impl Runtime {
         run: Option<TaskRun>,
         request_id: Option<String>,
     ) -> Ctx {
+        let meter = crate::ctx::Meter {
+            usage: Arc::clone(&self.services.usage),
+            clock: Arc::clone(&self.services.clock),
+            run: request_id
+                .clone()
+                .unwrap_or_else(|| ulid::Ulid::new().to_string()),
+            charges: AtomicU32::new(0),
+        };
         let launcher = Arc::new(TaskLauncher {
             runtime: self.clone(),
             caller: caller.clone(),
@@ -436,6 +446,7 @@ impl Runtime {
             ),
             run,
             launcher,
+            meter,
         )
     }
 }

@@ -268,7 +268,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::ports::{Claim, TaskStore};
+    use crate::ports::{Claim, TaskStore, UsageStore};
     use crate::task::{AuditKind, Lease};
     use crate::testing::fixture::*;
 
@@ -381,6 +381,37 @@ mod tests {
         assert_eq!(ended.attempt, stack.rt.settings.max_attempts + 1);
         stack.drain(20).await;
         assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_charge_made_again_by_a_resumed_task_counts_once() {
+        // GIVEN a background task that charged 30 tokens, then its worker died
+        let (stack, _) = stack();
+        let task_id = task_id_of(
+            &stack
+                .intake(call_event("spend_bg", "u1", json!({"n": 30})))
+                .await,
+        );
+        let worker = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        worker.abort();
+        let today = stack.rt.now().date_naive();
+        let used = || async { stack.usage.usage(EXT, "u1", today).await.unwrap()["tokens"] };
+        assert_eq!(used().await, 30);
+        // WHEN the sweeper revives it and it runs again, charging at the same position
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(sweep(&stack.rt).await.unwrap().requeued, 1);
+        stack.drain(20).await;
+        // THEN it finished, and the meter counted the charge once
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
+        assert_eq!(used().await, 30);
+        assert_eq!(
+            results_in(&stack, "chat-u1")[0].data,
+            Some(json!({"used": 30}))
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -466,6 +466,12 @@ async fn execute(
         Ok(Err(ref err)) if let Some(missing) = err.downcast_ref::<SecretError>() => {
             Outcome::returned(missing.to_result())
         }
+        Ok(Err(ref err))
+            if let Some(over @ crate::ChargeError::OverBudget { .. }) =
+                err.downcast_ref::<crate::ChargeError>() =>
+        {
+            Outcome::returned(over.to_result())
+        }
         Ok(Err(err)) => Outcome::failed(&task.function, "handler_error", err.to_string(), true),
         Err(panic) => Outcome::failed(
             &task.function,

@@ -230,7 +230,7 @@ impl<'a> Fields<'a> {
         ))
     }
 
-    fn opt_s(&self, name: &str) -> PortResult<Option<&'a str>> {
+    pub(super) fn opt_s(&self, name: &str) -> PortResult<Option<&'a str>> {
         match self.item.get(name) {
             None => Ok(None),
             Some(AttributeValue::S(v)) => Ok(Some(v.as_str())),
@@ -250,7 +250,7 @@ impl<'a> Fields<'a> {
             .map_err(|_| self.garbled(name, "does not parse"))
     }
 
-    fn opt_n<T: FromStr>(&self, name: &str) -> PortResult<Option<T>> {
+    pub(super) fn opt_n<T: FromStr>(&self, name: &str) -> PortResult<Option<T>> {
         match self.item.get(name) {
             None => Ok(None),
             Some(AttributeValue::N(v)) => v

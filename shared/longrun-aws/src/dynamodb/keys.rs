@@ -105,6 +105,12 @@ pub(super) fn active_pk(ext: &str, user: &str) -> String {
     format!("ACTIVE#{}#{}", escape(ext), escape(user))
 }
 
+/// The partition of a user's budget meters in one extension; each item's sort key is
+/// `{day}#{meter}`.
+pub(super) fn usage_pk(ext: &str, user: &str) -> String {
+    format!("USAGE#{}#{}", escape(ext), escape(user))
+}
+
 /// The partition of a user's `ctx.store` values in one extension.
 pub(super) fn kv_pk(ext: &str, user: &str) -> String {
     format!("KV#{}#{}", escape(ext), escape(user))

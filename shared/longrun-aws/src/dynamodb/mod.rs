@@ -32,6 +32,7 @@ mod keys;
 mod kv;
 mod schema;
 mod tasks;
+mod usage;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::BuildError;
@@ -52,6 +53,7 @@ pub use keys::{
 pub use kv::DynamoKv;
 pub use schema::ensure_table;
 pub use tasks::DynamoTaskStore;
+pub use usage::DynamoUsage;
 
 /// An SDK builder's result, its failure (a required field left unset) a permanent error.
 fn built<T>(what: &str, built: Result<T, BuildError>) -> PortResult<T> {

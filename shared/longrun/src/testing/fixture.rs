@@ -65,6 +65,7 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
     let unstable = Arc::clone(&runs);
     let flaky = Arc::clone(&runs);
     Extension::new(EXT)
+        .budget("tokens", 100, "test tokens")
         .function(ChatFunction::new(
             "sync",
             |_ctx: Ctx, p: Params| async move {
@@ -248,6 +249,22 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
             .background(true),
         )
         .function(ChatFunction::new("quiet", quiet).background(true))
+        .function(ChatFunction::new(
+            "spend",
+            |ctx: Ctx, p: Params| async move {
+                let used = ctx.charge("tokens", u64::from(p.n)).await?;
+                Ok(ActionResult::success("spent", json!({"used": used})))
+            },
+        ))
+        .function(
+            // Charges `n`, then works 30 s before answering.
+            ChatFunction::new("spend_bg", |ctx: Ctx, p: Params| async move {
+                let used = ctx.charge("tokens", u64::from(p.n)).await?;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(ActionResult::success("spent", json!({"used": used})))
+            })
+            .background(true),
+        )
         .function(
             ChatFunction::new("hushed", quiet)
                 .background(true)

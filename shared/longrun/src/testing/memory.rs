@@ -6,13 +6,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
 
 use crate::ports::{
     Beat, ChatApi, ChatOutcome, Claim, Created, DeliveryQueue, Finish, FinishGuard, KvStore,
     LeaseHolder, PortError, PortResult, RequestKey, Requeue, Secret, SecretStore, TaskStore,
-    WorkQueue,
+    UsageStore, WorkQueue,
 };
 use crate::step::StepRecord;
 use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskState};
@@ -585,6 +585,63 @@ impl SecretStore for MemorySecrets {
         Ok(lock(&self.values)
             .get(&(ext.into(), user.into(), name.into()))
             .map(|v| Secret::new(v.clone())))
+    }
+}
+
+/// One meter's key: (ext, user, meter, day).
+type MeterKey = (String, String, String, NaiveDate);
+
+/// Budget meters in memory: a total and the charge ids counted, per (ext, user, meter, day).
+#[derive(Default)]
+pub struct MemoryUsage {
+    meters: Mutex<HashMap<MeterKey, (u64, HashSet<String>)>>,
+}
+
+#[async_trait]
+impl UsageStore for MemoryUsage {
+    async fn charge(
+        &self,
+        ext: &str,
+        user: &str,
+        meter: &str,
+        day: NaiveDate,
+        charge_id: &str,
+        amount: u64,
+    ) -> PortResult<u64> {
+        let mut meters = lock(&self.meters);
+        let (used, ids) = meters
+            .entry((ext.to_owned(), user.to_owned(), meter.to_owned(), day))
+            .or_default();
+        if ids.insert(charge_id.to_owned()) {
+            *used = used.saturating_add(amount);
+        }
+        Ok(*used)
+    }
+
+    async fn usage(
+        &self,
+        ext: &str,
+        user: &str,
+        day: NaiveDate,
+    ) -> PortResult<BTreeMap<String, u64>> {
+        Ok(lock(&self.meters)
+            .iter()
+            .filter(|((e, u, _, d), _)| e == ext && u == user && *d == day)
+            .map(|((_, _, meter, _), (used, _))| (meter.clone(), *used))
+            .collect())
+    }
+
+    async fn reset(
+        &self,
+        ext: &str,
+        user: &str,
+        day: NaiveDate,
+        meter: Option<&str>,
+    ) -> PortResult<()> {
+        lock(&self.meters).retain(|(e, u, m, d), _| {
+            !(e == ext && u == user && *d == day && meter.is_none_or(|meter| meter == m))
+        });
+        Ok(())
     }
 }
 

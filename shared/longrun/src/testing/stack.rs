@@ -8,7 +8,9 @@ use serde_json::Value;
 
 use crate::ports::{Clock, SystemClock};
 use crate::runtime::{Runtime, Services, Settings};
-use crate::testing::memory::{MemoryChat, MemoryKv, MemoryQueue, MemorySecrets, MemoryTaskStore};
+use crate::testing::memory::{
+    MemoryChat, MemoryKv, MemoryQueue, MemorySecrets, MemoryTaskStore, MemoryUsage,
+};
 use crate::wire::{DeliveryMessage, IntakeResponse, WorkMessage};
 use crate::worker::QueueRecord;
 use crate::{Extension, delivery, intake, worker};
@@ -28,6 +30,8 @@ pub struct MemoryStack {
     pub secrets: Arc<MemorySecrets>,
     /// The storage behind `ctx.store`.
     pub kv: Arc<MemoryKv>,
+    /// The budget meters behind `ctx.charge`.
+    pub usage: Arc<MemoryUsage>,
     /// The chat platform; read the delivered messages here.
     pub chat: Arc<MemoryChat>,
 }
@@ -46,12 +50,14 @@ impl MemoryStack {
         let secrets = Arc::new(MemorySecrets::default());
         let kv = Arc::new(MemoryKv::checking_leases_in(tasks.clone()));
         let chat = Arc::new(MemoryChat::default());
+        let usage = Arc::new(MemoryUsage::default());
         let services = Services {
             tasks: tasks.clone(),
             work: work.clone(),
             delivery: delivery.clone(),
             secrets: secrets.clone(),
             kv: kv.clone(),
+            usage: usage.clone(),
             chat: chat.clone(),
             clock,
             http: reqwest::Client::new(),
@@ -63,6 +69,7 @@ impl MemoryStack {
             delivery,
             secrets,
             kv,
+            usage,
             chat,
         }
     }
