@@ -1,6 +1,7 @@
 //! The chat page in headless Chromium, as a user uses it: load the page of a running
 //! `longrun dev`, call `refine_output` from the form, see the ack, the progress bar move and the
-//! result arrive as a fresh message; start another, press Cancel, see it cancelled. In every
+//! result arrive as a fresh message; start another, press Cancel, see it cancelled; see a
+//! stall notice, a cancelled document's partial result and a budget refusal. In every
 //! test the page must throw nothing — no uncaught exception, no unhandled rejection — from the
 //! moment it starts to load.
 //!
@@ -477,5 +478,93 @@ async fn screenshot_after_the_demo() {
     ))
     .await;
     page.screenshot(Path::new(&path)).await;
+    page.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_shows_a_stall_notice_a_partial_result_and_a_budget_refusal() {
+    let Some(chromium) = chromium_or_skip() else {
+        return;
+    };
+    // GIVEN a dev stack whose simulated model takes 2–2.5 s a call, a 1 s stall period and a
+    // daily budget of 2000 AI tokens (the simulator reports 2 × words + 16 a call)
+    let mut env = FAST_SETTINGS.to_vec();
+    env.extend([
+        ("LONGRUN_STALL_MS", "1000"),
+        ("TEXT_TOOLS_DAILY_AI_TOKENS", "2000"),
+    ]);
+    let dev = DevProcess::start(
+        "chat-page-notices",
+        &[
+            "--no-demo",
+            "--simulate-model",
+            "--simulate-latency-ms",
+            "2000..2500",
+        ],
+        &env,
+    );
+    let page = Page::open(&chromium, &dev.url, 900).await;
+    page.ready().await;
+    let seen = page
+        .eval(
+            r##"(async () => {
+              const call = async (fn, param, value) => {
+                const select = document.querySelector("#function");
+                select.value = fn;
+                select.dispatchEvent(new Event("change"));
+                const field = await __t.wait(() => document.querySelector("#param-" + param), 5000, "the " + param + " field");
+                field.value = value;
+                field.dispatchEvent(new Event("input"));
+                const acks = () => [...document.querySelectorAll('.msg[data-kind="ack"], .msg[data-kind="refused"]')];
+                const before = new Set(acks());
+                document.querySelector("#send").click();
+                return await __t.wait(() => acks().find((n) => !before.has(n)), 30000, "the answer to " + fn);
+              };
+              const cardOf = (id) => document.querySelector(`.task-card[data-task-id="${id}"]`);
+              const resultOf = (id) => document.querySelector(`.msg[data-kind="result"][data-task-id="${id}"]`);
+              // A task silent in its AI call past the stall period
+              const slow = (await call("refine_output", "input", "stall please")).dataset.taskId;
+              const notice = await __t.wait(() => { const c = cardOf(slow); return c && /Still working on it/.test(c.innerText) && c.innerText; }, 30000, "the stall notice");
+              await __t.wait(() => resultOf(slow), 30000, "the slow task's result");
+              // A three-chunk document cancelled after its first chunk
+              const para = (i) => `part-${i} ` + "words ".repeat(400);
+              const doc = (await call("refine_document", "document", [0, 1, 2].map(para).join("\n\n"))).dataset.taskId;
+              const card = await __t.wait(() => { const c = cardOf(doc); return c && Number(c.dataset.pct) >= 30 && c; }, 60000, "the first chunk");
+              card.querySelector("button.cancel").click();
+              const partial = (await __t.wait(() => resultOf(doc), 30000, "the cancellation")).innerText;
+              // A call that spends past the budget, then one refused
+              const big = (await call("refine_output", "input", "many ".repeat(700))).dataset.taskId;
+              const spent = (await __t.wait(() => resultOf(big), 30000, "the big task's result")).innerText;
+              const refused = await call("refine_output", "input", "one more");
+              return { notice, partial, spent, refused: refused.innerText, kind: refused.dataset.kind };
+            })()"##,
+        )
+        .await;
+    // THEN the stalled task's card showed the notice
+    assert!(
+        seen["notice"]
+            .as_str()
+            .unwrap()
+            .contains("Still working on it… (running for"),
+        "{seen}"
+    );
+    // AND the cancelled document's result shows the chunk refined before the cancel
+    let partial = seen["partial"].as_str().unwrap().to_lowercase();
+    assert!(
+        partial.contains("'refine_document' was cancelled.")
+            && partial.contains("done before it stopped (1 of 3):")
+            && partial.contains("part-0"),
+        "{seen}"
+    );
+    assert!(!partial.contains("part-1"), "{seen}");
+    // AND the call that passed the budget says so, and the next is refused with the same words
+    let budget = "Your daily budget of 2000 AI tokens is used up; it renews at 00:00 UTC.";
+    assert!(seen["spent"].as_str().unwrap().contains(budget), "{seen}");
+    assert_eq!(seen["kind"], "refused", "{seen}");
+    assert!(
+        seen["refused"].as_str().unwrap().contains("(429)")
+            && seen["refused"].as_str().unwrap().contains(budget),
+        "{seen}"
+    );
     page.finish().await;
 }
