@@ -1,10 +1,11 @@
 //! End to end, scenarios 1 and 2: the reference extension's three patterns through the real
-//! binaries, and a user who never connected an OpenAI key.
+//! binaries, a user who never connected an OpenAI key, and one who used up the daily AI budget.
 
 use std::time::Duration;
 
 use longrun::task::{AuditKind, TaskKind, TaskState};
 use longrun_tests::e2e::{EXT, FAST_MODEL, MODEL, Options, Stack};
+use longrun_tests::esm::Faults;
 use longrun_tests::fake_openai::{CallState, completion_for};
 use serde_json::json;
 
@@ -244,4 +245,72 @@ async fn a_missing_openai_key_is_the_seeds_error_in_every_pattern() {
         stack.openai.calls()
     );
     stack.assert_no_secret_in_output();
+}
+
+/// What `user` used of the reference extension's `ai_tokens` budget today.
+async fn ai_tokens_used(stack: &Stack, user: &str) -> u64 {
+    let pk = format!("USAGE#{EXT}#{user}");
+    stack
+        .table_items()
+        .await
+        .iter()
+        .filter(|item| item["pk"] == pk.as_str() && item["meter"] == "ai_tokens")
+        .filter_map(|item| item["used"].as_u64())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_over_the_daily_ai_budget_is_refused_and_duplicated_work_is_charged_once() {
+    // The fake AI server reports 20 tokens a call; each user may use 50 a day.
+    let options = Options::new("budget").setting("TEXT_TOOLS_DAILY_AI_TOKENS", 50);
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    for user in ["hal", "ida"] {
+        stack.connect_openai_key(user).await;
+    }
+    // GIVEN every work message delivered three times
+    stack.esm.set_faults(
+        "worker",
+        Faults {
+            copies: 2,
+            ..Faults::default()
+        },
+    );
+    // WHEN hal runs two background refinements
+    for i in 0..2 {
+        let task_id = stack
+            .start_task(
+                "hal",
+                "chat-hal",
+                "refine_output",
+                json!({ "input": format!("budget {i}") }),
+            )
+            .await;
+        let task = stack.wait_delivered(&task_id, WAIT).await;
+        assert_eq!(task.state, TaskState::Succeeded);
+    }
+    // THEN each was charged once
+    assert_eq!(ai_tokens_used(&stack, "hal").await, 40);
+    // WHEN a third call takes hal past the budget: it answers with the budget message
+    let budget = "Your daily budget of 50 AI tokens is used up; it renews at 00:00 UTC.";
+    let passed = stack
+        .call("hal", "chat-hal", "refine", json!({"input": "budget 2"}))
+        .await;
+    assert_eq!(passed["status"], 200, "{passed}");
+    assert_eq!(passed["result"]["summary"], budget, "{passed}");
+    assert_eq!(ai_tokens_used(&stack, "hal").await, 60);
+    // AND the next call is refused before it reaches the AI
+    let refused = stack
+        .call("hal", "chat-hal", "refine", json!({"input": "budget 3"}))
+        .await;
+    assert_eq!(refused["status"], 429, "{refused}");
+    assert_eq!(refused["error"]["code"], "over_budget");
+    assert_eq!(refused["error"]["message"], budget);
+    assert!(stack.openai.calls_with("budget 3").is_empty());
+    // AND ida is not affected
+    let other = stack
+        .call("ida", "chat-ida", "refine", json!({"input": "ida's turn"}))
+        .await;
+    assert_eq!(other["result"]["ok"], true, "{other}");
 }
