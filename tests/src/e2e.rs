@@ -523,6 +523,52 @@ impl Stack {
             .unwrap_or_else(|| panic!("no function instance holds the call from {}", call.client))
     }
 
+    /// Kills (SIGKILL) one worker instance in the middle of its work: among the instances
+    /// inside an AI call whose input contains `needle` (one binary serves every function, so
+    /// the call is what tells a worker apart — give background tasks' inputs a marker that
+    /// inline calls lack), the one `choose` picks, given how many there are. `None` when no
+    /// such call is in flight.
+    pub fn kill_worker_in_ai_call(
+        &self,
+        needle: &str,
+        choose: impl FnOnce(usize) -> usize,
+    ) -> Option<u32> {
+        let ports = self
+            .openai
+            .calls_with(needle)
+            .into_iter()
+            .filter(|c| c.state == crate::fake_openai::CallState::InFlight)
+            .map(|c| c.client.port());
+        self.kill_one_of(ports, choose)
+    }
+
+    /// Kills (SIGKILL) one delivery instance in the middle of a post: among the instances
+    /// waiting on the fake chat API, the one `choose` picks, given how many there are. `None`
+    /// when no post is in flight.
+    pub fn kill_delivery_in_chat_post(&self, choose: impl FnOnce(usize) -> usize) -> Option<u32> {
+        let ports = self.chat.in_flight().into_iter().map(|c| c.port());
+        self.kill_one_of(ports, choose)
+    }
+
+    /// Kills the instance `choose` picks among those holding a connection from one of
+    /// `ports`, each instance counted once.
+    fn kill_one_of(
+        &self,
+        ports: impl Iterator<Item = u16>,
+        choose: impl FnOnce(usize) -> usize,
+    ) -> Option<u32> {
+        let mut pids: Vec<u32> = ports
+            .filter_map(|port| self.watch.instance_with_connection(port))
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        if pids.is_empty() {
+            return None;
+        }
+        let pid = pids[choose(pids.len()) % pids.len()];
+        self.watch.kill_instance(pid).then_some(pid)
+    }
+
     /// The task record.
     pub async fn task(&self, task_id: &str) -> Task {
         let id: TaskId = task_id.parse().expect("a task id");

@@ -262,6 +262,16 @@ impl LambdaWatch {
         self.process.kill_descendant(pid).then_some(pid)
     }
 
+    /// The function instance whose TCP connection has local port `port`, if any.
+    pub fn instance_with_connection(&self, port: u16) -> Option<u32> {
+        self.process.pid_with_local_port(port)
+    }
+
+    /// Kills (SIGKILL) the function instance `pid`; whether it was one of this emulator's.
+    pub fn kill_instance(&self, pid: u32) -> bool {
+        self.process.kill_descendant(pid)
+    }
+
     /// How many instances of `bin` are running.
     pub fn instances(&self, bin: &str) -> usize {
         self.process.pids_of(bin).len()
