@@ -61,6 +61,11 @@ pub struct Options {
     pub settings: BTreeMap<String, String>,
     /// Instances per function in `cargo lambda watch`, and invocations at once per mapping.
     pub concurrency: usize,
+    /// Instances `cargo lambda watch` may start beyond `concurrency`. An instance killed in
+    /// the middle of an invocation keeps its place in the emulator's pool (it is never seen
+    /// to finish), so a scenario that kills N instances needs N spare ones to keep its
+    /// capacity.
+    pub spare_instances: usize,
     /// Whether the chat API requires a bearer token (kept in Secrets Manager).
     pub chat_token: bool,
     /// Visibility timeout of the work queue, in seconds.
@@ -104,6 +109,7 @@ impl Options {
             project: None,
             settings,
             concurrency: 4,
+            spare_instances: 0,
             chat_token: true,
             work_visibility_s: 30,
             delivery_visibility_s: 2,
@@ -308,7 +314,8 @@ impl Stack {
             .project
             .clone()
             .unwrap_or_else(crate::workspace_root);
-        let watch = LambdaWatch::start(&env, options.concurrency, &dir, &project)
+        let instances = options.concurrency + options.spare_instances;
+        let watch = LambdaWatch::start(&env, instances, &dir, &project)
             .await
             .unwrap_or_else(|e| panic!("{e}"))
             .serving(&options.binary);

@@ -32,10 +32,13 @@ const USERS: usize = 24;
 /// What marks the AI input of a task (run by a worker), and only of a task.
 const TASK_MARK: &str = "bg#";
 /// At most this many instances are killed, each kind.
-const MAX_WORKER_KILLS: usize = 20;
-const MAX_DELIVERY_KILLS: usize = 15;
+const MAX_WORKER_KILLS: usize = 14;
+const MAX_DELIVERY_KILLS: usize = 10;
 /// How long the chaos goes on after the last call was acknowledged.
-const CHAOS_AFTER_SUBMIT: Duration = Duration::from_secs(10);
+const CHAOS_AFTER_SUBMIT: Duration = Duration::from_secs(15);
+/// How long the chat API's one outage lasts: past delivery's five receives (2 s apart
+/// here), within the sweeper's re-send of an undelivered result (`LONGRUN_QUEUE_GRACE_MS`).
+const OUTAGE: Duration = Duration::from_secs(14);
 /// A generous bound on the pipeline catching up once the faults are healed.
 const DRAIN: Duration = Duration::from_secs(150);
 
@@ -145,7 +148,8 @@ fn plan(rng: &mut Rng) -> Vec<Call> {
         } else {
             match rng.below(100) {
                 0..50 => {
-                    let input = format!("chaos task {index} {TASK_MARK} [[delay={delay}]]{failure}");
+                    let input =
+                        format!("chaos task {index} {TASK_MARK} [[delay={delay}]]{failure}");
                     Call {
                         index,
                         pattern: Pattern::Background,
@@ -207,11 +211,12 @@ struct Chaos {
     worker_kills: AtomicUsize,
     delivery_kills: AtomicUsize,
     fault_switches: AtomicUsize,
+    outages: AtomicUsize,
 }
 
 /// Calls intake through the Invoke API, retrying with the same `request_id` when the
 /// invocation got no answer (a retried call returns the same task, never a second one).
-async fn call(stack: &Stack, call: &Call, intake_retries: &AtomicUsize) -> Value {
+async fn call(stack: &Stack, call: &Call, intake_retries: &AtomicUsize) -> (Value, Instant) {
     let event = json!({"action": "call", "ext": stack.options.ext, "user": call.user,
         "chat": call.chat, "request_id": format!("chaos-{}", call.index),
         "function": call.function, "params": call.params});
@@ -222,8 +227,9 @@ async fn call(stack: &Stack, call: &Call, intake_retries: &AtomicUsize) -> Value
             .await
         {
             Invoked::Answer(body) => {
-                return serde_json::from_str(&body)
+                let answer = serde_json::from_str(&body)
                     .unwrap_or_else(|e| panic!("intake answered non-JSON {body:?}: {e}"));
+                return (answer, Instant::now());
             }
             other => {
                 eprintln!("intake got no answer for call {}: {other:?}", call.index);
@@ -235,50 +241,65 @@ async fn call(stack: &Stack, call: &Call, intake_retries: &AtomicUsize) -> Value
 }
 
 /// Strikes at random until `stop` is set: kills a worker inside an AI call or a delivery
-/// inside a chat post, scripts the chat API's next answers, switches the player's faults.
+/// inside a chat post, scripts the chat API's next answers, switches the player's faults —
+/// and once takes the chat API down for a while, long enough for a result posted then to use
+/// up its receives and be dead-lettered, short enough for the sweeper's re-send to get it
+/// through.
 async fn wreak(stack: &Stack, mut rng: Rng, stop: &AtomicBool, chaos: &Chaos) {
+    let outage_at = rng.between(40, 80);
+    let mut outage_ends = None;
+    let mut tick = 0;
     while !stop.load(Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(rng.between(150, 700))).await;
+        tokio::time::sleep(Duration::from_millis(rng.between(100, 600))).await;
+        tick += 1;
+        if tick == outage_at {
+            stack.chat.go_down();
+            outage_ends = Some(Instant::now() + OUTAGE);
+            eprintln!("chaos: chat API down for {OUTAGE:?}");
+        }
+        if outage_ends.is_some_and(|end| Instant::now() >= end) {
+            stack.chat.heal();
+            outage_ends = None;
+            chaos.outages.fetch_add(1, Ordering::SeqCst);
+        }
+        let pick = rng.next();
+        let choose = |n: usize| (pick % n as u64) as usize;
         match rng.below(100) {
-            0..18 => {
-                if chaos.worker_kills.load(Ordering::SeqCst) < MAX_WORKER_KILLS {
-                    let pick = rng.next();
-                    if let Some(pid) =
-                        stack.kill_worker_in_ai_call(TASK_MARK, |n| (pick % n as u64) as usize)
-                    {
-                        chaos.worker_kills.fetch_add(1, Ordering::SeqCst);
-                        eprintln!("chaos: killed worker instance {pid}");
-                    }
+            0..20 => {
+                if chaos.worker_kills.load(Ordering::SeqCst) < MAX_WORKER_KILLS
+                    && let Some(pid) = stack.kill_worker_in_ai_call(TASK_MARK, choose)
+                {
+                    chaos.worker_kills.fetch_add(1, Ordering::SeqCst);
+                    eprintln!("chaos: killed worker instance {pid}");
                 }
             }
-            18..32 => {
-                if chaos.delivery_kills.load(Ordering::SeqCst) < MAX_DELIVERY_KILLS {
-                    let pick = rng.next();
-                    if let Some(pid) =
-                        stack.kill_delivery_in_chat_post(|n| (pick % n as u64) as usize)
-                    {
-                        chaos.delivery_kills.fetch_add(1, Ordering::SeqCst);
-                        eprintln!("chaos: killed delivery instance {pid}");
-                    }
+            20..34 => {
+                if chaos.delivery_kills.load(Ordering::SeqCst) < MAX_DELIVERY_KILLS
+                    && let Some(pid) = stack.kill_delivery_in_chat_post(choose)
+                {
+                    chaos.delivery_kills.fetch_add(1, Ordering::SeqCst);
+                    eprintln!("chaos: killed delivery instance {pid}");
                 }
             }
-            32..44 => stack.chat.fail_next(rng.between(1, 2) as usize),
-            44..54 => {
+            34..46 => stack.chat.fail_next(rng.between(1, 3) as usize),
+            46..56 => {
                 // At most 2 s is waited out inline; longer is left to the queue's redelivery.
                 let after = if rng.percent(70) { 1 } else { 3 };
                 stack
                     .chat
-                    .throttle_next(rng.between(1, 2) as usize, Duration::from_secs(after));
+                    .throttle_next(rng.between(1, 3) as usize, Duration::from_secs(after));
             }
-            54..60 => {
+            56..62 => {
                 // Past the adapter's 10 s timeout, or answered 503 after a while.
                 let hang = if rng.percent(30) { 11_000 } else { 2_500 };
-                stack.chat.hang_next(1, Duration::from_millis(hang));
+                stack
+                    .chat
+                    .hang_next(rng.between(1, 2) as usize, Duration::from_millis(hang));
             }
-            60..70 => stack
+            62..72 => stack
                 .chat
                 .answer_late_next(rng.between(1, 3) as usize, Duration::from_millis(1500)),
-            70..85 => {
+            72..86 => {
                 let function = if rng.percent(50) {
                     "worker"
                 } else {
@@ -343,13 +364,15 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
         .setting("LONGRUN_LEASE_MS", 5_000)
         .setting("LONGRUN_HEARTBEAT_MS", 1_000)
         .setting("LONGRUN_PROGRESS_INTERVAL_MS", 1_000)
-        // A lost work message is sent again, and an undelivered result re-sent, after 15 s.
-        .setting("LONGRUN_QUEUE_GRACE_MS", 15_000)
+        // A lost work message is sent again, and an undelivered result re-sent, after 20 s:
+        // after the outage, which dead-letters what it catches.
+        .setting("LONGRUN_QUEUE_GRACE_MS", 20_000)
         .setting("LONGRUN_CAP_S", 90)
         // A batch of ten shares an instance, so one kill costs ten tasks an attempt.
         .setting("LONGRUN_MAX_ATTEMPTS", 4)
         .setting("LONGRUN_MAX_ACTIVE_TASKS", 1_000);
-    options.concurrency = 6;
+    // A killed instance keeps its place in the emulator's pool: one spare for each kill.
+    options.spare_instances = MAX_WORKER_KILLS + MAX_DELIVERY_KILLS;
     options.work_visibility_s = 15;
     let Some(stack) = Stack::start(options).await else {
         return;
@@ -365,12 +388,11 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
     let submit = async {
         let mut started = Vec::new();
         let mut inline = Vec::new();
-        for wave in calls.chunks(8) {
+        for wave in calls.chunks(6) {
             let answers =
                 futures::future::join_all(wave.iter().map(|c| call(&stack, c, &intake_retries)))
                     .await;
-            let acked = Instant::now();
-            for (c, answer) in wave.iter().zip(answers) {
+            for (c, (answer, acked)) in wave.iter().zip(answers) {
                 assert_eq!(answer["status"], 200, "call {}: {answer}", c.index);
                 if c.pattern == Pattern::Inline {
                     inline.push((c.clone(), answer));
@@ -386,7 +408,7 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
                     });
                 }
             }
-            tokio::time::sleep(Duration::from_millis(pause_rng.between(0, 400))).await;
+            tokio::time::sleep(Duration::from_millis(pause_rng.between(0, 900))).await;
         }
         tokio::time::sleep(CHAOS_AFTER_SUBMIT).await;
         stop.store(true, Ordering::SeqCst);
@@ -464,7 +486,10 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
                 }
             }
             if result.body["user"] != s.call.user.as_str() {
-                violations.push(format!("task {id}: result for user {}", result.body["user"]));
+                violations.push(format!(
+                    "task {id}: result for user {}",
+                    result.body["user"]
+                ));
             }
         }
         let audit = stack.audit(id).await;
@@ -473,7 +498,9 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
             .filter(|a| a.kind == AuditKind::Delivered && a.audit_id == "delivered#result")
             .count();
         if delivered != 1 {
-            violations.push(format!("task {id}: {delivered} delivered#result audit items"));
+            violations.push(format!(
+                "task {id}: {delivered} delivered#result audit items"
+            ));
         }
         let critical = audit.iter().filter(|a| a.kind == AuditKind::Critical);
         if task.state != TaskState::Succeeded
@@ -487,7 +514,9 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
             ));
         }
         undeliverable += critical
-            .filter(|a| a.audit_id.starts_with("critical#undeliverable"))
+            .filter(|a| {
+                a.audit_id.starts_with("critical#undeliverable") && a.audit_id.ends_with(":result")
+            })
             .count();
         reclaimed += audit
             .iter()
@@ -505,7 +534,10 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
     }
     for post in stack.chat.messages() {
         if !task_ids.contains(post.task_id()) {
-            violations.push(format!("a chat message about no task of ours: {}", post.body));
+            violations.push(format!(
+                "a chat message about no task of ours: {}",
+                post.body
+            ));
         }
     }
     // Nothing dead-lettered that the sweeper could still have delivered: every result
@@ -542,12 +574,14 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
          \x20 kills: {} worker, {} delivery instances (SIGKILL); {} intake retries\n\
          \x20 duplicates: {} work and {} delivery records delivered as extra copies \
          ({} fault switches); chat answered 409 to {} repeated posts\n\
-         \x20 chat faults: {} × 500, {} × 429, {} hung, {} accepted but answered late\n\
+         \x20 chat faults: {} × 500 ({} outage of {} s among them), {} × 429, {} hung, \
+         {} accepted but answered late\n\
          \x20 retries: {} result posts for {results} results ({} retries); \
          {} chat requests for {accepted} messages ({} retries)\n\
          \x20 reclaimed: {reclaimed} leases swept back; {undeliverable} results dead-lettered, \
          then re-sent by the sweeper; left in dead-letter queues: {dead:?}\n\
          \x20 slowest delivery (ack → result in the chat): {} ms ({})\n\
+         \x20 instances: {} running at the end\n\
          \x20 time: {} ms to start, {} ms of chaos, {} ms in all",
         started.len(),
         inline.len(),
@@ -560,6 +594,8 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
         chaos.fault_switches.load(Ordering::SeqCst),
         stack.chat.duplicates(),
         faults.errors,
+        chaos.outages.load(Ordering::SeqCst),
+        OUTAGE.as_secs(),
         faults.throttled,
         faults.hung,
         faults.late,
@@ -569,6 +605,7 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
         stack.chat.attempts().saturating_sub(accepted),
         slowest.0.as_millis(),
         slowest.1,
+        stack.watch.instances(&stack.options.binary),
         ready.as_millis(),
         storm.as_millis(),
         began.elapsed().as_millis(),
