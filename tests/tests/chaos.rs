@@ -448,6 +448,8 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
     let mut patterns: BTreeMap<String, usize> = BTreeMap::new();
     let mut reclaimed = 0;
     let mut undeliverable = 0;
+    let mut late_progress = Vec::new();
+    let mut backwards_progress = Vec::new();
     let mut slowest = (Duration::ZERO, String::new());
     for s in &started {
         let id = &s.task_id;
@@ -461,6 +463,18 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
         let results: Vec<_> = posts.iter().filter(|p| p.kind() == "result").collect();
         if results.len() != 1 {
             violations.push(format!("task {id}: {} result messages", results.len()));
+        }
+        // Progress is best effort, but never after the result, and never backwards.
+        if posts
+            .iter()
+            .skip_while(|p| p.kind() != "result")
+            .any(|p| p.kind() == "progress")
+        {
+            late_progress.push(id.clone());
+        }
+        let pcts = stack.chat.progress_for(id);
+        if pcts.windows(2).any(|w| w[0] > w[1]) {
+            backwards_progress.push(format!("{id} {pcts:?}"));
         }
         if let Some(p) = posts.iter().find(|p| p.chat != s.call.chat) {
             violations.push(format!(
@@ -580,6 +594,7 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
          {} chat requests for {accepted} messages ({} retries)\n\
          \x20 reclaimed: {reclaimed} leases swept back; {undeliverable} results dead-lettered, \
          then re-sent by the sweeper; left in dead-letter queues: {dead:?}\n\
+         \x20 progress: {} posted after the result {:?}, {} going backwards {:?}\n\
          \x20 slowest delivery (ack → result in the chat): {} ms ({})\n\
          \x20 instances: {} running at the end\n\
          \x20 time: {} ms to start, {} ms of chaos, {} ms in all",
@@ -603,6 +618,10 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
         result_attempts.saturating_sub(results),
         stack.chat.attempts(),
         stack.chat.attempts().saturating_sub(accepted),
+        late_progress.len(),
+        late_progress,
+        backwards_progress.len(),
+        backwards_progress,
         slowest.0.as_millis(),
         slowest.1,
         stack.watch.instances(&stack.options.binary),
