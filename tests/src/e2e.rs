@@ -526,7 +526,7 @@ impl Stack {
             .find(|c| c.state == crate::fake_openai::CallState::InFlight)
             .unwrap_or_else(|| panic!("no AI call with {needle:?} in flight"));
         self.watch
-            .kill_instance_with_connection(call.client.port())
+            .kill_instance_with_connection(call.client.port(), self.openai.addr.port())
             .unwrap_or_else(|| panic!("no function instance holds the call from {}", call.client))
     }
 
@@ -546,7 +546,7 @@ impl Stack {
             .into_iter()
             .filter(|c| c.state == crate::fake_openai::CallState::InFlight)
             .map(|c| c.client.port());
-        self.kill_one_of(ports, choose)
+        self.kill_one_of(ports, self.openai.addr.port(), choose)
     }
 
     /// Kills (SIGKILL) one delivery instance in the middle of a post: among the instances
@@ -554,18 +554,19 @@ impl Stack {
     /// when no post is in flight.
     pub fn kill_delivery_in_chat_post(&self, choose: impl FnOnce(usize) -> usize) -> Option<u32> {
         let ports = self.chat.in_flight().into_iter().map(|c| c.port());
-        self.kill_one_of(ports, choose)
+        self.kill_one_of(ports, self.chat.addr.port(), choose)
     }
 
     /// Kills the instance `choose` picks among those holding a connection from one of
-    /// `ports`, each instance counted once.
+    /// `ports` to `peer_port`, each instance counted once.
     fn kill_one_of(
         &self,
         ports: impl Iterator<Item = u16>,
+        peer_port: u16,
         choose: impl FnOnce(usize) -> usize,
     ) -> Option<u32> {
         let mut pids: Vec<u32> = ports
-            .filter_map(|port| self.watch.instance_with_connection(port))
+            .filter_map(|port| self.watch.instance_with_connection(port, peer_port))
             .collect();
         pids.sort_unstable();
         pids.dedup();

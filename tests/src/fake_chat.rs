@@ -86,6 +86,8 @@ type Shared = Arc<Mutex<Inner>>;
 pub struct FakeChat {
     /// `http://HOST:PORT`: the value for `LONGRUN_CHAT_API_URL`.
     pub url: String,
+    /// The address it listens on.
+    pub addr: SocketAddr,
     inner: Shared,
     server: tokio::task::JoinHandle<()>,
 }
@@ -103,12 +105,18 @@ impl FakeChat {
             .route("/chats/{chat}/messages", post(post_message))
             .with_state(Arc::clone(&inner));
         let listener = tokio::net::TcpListener::bind((host, 0)).await?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let addr = listener.local_addr()?;
+        let url = format!("http://{addr}");
         let server = tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let _ = axum::serve(listener, app).await;
         });
-        Ok(Self { url, inner, server })
+        Ok(Self {
+            url,
+            addr,
+            inner,
+            server,
+        })
     }
 
     /// Answers 401 to requests without `Authorization: Bearer {token}`.

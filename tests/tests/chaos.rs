@@ -36,8 +36,16 @@ const MAX_WORKER_KILLS: usize = 14;
 const MAX_DELIVERY_KILLS: usize = 10;
 /// How long the chaos goes on after the last call was acknowledged.
 const CHAOS_AFTER_SUBMIT: Duration = Duration::from_secs(15);
+/// The chaos lasts at most this long.
+const STORM: Duration = Duration::from_secs(60);
+/// `LONGRUN_QUEUE_GRACE_MS`: when the sweeper first re-sends the result of a finished task
+/// that is not delivered yet. Longer than the storm, so that re-send meets a healthy chat
+/// API: the one after it comes only `longrun::sweeper::REDELIVER_EVERY` (15 min, not a
+/// setting) later, past the end of any test.
+const QUEUE_GRACE: Duration = Duration::from_secs(75);
+const _: () = assert!(QUEUE_GRACE.as_secs() > STORM.as_secs());
 /// How long the chat API's one outage lasts: past delivery's five receives (2 s apart
-/// here), within the sweeper's re-send of an undelivered result (`LONGRUN_QUEUE_GRACE_MS`).
+/// here), so what it catches is dead-lettered, and the sweeper must deliver it.
 const OUTAGE: Duration = Duration::from_secs(14);
 /// A generous bound on the pipeline catching up once the faults are healed.
 const DRAIN: Duration = Duration::from_secs(150);
@@ -223,7 +231,7 @@ async fn call(stack: &Stack, call: &Call, intake_retries: &AtomicUsize) -> (Valu
     for _ in 0..5 {
         match stack
             .watch
-            .invoke_json("intake", &event, Duration::from_secs(90))
+            .invoke_json("intake", &event, Duration::from_secs(30))
             .await
         {
             Invoked::Answer(body) => {
@@ -240,16 +248,23 @@ async fn call(stack: &Stack, call: &Call, intake_retries: &AtomicUsize) -> (Valu
     panic!("intake never answered call {}", call.index)
 }
 
-/// Strikes at random until `stop` is set: kills a worker inside an AI call or a delivery
-/// inside a chat post, scripts the chat API's next answers, switches the player's faults —
-/// and once takes the chat API down for a while, long enough for a result posted then to use
-/// up its receives and be dead-lettered, short enough for the sweeper's re-send to get it
-/// through.
-async fn wreak(stack: &Stack, mut rng: Rng, stop: &AtomicBool, chaos: &Chaos) {
+/// Strikes at random for [`CHAOS_AFTER_SUBMIT`] after `submitted` is set, or until the
+/// [`STORM`] is over; returns how long it went on. Kills a worker inside an AI call or a
+/// delivery inside a chat post, scripts the chat API's next answers, switches the player's
+/// faults — and once takes the chat API down for longer than a message's five receives, so
+/// what it catches is dead-lettered and left to the sweeper.
+async fn wreak(stack: &Stack, mut rng: Rng, submitted: &AtomicBool, chaos: &Chaos) -> Duration {
     let outage_at = rng.between(40, 80);
     let mut outage_ends = None;
     let mut tick = 0;
-    while !stop.load(Ordering::SeqCst) {
+    let began = Instant::now();
+    let mut calm_at = began + STORM;
+    let mut calming = false;
+    while Instant::now() < calm_at {
+        if !calming && submitted.load(Ordering::SeqCst) {
+            calming = true;
+            calm_at = calm_at.min(Instant::now() + CHAOS_AFTER_SUBMIT);
+        }
         tokio::time::sleep(Duration::from_millis(rng.between(100, 600))).await;
         tick += 1;
         if tick == outage_at {
@@ -320,6 +335,7 @@ async fn wreak(stack: &Stack, mut rng: Rng, stop: &AtomicBool, chaos: &Chaos) {
     for function in ["worker", "delivery"] {
         stack.esm.set_faults(function, Faults::default());
     }
+    began.elapsed()
 }
 
 /// The task ids of every message body in the dead-letter queue named `name`, read without
@@ -361,12 +377,10 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
 
     let mut options = Options::new("chaos")
         // A killed worker's task is swept back within seconds; a live one beats every second.
-        .setting("LONGRUN_LEASE_MS", 5_000)
+        .setting("LONGRUN_LEASE_MS", 3_000)
         .setting("LONGRUN_HEARTBEAT_MS", 1_000)
         .setting("LONGRUN_PROGRESS_INTERVAL_MS", 1_000)
-        // A lost work message is sent again, and an undelivered result re-sent, after 20 s:
-        // after the outage, which dead-letters what it catches.
-        .setting("LONGRUN_QUEUE_GRACE_MS", 20_000)
+        .setting("LONGRUN_QUEUE_GRACE_MS", QUEUE_GRACE.as_millis())
         .setting("LONGRUN_CAP_S", 90)
         // A batch of ten shares an instance, so one kill costs ten tasks an attempt.
         .setting("LONGRUN_MAX_ATTEMPTS", 4)
@@ -382,7 +396,7 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
     let ready = began.elapsed();
 
     // WHEN the calls arrive in small concurrent waves while the chaos strikes
-    let stop = AtomicBool::new(false);
+    let submitted = AtomicBool::new(false);
     let chaos = Chaos::default();
     let intake_retries = AtomicUsize::new(0);
     let submit = async {
@@ -410,12 +424,11 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
             }
             tokio::time::sleep(Duration::from_millis(pause_rng.between(0, 900))).await;
         }
-        tokio::time::sleep(CHAOS_AFTER_SUBMIT).await;
-        stop.store(true, Ordering::SeqCst);
+        submitted.store(true, Ordering::SeqCst);
         (started, inline)
     };
-    let ((started, inline), ()) = tokio::join!(submit, wreak(&stack, chaos_rng, &stop, &chaos));
-    let storm = began.elapsed() - ready;
+    let (storm, (started, inline)) =
+        tokio::join!(wreak(&stack, chaos_rng, &submitted, &chaos), submit);
 
     // THEN, once healed, every task is delivered
     let mut pending: Vec<&Started> = started.iter().collect();
