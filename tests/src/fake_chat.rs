@@ -44,6 +44,19 @@ impl ChatPost {
     }
 }
 
+/// One request and how the fake answered it.
+#[derive(Debug, Clone)]
+pub struct ChatAttempt {
+    /// The request's `Idempotency-Key` header (empty without one).
+    pub idempotency_key: String,
+    /// When it arrived.
+    pub received_at: Instant,
+    /// When it was answered (a hung request: when its hang ended).
+    pub answered_at: Instant,
+    /// The status answered.
+    pub status: u16,
+}
+
 /// The faults the fake answered with so far, by kind.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ChatFaults {
@@ -64,6 +77,7 @@ struct Inner {
     keys: HashSet<String>,
     attempts: usize,
     attempts_by_key: std::collections::HashMap<String, usize>,
+    answered: Vec<ChatAttempt>,
     duplicates: usize,
     unauthorized: usize,
     fail_next: usize,
@@ -234,6 +248,17 @@ impl FakeChat {
         self.lock().attempts_by_key.get(key).copied().unwrap_or(0)
     }
 
+    /// Every request answered so far whose idempotency key starts with `prefix` (e.g. a task
+    /// id), in the order they were answered.
+    pub fn answered(&self, prefix: &str) -> Vec<ChatAttempt> {
+        self.lock()
+            .answered
+            .iter()
+            .filter(|a| a.idempotency_key.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
     /// Requests that repeated an accepted idempotency key (answered 409).
     pub fn duplicates(&self) -> usize {
         self.lock().duplicates
@@ -285,6 +310,34 @@ async fn post_message(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let received_at = Instant::now();
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let response = answer(&inner, client, chat, &headers, &body).await;
+    inner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .answered
+        .push(ChatAttempt {
+            idempotency_key,
+            received_at,
+            answered_at: Instant::now(),
+            status: response.status().as_u16(),
+        });
+    response
+}
+
+/// The answer to one request, after its scripted fault if any.
+async fn answer(
+    inner: &Shared,
+    client: SocketAddr,
+    chat: String,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Response {
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
@@ -315,7 +368,7 @@ async fn post_message(
             Script::Answer { late_by: None }
         };
         let guard = InFlight {
-            inner: Arc::clone(&inner),
+            inner: Arc::clone(inner),
             id,
         };
         (script, guard)
@@ -334,7 +387,7 @@ async fn post_message(
         }
         Script::Answer { late_by } => late_by,
     };
-    let answer = accept(&inner, chat, key, &headers, &body);
+    let answer = accept(inner, chat, key, headers, body);
     if let Some(late_by) = late_by
         && answer.status() == StatusCode::CREATED
     {

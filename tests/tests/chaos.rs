@@ -359,6 +359,28 @@ async fn dead_letters(stack: &Stack, name: &str) -> Vec<Value> {
     }
 }
 
+/// What the chat API answered about one task, in order: each idempotency key (without the
+/// task id), the status, and when it arrived and was answered, in ms after the first.
+fn story(stack: &Stack, task_id: &str) -> String {
+    let answered = stack.chat.answered(task_id);
+    let Some(first) = answered.iter().map(|a| a.received_at).min() else {
+        return "no requests".to_owned();
+    };
+    answered
+        .iter()
+        .map(|a| {
+            format!(
+                "{} {} @{}–{} ms",
+                a.idempotency_key.trim_start_matches(task_id),
+                a.status,
+                (a.received_at - first).as_millis(),
+                (a.answered_at - first).as_millis()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat() {
     let seed = std::env::var("LONGRUN_CHAOS_SEED")
@@ -483,7 +505,7 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
             .skip_while(|p| p.kind() != "result")
             .any(|p| p.kind() == "progress")
         {
-            late_progress.push(id.clone());
+            late_progress.push(format!("{id}: {}", story(&stack, id)));
         }
         let pcts = stack.chat.progress_for(id);
         if pcts.windows(2).any(|w| w[0] > w[1]) {
