@@ -10,7 +10,7 @@
 //! when they strike — comes from one seed, printed at the start: `LONGRUN_CHAOS_SEED=N` replays
 //! the same plan and the same fault schedule (the machine's timing still varies).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -413,8 +413,8 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
     let Some(stack) = Stack::start(options).await else {
         return;
     };
-    let users: BTreeMap<&str, ()> = calls.iter().map(|c| (c.user.as_str(), ())).collect();
-    futures::future::join_all(users.keys().map(|u| stack.connect_openai_key(u))).await;
+    let users: BTreeSet<&str> = calls.iter().map(|c| c.user.as_str()).collect();
+    futures::future::join_all(users.iter().map(|u| stack.connect_openai_key(u))).await;
     let ready = began.elapsed();
 
     // WHEN the calls arrive in small concurrent waves while the chaos strikes
@@ -429,13 +429,19 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
                 futures::future::join_all(wave.iter().map(|c| call(&stack, c, &intake_retries)))
                     .await;
             for (c, (answer, acked)) in wave.iter().zip(answers) {
-                assert_eq!(answer["status"], 200, "call {}: {answer}", c.index);
+                assert_eq!(
+                    answer["status"], 200,
+                    "call {}: {answer} ({replay})",
+                    c.index
+                );
                 if c.pattern == Pattern::Inline {
                     inline.push((c.clone(), answer));
                 } else {
                     let task_id = answer["result"]["data"]["task_id"]
                         .as_str()
-                        .unwrap_or_else(|| panic!("no task id for call {}: {answer}", c.index))
+                        .unwrap_or_else(|| {
+                            panic!("no task id for call {}: {answer} ({replay})", c.index)
+                        })
                         .to_owned();
                     started.push(Started {
                         call: c.clone(),
@@ -572,6 +578,16 @@ async fn a_few_hundred_calls_under_chaos_each_end_with_one_result_in_their_chat(
             .filter(|a| a.kind == AuditKind::Reclaimed)
             .count();
     }
+    violations.extend(
+        late_progress
+            .iter()
+            .map(|story| format!("progress after the result: {story}")),
+    );
+    violations.extend(
+        backwards_progress
+            .iter()
+            .map(|pcts| format!("progress going backwards: {pcts}")),
+    );
     // Inline calls answer in the call, reach no chat, and start no task.
     let task_ids: HashSet<&str> = started.iter().map(|s| s.task_id.as_str()).collect();
     for (c, answer) in &inline {
