@@ -61,6 +61,11 @@ pub struct Options {
     pub settings: BTreeMap<String, String>,
     /// Instances per function in `cargo lambda watch`, and invocations at once per mapping.
     pub concurrency: usize,
+    /// Instances `cargo lambda watch` may start beyond `concurrency`. An instance killed in
+    /// the middle of an invocation keeps its place in the emulator's pool (it is never seen
+    /// to finish), so a scenario that kills N instances needs N spare ones to keep its
+    /// capacity.
+    pub spare_instances: usize,
     /// Whether the chat API requires a bearer token (kept in Secrets Manager).
     pub chat_token: bool,
     /// Visibility timeout of the work queue, in seconds.
@@ -104,6 +109,7 @@ impl Options {
             project: None,
             settings,
             concurrency: 4,
+            spare_instances: 0,
             chat_token: true,
             work_visibility_s: 30,
             delivery_visibility_s: 2,
@@ -308,7 +314,8 @@ impl Stack {
             .project
             .clone()
             .unwrap_or_else(crate::workspace_root);
-        let watch = LambdaWatch::start(&env, options.concurrency, &dir, &project)
+        let instances = options.concurrency + options.spare_instances;
+        let watch = LambdaWatch::start(&env, instances, &dir, &project)
             .await
             .unwrap_or_else(|e| panic!("{e}"))
             .serving(&options.binary);
@@ -519,8 +526,55 @@ impl Stack {
             .find(|c| c.state == crate::fake_openai::CallState::InFlight)
             .unwrap_or_else(|| panic!("no AI call with {needle:?} in flight"));
         self.watch
-            .kill_instance_with_connection(call.client.port())
+            .kill_instance_with_connection(call.client.port(), self.openai.addr.port())
             .unwrap_or_else(|| panic!("no function instance holds the call from {}", call.client))
+    }
+
+    /// Kills (SIGKILL) one worker instance in the middle of its work: among the instances
+    /// inside an AI call whose input contains `needle` (one binary serves every function, so
+    /// the call is what tells a worker apart — give background tasks' inputs a marker that
+    /// inline calls lack), the one `choose` picks, given how many there are. `None` when no
+    /// such call is in flight.
+    pub fn kill_worker_in_ai_call(
+        &self,
+        needle: &str,
+        choose: impl FnOnce(usize) -> usize,
+    ) -> Option<u32> {
+        let ports = self
+            .openai
+            .calls_with(needle)
+            .into_iter()
+            .filter(|c| c.state == crate::fake_openai::CallState::InFlight)
+            .map(|c| c.client.port());
+        self.kill_one_of(ports, self.openai.addr.port(), choose)
+    }
+
+    /// Kills (SIGKILL) one delivery instance in the middle of a post: among the instances
+    /// waiting on the fake chat API, the one `choose` picks, given how many there are. `None`
+    /// when no post is in flight.
+    pub fn kill_delivery_in_chat_post(&self, choose: impl FnOnce(usize) -> usize) -> Option<u32> {
+        let ports = self.chat.in_flight().into_iter().map(|c| c.port());
+        self.kill_one_of(ports, self.chat.addr.port(), choose)
+    }
+
+    /// Kills the instance `choose` picks among those holding a connection from one of
+    /// `ports` to `peer_port`, each instance counted once.
+    fn kill_one_of(
+        &self,
+        ports: impl Iterator<Item = u16>,
+        peer_port: u16,
+        choose: impl FnOnce(usize) -> usize,
+    ) -> Option<u32> {
+        let mut pids: Vec<u32> = ports
+            .filter_map(|port| self.watch.instance_with_connection(port, peer_port))
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        if pids.is_empty() {
+            return None;
+        }
+        let pid = pids[choose(pids.len()) % pids.len()];
+        self.watch.kill_instance(pid).then_some(pid)
     }
 
     /// The task record.

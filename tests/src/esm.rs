@@ -69,6 +69,8 @@ pub struct MappingStats {
     pub invocations: AtomicUsize,
     /// Records handed to the function, copies included.
     pub records: AtomicUsize,
+    /// Records handed to the function as extra copies ([`Faults::copies`]).
+    pub duplicated: AtomicUsize,
     /// Records named in `batchItemFailures`.
     pub reported_failures: AtomicUsize,
     /// Invocations that errored, timed out or answered something that is not a batch response.
@@ -92,6 +94,8 @@ pub struct StatsSnapshot {
     pub invocations: usize,
     /// Records handed to the function, copies included.
     pub records: usize,
+    /// Records handed to the function as extra copies ([`Faults::copies`]).
+    pub duplicated: usize,
     /// Records named in `batchItemFailures`.
     pub reported_failures: usize,
     /// Invocations that errored, timed out or answered something that is not a batch response.
@@ -181,6 +185,7 @@ impl Player {
         Some(StatsSnapshot {
             invocations: get(&s.invocations),
             records: get(&s.records),
+            duplicated: get(&s.duplicated),
             reported_failures: get(&s.reported_failures),
             failed_invocations: get(&s.failed_invocations),
             deleted: get(&s.deleted),
@@ -395,6 +400,7 @@ impl Poller {
             ordered.reverse();
         }
         let reversed: Vec<Received> = records.iter().rev().cloned().collect();
+        MappingStats::add(&self.stats.duplicated, records.len() * faults.copies);
         let first_copy = async {
             if faults.copies >= 1 {
                 self.invoke(&reversed).await;

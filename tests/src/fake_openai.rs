@@ -69,6 +69,8 @@ type Shared = Arc<Mutex<Inner>>;
 pub struct FakeOpenAi {
     /// `http://HOST:PORT/v1`: the value for `OPENAI_BASE_URL`.
     pub base_url: String,
+    /// The address it listens on.
+    pub addr: SocketAddr,
     inner: Shared,
     server: tokio::task::JoinHandle<()>,
 }
@@ -86,13 +88,15 @@ impl FakeOpenAi {
             .route("/v1/chat/completions", post(completions))
             .with_state(Arc::clone(&inner));
         let listener = tokio::net::TcpListener::bind((host, 0)).await?;
-        let base_url = format!("http://{}/v1", listener.local_addr()?);
+        let addr = listener.local_addr()?;
+        let base_url = format!("http://{addr}/v1");
         let server = tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let _ = axum::serve(listener, app).await;
         });
         Ok(Self {
             base_url,
+            addr,
             inner,
             server,
         })

@@ -173,10 +173,11 @@ impl Guarded {
         victims
     }
 
-    /// The descendant that owns the TCP socket bound to local `port` (the client side of a
-    /// connection it made), if any.
-    pub fn pid_with_local_port(&self, port: u16) -> Option<u32> {
-        let inodes = socket_inodes_with_local_port(port);
+    /// The descendant that owns the client end of the TCP connection from local port `port`
+    /// to a server listening on `peer_port` — e.g. the call a fake server is holding. Both
+    /// ports, because Linux gives one local port to several connections to different peers.
+    pub fn pid_with_connection(&self, port: u16, peer_port: u16) -> Option<u32> {
+        let inodes = socket_inodes_of_connection(port, peer_port);
         if inodes.is_empty() {
             return None;
         }
@@ -252,8 +253,9 @@ fn processes() -> Vec<(u32, u32)> {
         .collect()
 }
 
-/// The inodes of TCP sockets (IPv4 and IPv6) whose local port is `port`.
-fn socket_inodes_with_local_port(port: u16) -> Vec<u64> {
+/// The inodes of TCP sockets (IPv4 and IPv6) from local port `port` to remote port
+/// `peer_port`.
+fn socket_inodes_of_connection(port: u16, peer_port: u16) -> Vec<u64> {
     let mut inodes = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
@@ -261,11 +263,14 @@ fn socket_inodes_with_local_port(port: u16) -> Vec<u64> {
         };
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let local_port = fields
-                .get(1)
-                .and_then(|a| a.rsplit(':').next())
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port)
+            let port_of = |field: usize| {
+                fields
+                    .get(field)
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            };
+            if port_of(1) == Some(port)
+                && port_of(2) == Some(peer_port)
                 && let Some(inode) = fields.get(9).and_then(|i| i.parse::<u64>().ok())
                 && inode != 0
             {

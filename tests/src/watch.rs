@@ -5,7 +5,9 @@
 //!
 //! `cargo lambda watch` runs each function as `cargo run --bin {name}` on its first invoke
 //! (the binaries are built beforehand, so that is a freshness check) and keeps up to
-//! `--concurrency` instances of it; an instance that dies is replaced on the next invoke.
+//! `--concurrency` instances of it. An instance that dies in the middle of an invocation is
+//! not replaced: it keeps its place in the pool, and its invocation never answers (the
+//! caller's timeout ends it).
 
 use std::path::Path;
 use std::time::Duration;
@@ -253,13 +255,25 @@ impl LambdaWatch {
         self.process.kill_by_exe(bin).len()
     }
 
-    /// Kills (SIGKILL) the function instance whose TCP connection has local port `port` —
-    /// e.g. the one in the middle of a call the fake AI server is holding. Only that instance:
-    /// `cargo lambda watch` does not replace instances that die while idle, so killing every
-    /// instance would leave the function with none. Returns the pid killed.
-    pub fn kill_instance_with_connection(&self, port: u16) -> Option<u32> {
-        let pid = self.process.pid_with_local_port(port)?;
+    /// Kills (SIGKILL) the function instance that holds the connection from local port `port`
+    /// to a server on `peer_port` — e.g. the one in the middle of a call the fake AI server
+    /// is holding. Only that instance: `cargo lambda watch` does not replace an instance that
+    /// dies, so killing every instance would leave the function with none. Returns the pid
+    /// killed.
+    pub fn kill_instance_with_connection(&self, port: u16, peer_port: u16) -> Option<u32> {
+        let pid = self.process.pid_with_connection(port, peer_port)?;
         self.process.kill_descendant(pid).then_some(pid)
+    }
+
+    /// The function instance that holds the connection from local port `port` to a server on
+    /// `peer_port`, if any.
+    pub fn instance_with_connection(&self, port: u16, peer_port: u16) -> Option<u32> {
+        self.process.pid_with_connection(port, peer_port)
+    }
+
+    /// Kills (SIGKILL) the function instance `pid`; whether it was one of this emulator's.
+    pub fn kill_instance(&self, pid: u32) -> bool {
+        self.process.kill_descendant(pid)
     }
 
     /// How many instances of `bin` are running.

@@ -511,3 +511,41 @@ async fn assert_all_terminal(stack: &Stack, user: &str) {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_update_throttled_while_its_task_finishes_never_follows_the_result() {
+    // Found by the chaos soak (seed 5): a 429 with a short Retry-After used to be waited out
+    // and the progress update posted again as it was, after its task had finished and its
+    // result had reached the chat.
+    let Some(stack) = Stack::start(Options::new("throttled-progress")).await else {
+        return;
+    };
+    stack.connect_openai_key("hal").await;
+    // GIVEN a chat API that asks the first post to come back in 2 s (429, Retry-After: 2)
+    stack.chat.throttle_next(1, Duration::from_secs(2));
+    // WHEN a task reports progress, then finishes within those 2 s
+    let task_id = stack
+        .start_task(
+            "hal",
+            "chat-hal",
+            "refine_output",
+            json!({"input": "throttled progress [[delay=1200]]"}),
+        )
+        .await;
+    stack.wait_delivered(&task_id, WAIT).await;
+    stack.wait_quiet(WAIT).await;
+    // THEN the throttled post was a progress update, and nothing followed the result
+    let answered = stack.chat.answered(&task_id);
+    assert_eq!(answered[0].status, 429, "{answered:?}");
+    assert!(
+        answered[0].idempotency_key.contains(":progress:"),
+        "{answered:?}"
+    );
+    let posts = stack.chat.for_task(&task_id);
+    assert_eq!(
+        posts.iter().map(|p| p.kind()).collect::<Vec<_>>().last(),
+        Some(&"result"),
+        "{answered:?}"
+    );
+    assert_eq!(stack.chat.results_for(&task_id).len(), 1);
+}

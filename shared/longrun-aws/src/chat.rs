@@ -4,8 +4,11 @@
 //!
 //! - 2xx or 409: delivered;
 //! - 408, 425, 429, 5xx, a timeout or no connection: unavailable — delivery tries again later.
-//!   A `Retry-After` of at most [`INLINE_RETRY_AFTER`] is waited out and the post tried once
-//!   more at once; a longer one is left to the queue's redelivery;
+//!   For a result, a `Retry-After` of at most [`INLINE_RETRY_AFTER`] is waited out and the post
+//!   tried once more at once; a longer one is left to the queue's redelivery. A progress update
+//!   is never posted again after such a wait: its task may have finished meanwhile and its
+//!   result be in the chat, or a later update be there. It goes back to the queue, and
+//!   delivery reads the task again before it posts it (or drops it);
 //! - 401: the token is read again from its secret (it may have been rotated) and the post
 //!   tried once more; a second 401 is a rejection;
 //! - any other 4xx: rejected — trying again will not help.
@@ -186,7 +189,10 @@ impl ChatApi for HttpChat {
             Answer::Status {
                 status,
                 retry_after: Some(after),
-            } if is_transient(*status) && *after <= INLINE_RETRY_AFTER => {
+            } if is_transient(*status)
+                && *after <= INLINE_RETRY_AFTER
+                && matches!(message, ChatMessage::Result { .. }) =>
+            {
                 tokio::time::sleep(*after).await;
                 true
             }
@@ -397,6 +403,29 @@ mod tests {
             ChatOutcome::Unavailable { reason } => assert!(reason.contains("429"), "{reason}"),
             other => panic!("{other:?}"),
         }
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_progress_update_is_not_posted_again_after_a_retry_after() {
+        // GIVEN an API that asks to come back in a second
+        let (url, seen) = scripted(vec![(429, Some("1"))]).await;
+        let chat = HttpChat::new(reqwest::Client::new(), url, None);
+        let progress = ChatMessage::Progress {
+            user: "u1".into(),
+            ext: "text-tools".into(),
+            task_id: "01JDZQ6V4E1YQ7K3ZC6M4T9H8P".parse().unwrap(),
+            progress: longrun::task::Progress {
+                pct: 45,
+                message: "Generating with AI".into(),
+            },
+        };
+        // WHEN a progress update is posted, THEN it is left to the queue's redelivery, which
+        // reads the task again first: by then the result may be in the chat
+        assert!(matches!(
+            chat.post("c", "k:progress:1", &progress).await,
+            ChatOutcome::Unavailable { .. }
+        ));
         assert_eq!(seen.lock().unwrap().len(), 1);
     }
 
