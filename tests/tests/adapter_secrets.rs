@@ -168,6 +168,39 @@ async fn the_cache_serves_until_its_ttl_ends() {
 }
 
 #[tokio::test]
+async fn a_batch_of_one_users_tasks_reads_their_secret_once() {
+    let Some((moto, client)) = setup().await else {
+        return;
+    };
+    put_secret(&client, PREFIX, "e", "u1", "k", &Secret::new("v"))
+        .await
+        .unwrap();
+    // GIVEN a cold store whose Secrets Manager requests are counted
+    let counter = longrun_tests::counting::RequestCounter::default();
+    let counted = counter.secrets(&moto.sdk_config().await);
+    let store = SecretsManagerStore::new(counted, PREFIX);
+    // WHEN ten tasks of u1 and ten of u2 (no secret) ask at the same moment
+    let asks = (0..20).map(|i| {
+        let store = &store;
+        async move {
+            store
+                .get("e", if i % 2 == 0 { "u1" } else { "u2" }, "k")
+                .await
+        }
+    });
+    let answers = futures::future::join_all(asks).await;
+    // THEN each user's secret was read once
+    for (i, answer) in answers.into_iter().enumerate() {
+        let expected = (i % 2 == 0).then(|| Secret::new("v"));
+        assert_eq!(answer.unwrap(), expected);
+    }
+    assert_eq!(
+        counter.snapshot(),
+        [("secretsmanager.GetSecretValue".to_owned(), 2)].into()
+    );
+}
+
+#[tokio::test]
 async fn the_absence_of_secrets_is_cached_too() {
     let Some((_moto, client)) = setup().await else {
         return;

@@ -125,6 +125,8 @@ struct UserSecrets {
 }
 
 type CacheEntry = (Instant, Option<Arc<UserSecrets>>);
+/// Held while one caller reads an (ext, user)'s secrets.
+type ReadGate = Arc<tokio::sync::Mutex<()>>;
 
 /// [`SecretStore`] on Secrets Manager, caching each (ext, user)'s secrets — or their
 /// absence — for a TTL, so a warm worker reads a user's secrets once per TTL, not per call.
@@ -133,6 +135,10 @@ pub struct SecretsManagerStore {
     prefix: String,
     ttl: Duration,
     cache: Mutex<HashMap<(String, String), CacheEntry>>,
+    /// One lock per (ext, user) being read: concurrent misses for the same user (a batch of
+    /// one user's tasks starting together) wait for one GetSecretValue instead of each
+    /// sending their own.
+    loading: Mutex<HashMap<(String, String), ReadGate>>,
 }
 
 impl SecretsManagerStore {
@@ -149,7 +155,43 @@ impl SecretsManagerStore {
             prefix: prefix.into(),
             ttl,
             cache: Mutex::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Reads `(ext, user)`'s secrets through the cache, one read at a time per key.
+    async fn load(&self, ext: &str, user: &str) -> PortResult<Option<Arc<UserSecrets>>> {
+        let key = (ext.to_owned(), user.to_owned());
+        if let Some(secrets) = self.cached(&key) {
+            return Ok(secrets);
+        }
+        let gate = Arc::clone(
+            self.loading
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key.clone())
+                .or_default(),
+        );
+        let _reading = gate.lock().await;
+        // Another caller may have read it while this one waited.
+        let secrets = match self.cached(&key) {
+            Some(secrets) => Ok(secrets),
+            None => {
+                let secret_id = secret_name(&self.prefix, ext, user)?;
+                tracing::debug!(ext, user, secret = %secret_id, "reading user secrets");
+                let fetched = self.fetch(&secret_id).await;
+                if let Ok(secrets) = &fetched {
+                    self.remember(key.clone(), secrets.clone());
+                }
+                fetched
+            }
+        };
+        // The last one through removes the gate (the map holds one reference, this one another).
+        let mut loading = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+        if loading.get(&key).is_some_and(|g| Arc::strong_count(g) <= 2) {
+            loading.remove(&key);
+        }
+        secrets
     }
 
     fn cached(&self, key: &(String, String)) -> Option<Option<Arc<UserSecrets>>> {
@@ -191,18 +233,7 @@ impl SecretsManagerStore {
 #[async_trait]
 impl SecretStore for SecretsManagerStore {
     async fn get(&self, ext: &str, user: &str, name: &str) -> PortResult<Option<Secret>> {
-        let key = (ext.to_owned(), user.to_owned());
-        let secrets = match self.cached(&key) {
-            Some(secrets) => secrets,
-            None => {
-                let secret_id = secret_name(&self.prefix, ext, user)?;
-                tracing::debug!(ext, user, secret = %secret_id, "reading user secrets");
-                let secrets = self.fetch(&secret_id).await?;
-                self.remember(key, secrets.clone());
-                secrets
-            }
-        };
-        let Some(secrets) = secrets else {
+        let Some(secrets) = self.load(ext, user).await? else {
             return Ok(None);
         };
         if secrets.not_strings.iter().any(|k| k == name) {
