@@ -310,6 +310,27 @@ mod tests {
     use crate::task::{AuditKind, TaskState};
     use crate::testing::fixture::*;
 
+    /// A stack with one background task of u1's, claimed by worker `w1`.
+    async fn running_task() -> (crate::testing::MemoryStack, TaskId, crate::task::Lease) {
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let now = stack.rt.now();
+        let lease = crate::task::Lease {
+            owner: "w1".into(),
+            until: now + chrono::Duration::seconds(60),
+        };
+        stack.tasks.claim(&task_id, &lease, now).await.unwrap();
+        (stack, task_id, lease)
+    }
+
+    /// A checkpoint at `pct`.
+    fn at(pct: u8) -> crate::task::Progress {
+        crate::task::Progress {
+            pct,
+            message: format!("{pct}%"),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_same_result_message_three_times_posts_once() {
         // GIVEN a finished task
@@ -519,18 +540,8 @@ mod tests {
     async fn a_backlog_of_progress_posts_only_the_latest_once() {
         // GIVEN a running task with five checkpoints, whose messages all arrive in one batch,
         // the latest twice
-        let (stack, _) = stack();
-        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let (stack, task_id, lease) = running_task().await;
         let now = stack.rt.now();
-        let lease = crate::task::Lease {
-            owner: "w1".into(),
-            until: now + chrono::Duration::seconds(60),
-        };
-        stack.tasks.claim(&task_id, &lease, now).await.unwrap();
-        let at = |pct: u8| crate::task::Progress {
-            pct,
-            message: format!("{pct}%"),
-        };
         let mut records = Vec::new();
         for seq in 1..=5u64 {
             let pct = u8::try_from(seq * 20).unwrap();
@@ -579,18 +590,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn progress_never_goes_backwards_and_superseded_progress_is_not_posted() {
         // GIVEN a running task whose record holds its second checkpoint
-        let (stack, _) = stack();
-        let task_id = task_id_of(&stack.intake(call_event("bg", "u1", json!({}))).await);
+        let (stack, task_id, lease) = running_task().await;
         let now = stack.rt.now();
-        let lease = crate::task::Lease {
-            owner: "w1".into(),
-            until: now + chrono::Duration::seconds(60),
-        };
-        stack.tasks.claim(&task_id, &lease, now).await.unwrap();
-        let at = |pct: u8| crate::task::Progress {
-            pct,
-            message: format!("{pct}%"),
-        };
         for pct in [30, 60] {
             stack
                 .tasks
