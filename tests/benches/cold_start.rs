@@ -15,6 +15,9 @@
 //! It builds `text-tools` in release (`cargo build --release -p text-tools-functions`); the
 //! floor is this package's `hello-lambda` bin, which cargo builds with the bench (the release
 //! profile too). Bounded: every wait for a poll is capped at [`POLL_TIMEOUT`].
+//!
+//! `COLD_START_BASELINE=/path/to/text-tools` adds another build of the binary (an older
+//! commit's, say) as intake and as the worker to the same run, for a before/after table.
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -95,6 +98,8 @@ struct Subject {
     name: &'static str,
     binary: PathBuf,
     env: Vec<(&'static str, &'static str)>,
+    /// Whether the goal applies (this build's intake and worker).
+    judged: bool,
     runs: Vec<Duration>,
 }
 
@@ -106,7 +111,15 @@ impl Subject {
             name,
             binary: binary.to_owned(),
             env,
+            judged: false,
             runs: Vec::with_capacity(ROUNDS),
+        }
+    }
+
+    fn judged(self) -> Self {
+        Self {
+            judged: true,
+            ..self
         }
     }
 }
@@ -126,7 +139,7 @@ fn main() {
         env.push(("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", memory));
         env
     };
-    let mut subjects = [
+    let mut subjects = vec![
         Subject::new(
             "hello-world (floor)",
             &hello,
@@ -136,13 +149,28 @@ fn main() {
             "text-tools intake",
             &text_tools,
             &with_role("intake", "256"),
-        ),
+        )
+        .judged(),
         Subject::new(
             "text-tools worker",
             &text_tools,
             &with_role("worker", "512"),
-        ),
+        )
+        .judged(),
     ];
+    if let Some(baseline) = std::env::var_os("COLD_START_BASELINE").filter(|p| !p.is_empty()) {
+        let baseline = PathBuf::from(baseline);
+        subjects.push(Subject::new(
+            "baseline intake",
+            &baseline,
+            &with_role("intake", "256"),
+        ));
+        subjects.push(Subject::new(
+            "baseline worker",
+            &baseline,
+            &with_role("worker", "512"),
+        ));
+    }
     let api = RuntimeApiStub::start();
     for round in 0..WARM_UP + ROUNDS {
         for subject in &mut subjects {
@@ -310,9 +338,13 @@ fn report(subjects: &[Subject], text_tools: &Path, hello: &Path) {
          warm-up, interleaved)"
     );
     println!("  {}", machine());
-    for (name, path) in [("text-tools", text_tools), ("hello-lambda", hello)] {
+    let baseline = subjects.get(3).map(|s| s.binary.as_path());
+    for path in [Some(text_tools), Some(hello), baseline]
+        .into_iter()
+        .flatten()
+    {
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        println!("  {name}: {:.2} MB", size as f64 / 1e6);
+        println!("  {}: {:.2} MB", path.display(), size as f64 / 1e6);
     }
     println!();
     println!(
@@ -333,9 +365,10 @@ fn report(subjects: &[Subject], text_tools: &Path, hello: &Path) {
             ms(*p90) / ms(floor_p90),
         );
     }
-    let worst = subjects[1..]
+    let worst = subjects
         .iter()
-        .zip(&stats[1..])
+        .zip(&stats)
+        .filter(|(subject, _)| subject.judged)
         .map(|(_, (median, _))| ms(*median) / ms(floor_median))
         .fold(0.0, f64::max);
     println!();
