@@ -6,6 +6,7 @@ pub mod chat;
 pub mod dynamodb;
 pub mod secrets;
 pub mod sqs;
+pub mod tls;
 
 use std::fmt::Debug;
 
@@ -92,9 +93,13 @@ impl AwsClients {
     }
 
     /// Clients from the environment: the standard AWS variables and profile files, then
-    /// [`ENDPOINT_VARS`] where set and not empty.
+    /// [`ENDPOINT_VARS`] where set and not empty. They share one HTTPS client, whose TLS roots
+    /// are loaded at its first request ([`tls::sdk_http_client`]).
     pub async fn from_env() -> Self {
-        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(tls::sdk_http_client())
+            .load()
+            .await;
         Self::new(&sdk).with_endpoints(|name| std::env::var(name).ok())
     }
 
@@ -169,7 +174,7 @@ pub fn services(
         )),
         chat: chat.unwrap_or_else(|| Arc::new(NoChat)),
         clock: Arc::new(longrun::ports::SystemClock),
-        http: reqwest::Client::new(),
+        http: tls::http_client(),
     }
 }
 
@@ -251,8 +256,10 @@ impl std::fmt::Debug for InitError {
 mod tests {
     use super::*;
 
+    /// The SDK configuration `AwsClients::from_env` loads (its HTTPS client), for a test region.
     async fn sdk() -> aws_config::SdkConfig {
         aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(tls::sdk_http_client())
             .region(aws_config::Region::new("us-east-1"))
             .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
                 "testing", "testing", None, None, "test",

@@ -133,7 +133,7 @@ pub async fn init(extension: Extension, role: Role) -> Result<Function, InitErro
     let config = Config::from_env()?;
     let settings = Settings::from_env()?;
     let clients = AwsClients::from_env().await;
-    let http = reqwest::Client::new();
+    let http = longrun_aws::tls::http_client();
     // Delivery posts into the chat; a process serving every role does so when the chat API
     // is configured (its delivery fails without).
     let posts =
