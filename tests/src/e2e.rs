@@ -84,6 +84,8 @@ pub struct Options {
     pub rust_log: String,
     /// Where moto, dynoxide and the fakes listen (loopback unless containers must reach them).
     pub host: std::net::IpAddr,
+    /// Runs the release build of the binary (build it beforehand: `cargo build --release`).
+    pub release: bool,
 }
 
 impl Options {
@@ -119,6 +121,7 @@ impl Options {
             esm: true,
             rust_log: "info".into(),
             host: crate::LOOPBACK,
+            release: false,
         }
     }
 
@@ -315,7 +318,7 @@ impl Stack {
             .clone()
             .unwrap_or_else(crate::workspace_root);
         let instances = options.concurrency + options.spare_instances;
-        let watch = LambdaWatch::start(&env, instances, &dir, &project)
+        let watch = LambdaWatch::start(&env, instances, &dir, &project, options.release)
             .await
             .unwrap_or_else(|e| panic!("{e}"))
             .serving(&options.binary);

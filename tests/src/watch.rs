@@ -143,6 +143,7 @@ impl LambdaWatch {
         concurrency: usize,
         log_dir: &Path,
         project: &Path,
+        release: bool,
     ) -> Result<Self, String> {
         let env_file = log_dir.join("functions.env");
         let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
@@ -150,7 +151,7 @@ impl LambdaWatch {
         let mut last_failure = String::new();
         for attempt in 0..3 {
             let port = crate::free_port().map_err(|e| format!("no free port: {e}"))?;
-            let args: Vec<String> = [
+            let mut args: Vec<String> = [
                 "lambda",
                 "watch",
                 "--invoke-address",
@@ -166,6 +167,9 @@ impl LambdaWatch {
             .iter()
             .map(|s| s.to_string())
             .collect();
+            if release {
+                args.push("--release".to_owned());
+            }
             // The functions get their configuration from the env file only; the variables
             // here keep cargo itself quiet and colourless.
             let process = Guarded::spawn(
@@ -247,6 +251,22 @@ impl LambdaWatch {
         timeout: Duration,
     ) -> Invoked {
         self.invoker.invoke(function, payload, timeout).await
+    }
+
+    /// The highest peak resident set size (`VmHWM`) of any running instance of the function
+    /// binary `bin`, in KiB.
+    pub fn peak_rss_kib(&self, bin: &str) -> Option<u64> {
+        self.process
+            .pids_of(bin)
+            .into_iter()
+            .filter_map(|pid| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("VmHWM:"))
+                    .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .max()
     }
 
     /// Kills every running instance of the function binary `bin` (SIGKILL, as a crashed or
