@@ -66,6 +66,16 @@ pub enum ChargeError {
 }
 
 impl ChargeError {
+    /// `budget` passed: `used` units of it are recorded today.
+    pub(crate) fn over_budget(budget: &crate::extension::Budget, used: u64) -> Self {
+        Self::OverBudget {
+            meter: budget.meter.clone(),
+            used,
+            per_day: budget.per_day,
+            description: budget.description.clone(),
+        }
+    }
+
     /// What the user is told when a handler propagates this error.
     pub fn to_result(&self) -> ActionResult {
         match self {
@@ -534,12 +544,7 @@ impl Ctx {
                 source,
             })?;
         if used > budget.per_day {
-            return Err(ChargeError::OverBudget {
-                meter: meter.to_owned(),
-                used,
-                per_day: budget.per_day,
-                description: budget.description.clone(),
-            });
+            return Err(ChargeError::over_budget(budget, used));
         }
         Ok(used)
     }

@@ -154,12 +154,7 @@ async fn check_budgets(rt: &Runtime, caller: &Caller) -> Result<(), IntakeError>
     for budget in extension.budgets() {
         let spent = used.get(&budget.meter).copied().unwrap_or(0);
         if spent >= budget.per_day {
-            let over = crate::ChargeError::OverBudget {
-                meter: budget.meter.clone(),
-                used: spent,
-                per_day: budget.per_day,
-                description: budget.description.clone(),
-            };
+            let over = crate::ChargeError::over_budget(budget, spent);
             return Err(IntakeError::over_budget(over.to_string()));
         }
     }

@@ -385,10 +385,8 @@ async fn execute(
     let first = tokio::select! {
         finished = &mut work => Some(finished),
         _ = tokio::time::sleep_until(cap_deadline) => {
-            let partial = checkpoint.latest_partial().await;
-            return Ending::Done(
-                Outcome::timed_out(&task.function, task.cap_s).with_partial(partial.as_ref()),
-            );
+            let timed_out = Outcome::timed_out(&task.function, task.cap_s);
+            return Ending::Done(checkpoint.hand_over(timed_out).await);
         }
         _ = sleep_until_opt(yield_at) => {
             checkpoint.flush().await;
@@ -413,15 +411,12 @@ async fn execute(
             Ok(finished) => finished,
             Err(_) => {
                 tracing::info!(task_id = %task.task_id, "cancelled handler dropped after the grace period");
-                let partial = checkpoint.latest_partial().await;
-                return Ending::Done(
-                    Outcome::cancelled(&task.function).with_partial(partial.as_ref()),
-                );
+                let cancelled = Outcome::cancelled(&task.function);
+                return Ending::Done(checkpoint.hand_over(cancelled).await);
             }
         },
     };
     checkpoint.flush().await;
-    let partial = checkpoint.latest_partial().await;
     // How the run ended is decided from what the runtime itself saw, not from the handler's
     // error: a lost lease, a replay that met another step than the record holds.
     if run_lease.is_lost() {
@@ -435,7 +430,7 @@ async fn execute(
             false,
         ));
     }
-    Ending::Done(match finished {
+    let outcome = match finished {
         Ok(Ok(result)) if result.wire_size() > MAX_RESULT_BYTES => Outcome::failed(
             &task.function,
             "result_too_large",
@@ -461,7 +456,7 @@ async fn execute(
         // An error after the cancel was seen is the cancel's doing, whatever the handler made
         // of it (a cancelled AI call turned into a step's error value, say).
         Ok(Err(err)) if err.is_cancelled() || checkpoint.is_cancelled() => {
-            Outcome::cancelled(&task.function).with_partial(partial.as_ref())
+            Outcome::cancelled(&task.function)
         }
         Ok(Err(ref err)) if let Some(missing) = err.downcast_ref::<SecretError>() => {
             Outcome::returned(missing.to_result())
@@ -479,7 +474,8 @@ async fn execute(
             format!("handler panicked: {}", panic_message(&*panic)),
             false,
         ),
-    })
+    };
+    Ending::Done(checkpoint.hand_over(outcome).await)
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -776,9 +772,10 @@ impl Checkpoint {
         }
     }
 
-    /// The last partial result the handler recorded, written or not.
-    async fn latest_partial(&self) -> Option<serde_json::Value> {
-        self.state.lock().await.partial.clone()
+    /// `outcome`, with the last partial result the handler recorded (written or not) if it
+    /// is a cancelled or timed-out end.
+    async fn hand_over(&self, outcome: Outcome) -> Outcome {
+        outcome.with_partial(self.state.lock().await.partial.as_ref())
     }
 }
 
