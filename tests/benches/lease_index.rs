@@ -208,6 +208,7 @@ fn task(i: usize, item_kb: usize) -> Task {
         cap_s: 1800,
         cancel_requested: false,
         created_at: at,
+        wake_at: None,
         started_at: None,
         heartbeat_at: None,
         finished_at: None,

@@ -141,6 +141,7 @@ fn queued_task(ext: &str, user: &str, at: DateTime<Utc>) -> Task {
         cap_s: 180,
         cancel_requested: false,
         created_at: at,
+        wake_at: None,
         started_at: None,
         heartbeat_at: None,
         finished_at: None,
@@ -1582,4 +1583,131 @@ async fn an_unreadable_item_does_not_stop_the_sweep() {
     // THEN it gets the readable task
     let ids: Vec<&TaskId> = expired.iter().map(|t| &t.task_id).collect();
     assert_eq!(ids, vec![&readable.task_id]);
+}
+
+#[tokio::test]
+async fn a_sleeping_task_is_claimed_only_when_due_or_cancelled() {
+    // GIVEN a task running under w1 that goes to sleep until t0+600s
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    let id = &task.task_id;
+    let wake = t0() + secs(600);
+    let queue_lease = lease("queue", wake + secs(300));
+    // WHEN a stranger puts it to sleep, it conflicts
+    assert!(is_conflict(
+        f.store.suspend(id, "w2", wake, &queue_lease).await
+    ));
+    // WHEN its holder does
+    let sleeping = f
+        .store
+        .suspend(id, &held.owner, wake, &queue_lease)
+        .await
+        .unwrap();
+    // THEN the record says so, with its wake time, under the queue lease, in the sweeper's
+    // index at that lease, and the attempt given back
+    assert_eq!(sleeping.state, TaskState::Sleeping);
+    assert_eq!(sleeping.wake_at, Some(wake));
+    assert_eq!(sleeping.lease, Some(queue_lease.clone()));
+    assert_eq!(sleeping.attempt, task.attempt - 1);
+    assert_eq!(f.store.get(id).await.unwrap().unwrap(), sleeping);
+    let raw = f.raw(&format!("TASK#{id}"), "TASK").await.unwrap();
+    assert_eq!(raw["state"], AttributeValue::S("sleeping".into()));
+    assert_eq!(
+        raw["gsi2sk"],
+        AttributeValue::S(format!("2030-05-01T12:15:00.123Z#{id}"))
+    );
+    // AND the sweeper does not see it before its lease lapses
+    let swept: Vec<TaskId> = f
+        .store
+        .expired_leases(wake + secs(10), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert!(!swept.contains(id));
+    // AND its lease holder can no longer beat or finish it
+    assert!(is_conflict(
+        f.store.beat(id, &held, None, None, t0() + secs(5)).await
+    ));
+    // WHEN a worker claims it before it wakes, it is busy
+    let early = lease("w3", t0() + secs(120));
+    assert!(matches!(
+        f.store.claim(id, &early, t0() + secs(60)).await.unwrap(),
+        Claim::Busy(t) if t.state == TaskState::Sleeping
+    ));
+    // WHEN the user cancels, the flag is set on the sleeping task, and a claim now succeeds
+    let flagged = f.store.request_cancel(id, t0() + secs(61)).await.unwrap();
+    assert!(flagged.cancel_requested);
+    assert_eq!(flagged.state, TaskState::Sleeping);
+    let claimed = match f.store.claim(id, &early, t0() + secs(62)).await.unwrap() {
+        Claim::Claimed(t) => t,
+        other => panic!("expected Claimed, got {other:?}"),
+    };
+    // THEN it runs again with the attempt it had, no longer sleeping
+    assert_eq!(claimed.state, TaskState::Running);
+    assert_eq!(claimed.wake_at, None);
+    assert_eq!(claimed.attempt, task.attempt);
+    assert!(
+        !f.raw(&format!("TASK#{id}"), "TASK")
+            .await
+            .unwrap()
+            .contains_key("wake_at")
+    );
+}
+
+#[tokio::test]
+async fn a_sleeping_task_wakes_on_time_and_is_revived_or_abandoned_when_its_message_is_lost() {
+    // GIVEN two sleeping tasks, due at t0+600s
+    let f = fixture().await;
+    let wake = t0() + secs(600);
+    let queue_lease = lease("queue", wake + secs(300));
+    let mut ids = Vec::new();
+    for owner in ["w1", "w2"] {
+        let (task, held) = f.running(owner, t0()).await;
+        f.store
+            .suspend(&task.task_id, &held.owner, wake, &queue_lease)
+            .await
+            .unwrap();
+        ids.push(task.task_id);
+    }
+    // WHEN its message comes at its wake time, the first is claimed
+    let w3 = lease("w3", wake + secs(60));
+    assert!(matches!(
+        f.store.claim(&ids[0], &w3, wake).await.unwrap(),
+        Claim::Claimed(t) if t.state == TaskState::Running
+    ));
+    // WHEN the second's message was lost: the sweeper revives it once its lease lapsed
+    let early = f
+        .store
+        .requeue(&ids[1], &Requeue::Expired(wake + secs(10)), &queue_lease)
+        .await;
+    assert!(is_conflict(early));
+    let revived = f
+        .store
+        .requeue(
+            &ids[1],
+            &Requeue::Expired(wake + secs(301)),
+            &lease("queue", wake + secs(900)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(revived.state, TaskState::Queued);
+    assert_eq!(revived.wake_at, None);
+    // AND a dead-lettered message ends a sleeping task that nobody works on
+    let (third, held) = f.running("w4", t0()).await;
+    f.store
+        .suspend(&third.task_id, &held.owner, wake, &queue_lease)
+        .await
+        .unwrap();
+    let ended = f
+        .store
+        .finish(
+            &third.task_id,
+            &finish(TaskState::Failed, t0() + secs(5), FinishGuard::Abandoned),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ended.state, TaskState::Failed);
+    assert_eq!(ended.wake_at, None);
 }

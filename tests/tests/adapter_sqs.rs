@@ -191,6 +191,45 @@ async fn a_work_message_round_trips() {
 }
 
 #[tokio::test]
+async fn a_delayed_work_message_is_held_back_by_the_queue() {
+    let Some((_moto, client, urls)) = setup().await else {
+        return;
+    };
+    // GIVEN a work message sent with a 3 s delay (a sleeping task's wake-up)
+    let message = work_message(json!({}));
+    SqsWorkQueue::new(client.clone(), &urls.work)
+        .send_after(&message, Duration::from_millis(2_500))
+        .await
+        .unwrap();
+    // WHEN a consumer polls at once, THEN it gets nothing
+    let early = sqs::receive(&client, &urls.work, 10, 1, None)
+        .await
+        .unwrap();
+    assert!(early.is_empty(), "{early:?}");
+    // AND once the delay is over the message arrives
+    let mut received = Vec::new();
+    for _ in 0..10 {
+        received = sqs::receive(&client, &urls.work, 10, 1, None)
+            .await
+            .unwrap();
+        if !received.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(received.len(), 1);
+    let back: WorkMessage = serde_json::from_str(&received[0].body).unwrap();
+    assert_eq!(back, message);
+}
+
+#[test]
+fn delays_are_whole_seconds_rounded_up_to_the_queue_limit() {
+    assert_eq!(sqs::delay_seconds(Duration::ZERO), 0);
+    assert_eq!(sqs::delay_seconds(Duration::from_millis(2_500)), 3);
+    assert_eq!(sqs::delay_seconds(Duration::from_secs(900)), 900);
+    assert_eq!(sqs::delay_seconds(Duration::from_secs(5_000)), 900);
+}
+
+#[tokio::test]
 async fn delivery_messages_round_trip() {
     let Some((_moto, client, urls)) = setup().await else {
         return;

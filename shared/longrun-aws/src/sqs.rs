@@ -7,6 +7,7 @@
 //! so the body size is the whole message size SQS checks.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
@@ -18,7 +19,7 @@ use serde::Serialize;
 
 use super::port_error;
 use longrun::config::vars;
-use longrun::ports::{DeliveryQueue, PortError, PortResult, WorkQueue};
+use longrun::ports::{DeliveryQueue, MAX_QUEUE_DELAY, PortError, PortResult, WorkQueue};
 use longrun::wire::{DeliveryMessage, WorkMessage};
 
 /// Largest message SQS accepts (1 MiB), and also the most one `SendMessageBatch` may carry
@@ -75,9 +76,14 @@ impl SqsWorkQueue {
 #[async_trait]
 impl WorkQueue for SqsWorkQueue {
     async fn send(&self, message: &WorkMessage) -> PortResult<()> {
+        self.send_after(message, Duration::ZERO).await
+    }
+
+    async fn send_after(&self, message: &WorkMessage, delay: Duration) -> PortResult<()> {
         let body = to_body("work message", message)?;
-        send_one(&self.client, &self.url, body).await?;
-        tracing::debug!(task_id = %message.task_id, ext = %message.ext, user = %message.user, "work message sent");
+        let delay_s = delay_seconds(delay);
+        send_delayed(&self.client, &self.url, body, delay_s).await?;
+        tracing::debug!(task_id = %message.task_id, ext = %message.ext, user = %message.user, delay_s, "work message sent");
         Ok(())
     }
 }
@@ -145,10 +151,23 @@ fn check_size(what: &str, body: &str) -> PortResult<()> {
 }
 
 async fn send_one(client: &Client, url: &str, body: String) -> PortResult<()> {
-    client
-        .send_message()
-        .queue_url(url)
-        .message_body(body)
+    send_delayed(client, url, body, 0).await
+}
+
+/// `DelaySeconds` for `delay`: whole seconds, rounded up so a message never arrives early
+/// by a fraction, at most [`MAX_QUEUE_DELAY`].
+pub fn delay_seconds(delay: Duration) -> i32 {
+    let capped = delay.min(MAX_QUEUE_DELAY);
+    let whole = capped.as_secs() + u64::from(capped.subsec_nanos() > 0);
+    i32::try_from(whole.min(MAX_QUEUE_DELAY.as_secs())).unwrap_or(0)
+}
+
+async fn send_delayed(client: &Client, url: &str, body: String, delay_s: i32) -> PortResult<()> {
+    let mut request = client.send_message().queue_url(url).message_body(body);
+    if delay_s > 0 {
+        request = request.delay_seconds(delay_s);
+    }
+    request
         .send()
         .await
         .map_err(|e| port_error("SQS SendMessage", e))?;

@@ -144,6 +144,15 @@ impl LocalQueue {
 
     /// Sends a message; returns its id. A body over SQS's 1 MiB is refused as SQS would.
     pub fn send_message(&self, body: impl Into<String>) -> PortResult<String> {
+        self.send_message_after(body, Duration::ZERO)
+    }
+
+    /// Sends a message that becomes visible `delay` from now (SQS `DelaySeconds`).
+    pub fn send_message_after(
+        &self,
+        body: impl Into<String>,
+        delay: Duration,
+    ) -> PortResult<String> {
         let body = body.into();
         if body.len() > MAX_MESSAGE_BYTES {
             return Err(PortError::Permanent(format!(
@@ -158,7 +167,7 @@ impl LocalQueue {
             body,
             sent_at: Utc::now(),
             receive_count: 0,
-            visible_at: Instant::now(),
+            visible_at: Instant::now() + delay,
             receipt: None,
         });
         Ok(message_id)
@@ -333,6 +342,14 @@ fn body(what: &str, message: &impl Serialize) -> PortResult<String> {
 impl WorkQueue for LocalQueue {
     async fn send(&self, message: &WorkMessage) -> PortResult<()> {
         self.send_message(body("work message", message)?)?;
+        Ok(())
+    }
+
+    async fn send_after(&self, message: &WorkMessage, delay: Duration) -> PortResult<()> {
+        self.send_message_after(
+            body("work message", message)?,
+            delay.min(longrun::ports::MAX_QUEUE_DELAY),
+        )?;
         Ok(())
     }
 }

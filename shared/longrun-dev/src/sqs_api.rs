@@ -68,6 +68,18 @@ fn ok(body: Value) -> Response {
         .into_response()
 }
 
+/// `DelaySeconds`: 0–900, as SQS allows.
+fn delay(input: &Value) -> Result<Duration, SqsError> {
+    match &input["DelaySeconds"] {
+        Value::Null => Ok(Duration::ZERO),
+        value => value
+            .as_u64()
+            .filter(|s| *s <= 900)
+            .map(Duration::from_secs)
+            .ok_or_else(|| SqsError::invalid("DelaySeconds must be an integer from 0 to 900")),
+    }
+}
+
 fn string<'a>(input: &'a Value, field: &str) -> Result<&'a str, SqsError> {
     input[field].as_str().ok_or_else(|| {
         SqsError::new(
@@ -200,7 +212,7 @@ impl SqsApi {
                 let queue = self.queue(input)?;
                 let body = string(input, "MessageBody")?;
                 let id = queue
-                    .send_message(body)
+                    .send_message_after(body, delay(input)?)
                     .map_err(|e| SqsError::invalid(e.to_string()))?;
                 Ok(json!({"MessageId": id}))
             }

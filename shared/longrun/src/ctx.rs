@@ -2,6 +2,7 @@
 //! `background_task` — bound to the (ext, user) the call belongs to.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -13,7 +14,7 @@ use crate::extension::{Extension, ParamsError};
 use crate::http::Http;
 use crate::lease::RunLease;
 use crate::ports::{Clock, KvStore, PortError, Secret, SecretStore, UsageStore};
-use crate::step::{StepError, StepLog};
+use crate::step::{Check, StepError, StepLog};
 use crate::task::{Progress, TaskId};
 
 /// Why `ctx.progress` did not record a checkpoint.
@@ -631,6 +632,59 @@ impl Ctx {
         match &self.steps {
             Some(log) => log.step(name, body).await,
             None => Ok(body.await),
+        }
+    }
+
+    /// Waits `duration` without holding a worker: a durable sleep.
+    ///
+    /// In a background task the run is suspended — progress is written, the lease released,
+    /// the invocation ends — and the task is `sleeping` in its record (with `wake_at`) until
+    /// a worker takes it up again after `duration` (SQS delays of up to 15 minutes, chained
+    /// for longer sleeps) and replays the run to here, finished steps from the record. The
+    /// sleep counts toward the task's cap: one that outlasts it ends the task timed out when
+    /// the cap is reached. A cancel during the sleep wakes the task at once, runs the
+    /// function's `on_stop` hook and ends it cancelled. Like a step, a sleep is identified by
+    /// its position in the run, so a replay must reach it in the same order.
+    ///
+    /// Sleeps shorter than [`SLEEP_IN_PLACE`](crate::SLEEP_IN_PLACE) wait in place, as does
+    /// every sleep outside a background task (Pattern A), within the call's time.
+    pub async fn sleep(&self, duration: Duration) -> Result<(), StepError> {
+        match &self.steps {
+            Some(log) => log.sleep(duration).await,
+            None => {
+                tokio::time::sleep(duration).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Calls `check` until it returns [`Check::Done`], sleeping durably `every` between
+    /// checks (as [`Ctx::sleep`]), and returns the value — stored as the step `name`, so a
+    /// replay returns it without checking again. Each check of a suspended task is one short
+    /// invocation: the way to wait on work done elsewhere, such as a provider's background AI
+    /// call, without paying for a worker while it runs. `check` may report progress; a check
+    /// that takes longer than the step budget fails the poll with [`StepError::TimedOut`].
+    ///
+    /// Outside a background task it checks in place, sleeping `every` between checks.
+    pub async fn poll<T, F, Fut>(
+        &self,
+        name: &str,
+        every: Duration,
+        mut check: F,
+    ) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Check<T>>,
+    {
+        match &self.steps {
+            Some(log) => log.poll(name, every, check).await,
+            None => loop {
+                if let Check::Done(value) = check().await {
+                    return Ok(value);
+                }
+                tokio::time::sleep(every).await;
+            },
         }
     }
 

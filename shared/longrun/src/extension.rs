@@ -18,6 +18,65 @@ use crate::{ActionResult, Ctx, Result};
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub(crate) type Handler = Arc<dyn Fn(Ctx, Value) -> BoxFuture<Result<ActionResult>> + Send + Sync>;
 type Validator = Arc<dyn Fn(&Value) -> std::result::Result<(), ParamsError> + Send + Sync>;
+pub(crate) type StopHook = Arc<dyn Fn(Ctx, Stopped) -> BoxFuture<Result<()>> + Send + Sync>;
+
+/// Why a task is stopped before its handler returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The user cancelled it.
+    Cancelled,
+    /// It ran past its cap.
+    TimedOut,
+}
+
+/// What an `on_stop` hook is told about the task being stopped: why, its params, and what its
+/// finished steps returned — a provider's job id from the step that started it, say.
+#[derive(Debug, Clone)]
+pub struct Stopped {
+    /// Why the task stops.
+    pub reason: StopReason,
+    /// The task's params (or job input).
+    pub params: Value,
+    steps: Vec<crate::step::StepRecord>,
+}
+
+impl Stopped {
+    pub(crate) fn new(
+        reason: StopReason,
+        params: Value,
+        steps: Vec<crate::step::StepRecord>,
+    ) -> Self {
+        Self {
+            reason,
+            params,
+            steps,
+        }
+    }
+
+    /// The output of the last finished step named `name`, if there is one and it fits `T`.
+    pub fn step<T: DeserializeOwned>(&self, name: &str) -> Option<T> {
+        self.steps
+            .iter()
+            .rev()
+            .find(|s| s.name == name)
+            .and_then(|s| serde_json::from_value(s.output.clone()).ok())
+    }
+}
+
+/// How long an `on_stop` hook may run before the task ends without it.
+pub const STOP_HOOK_BUDGET: Duration = Duration::from_secs(10);
+
+fn stop_hook<F, Fut>(hook: F) -> StopHook
+where
+    F: Fn(Ctx, Stopped) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    let hook = Arc::new(hook);
+    Arc::new(move |ctx: Ctx, stopped: Stopped| {
+        let hook = Arc::clone(&hook);
+        Box::pin(async move { hook(ctx, stopped).await })
+    })
+}
 
 /// What a chat function does to the user's data, for the platform's confirmation policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -102,6 +161,7 @@ pub struct ChatFunction {
     background: bool,
     long_running: bool,
     stall: Option<Option<Duration>>,
+    on_stop: Option<StopHook>,
     params_schema: Value,
     example: Option<Value>,
     validate: Validator,
@@ -124,6 +184,7 @@ impl ChatFunction {
             background: false,
             long_running: false,
             stall: None,
+            on_stop: None,
             params_schema: schemars::schema_for!(P).to_value(),
             example: None,
             validate: validator::<P>(),
@@ -166,6 +227,21 @@ impl ChatFunction {
     /// (60 s).
     pub fn stall_notice(mut self, after: Option<Duration>) -> Self {
         self.stall = Some(after);
+        self
+    }
+
+    /// Runs `hook` when the task is cancelled or times out before the handler returned,
+    /// before the task ends (within [`STOP_HOOK_BUDGET`]; past it the task ends anyway): the
+    /// place to cancel work started elsewhere, such as a provider's background AI call whose
+    /// id a step returned ([`Stopped::step`]). It runs in the worker — after the handler was
+    /// dropped, or when a sleeping task is woken by its cancel — and may run more than once
+    /// for one task (a worker that dies in it): make it idempotent. A hook error is logged.
+    pub fn on_stop<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(Ctx, Stopped) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        self.on_stop = Some(stop_hook(hook));
         self
     }
 
@@ -233,6 +309,7 @@ pub struct Job {
     name: String,
     event: Option<String>,
     stall: Option<Option<Duration>>,
+    on_stop: Option<StopHook>,
     validate: Validator,
     handler: Handler,
 }
@@ -249,6 +326,7 @@ impl Job {
             name: name.into(),
             event: None,
             stall: None,
+            on_stop: None,
             validate: validator::<I>(),
             handler: handler(run),
         }
@@ -264,6 +342,16 @@ impl Job {
     /// [`ChatFunction::stall_notice`].
     pub fn stall_notice(mut self, after: Option<Duration>) -> Self {
         self.stall = Some(after);
+        self
+    }
+
+    /// Runs `hook` when the task is cancelled or times out, as [`ChatFunction::on_stop`].
+    pub fn on_stop<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(Ctx, Stopped) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        self.on_stop = Some(stop_hook(hook));
         self
     }
 
@@ -504,6 +592,16 @@ impl Extension {
                 self.functions.get(name).map(|f| Arc::clone(&f.handler))
             }
             crate::task::TaskKind::Job => self.jobs.get(name).map(|j| Arc::clone(&j.handler)),
+        }
+    }
+
+    /// The `on_stop` hook of a task of `kind` named `name`, if it has one.
+    pub(crate) fn stop_hook(&self, kind: crate::task::TaskKind, name: &str) -> Option<StopHook> {
+        match kind {
+            crate::task::TaskKind::Function => {
+                self.functions.get(name).and_then(|f| f.on_stop.clone())
+            }
+            crate::task::TaskKind::Job => self.jobs.get(name).and_then(|j| j.on_stop.clone()),
         }
     }
 

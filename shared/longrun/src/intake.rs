@@ -16,7 +16,7 @@ use crate::runtime::{EnqueueError, Runtime, TaskSpec};
 use crate::task::{AuditItem, AuditKind, Task, TaskId, TaskKind, TaskState};
 use crate::wire::{
     CallRequest, DeliveryMessage, IntakeError, IntakeResponse, ListRequest, MAX_EVENT_BYTES,
-    MAX_LIST_LIMIT, MAX_NAME_CHARS, MAX_PARAMS_BYTES, TaskRequest,
+    MAX_LIST_LIMIT, MAX_NAME_CHARS, MAX_PARAMS_BYTES, TaskRequest, WorkMessage,
 };
 use crate::{ActionResult, ports::FinishGuard};
 
@@ -311,7 +311,8 @@ async fn cancel(rt: &Runtime, req: TaskRequest) -> Result<IntakeResponse, Intake
 /// Cancels a task on behalf of its owner (also used by the operators' CLI).
 ///
 /// A queued task ends at once with the "cancelled" result; a running one gets its cancel flag,
-/// which the worker reads at the next heartbeat or progress call; a finished one is a 409.
+/// which the worker reads at the next heartbeat or progress call; a sleeping one gets the flag
+/// and is woken at once, and the worker that takes it up ends it; a finished one is a 409.
 pub async fn cancel_task(rt: &Runtime, task: Task) -> Result<Task, IntakeError> {
     let tasks = &rt.services.tasks;
     let now = rt.now();
@@ -351,7 +352,7 @@ pub async fn cancel_task(rt: &Runtime, task: Task) -> Result<Task, IntakeError> 
                 Err(err) => Err(port_error(err)),
             }
         }
-        TaskState::Running => request_running_cancel(rt, &task).await,
+        TaskState::Running | TaskState::Sleeping => request_running_cancel(rt, &task).await,
         // Every other state is terminal.
         state => Err(IntakeError::conflict(format!(
             "task {} already ended as {state}",
@@ -376,6 +377,17 @@ async fn request_running_cancel(rt: &Runtime, task: &Task) -> Result<Task, Intak
                 .append_audit(&audit)
                 .await
                 .map_err(port_error)?;
+            if updated.state == TaskState::Sleeping {
+                // Wake it now: the worker that takes it up runs its stop hook and ends it.
+                if let Err(err) = rt
+                    .services
+                    .work
+                    .send(&WorkMessage::for_task(&updated))
+                    .await
+                {
+                    tracing::warn!(task_id = %updated.task_id, error = %err, "sleeping task not woken; it ends cancelled when it wakes");
+                }
+            }
             Ok(updated)
         }
         Err(PortError::Conflict(_)) => {

@@ -98,8 +98,8 @@ pub use ctx::{
 };
 pub use error::{Cancelled, Error, Result};
 pub use extension::{
-    ActionType, Budget, ChatFunction, Extension, InvalidExtension, Job, ParamsError, SecretSpec,
-    ToolSpec,
+    ActionType, Budget, ChatFunction, Extension, InvalidExtension, Job, ParamsError,
+    STOP_HOOK_BUDGET, SecretSpec, StopReason, Stopped, ToolSpec,
 };
 pub use http::{
     DEFAULT_HTTP_TIMEOUT, Http, HttpError, HttpRequest, HttpResponse, MAX_HTTP_BODY_BYTES,
@@ -107,7 +107,7 @@ pub use http::{
 };
 pub use ports::Secret;
 pub use runtime::{EnqueueError, Runtime, Services, Settings};
-pub use step::{MAX_STEP_OUTPUT_BYTES, StepError, StepRecord};
+pub use step::{Check, MAX_STEP_OUTPUT_BYTES, SLEEP_IN_PLACE, StepError, StepRecord};
 pub use task::{Task, TaskId, TaskState};
 
 /// Re-exports for extension crates, so they need not depend on `schemars` and `serde`

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -97,8 +98,9 @@ pub enum FinishGuard {
     /// Anyone, if the task is `queued` or `running` and its lease (the queue's or a
     /// worker's) lapsed before `at` (the sweeper).
     ExpiredLease,
-    /// Anyone, if nobody works on the task: it is `queued`, or `running` with a lease that
-    /// lapsed before `at` (a dead-lettered work message; a live worker keeps its task).
+    /// Anyone, if nobody works on the task: it is `queued` or `sleeping`, or `running` with
+    /// a lease that lapsed before `at` (a dead-lettered work message; a live worker keeps its
+    /// task).
     Abandoned,
 }
 
@@ -107,7 +109,8 @@ pub enum FinishGuard {
 pub enum Requeue {
     /// The worker holding this lease owner id (a running task).
     Owner(String),
-    /// Anyone, if the task is queued or running and its lease lapsed before this moment.
+    /// Anyone, if the task is queued, running or sleeping and its lease lapsed before this
+    /// moment.
     Expired(DateTime<Utc>),
     /// Anyone, if the task is running and its lease lapsed before this moment; the task is
     /// marked [`isolated`](crate::task::Task::isolated) (its worker process died with other
@@ -178,7 +181,9 @@ pub trait TaskStore: Send + Sync {
     /// The task a request key names, if any.
     async fn find_request(&self, request: &RequestKey) -> PortResult<Option<TaskId>>;
 
-    /// Takes the lease if the task is `queued` or its lease lapsed before `now`.
+    /// Takes the lease if the task is `queued`, `running` with a lease that lapsed before
+    /// `now`, or `sleeping` and due (`wake_at` passed, or a cancel requested). A sleeping
+    /// task that is not due is `Busy`.
     async fn claim(&self, task_id: &TaskId, lease: &Lease, now: DateTime<Utc>)
     -> PortResult<Claim>;
 
@@ -204,7 +209,18 @@ pub trait TaskStore: Send + Sync {
     /// a failure), or the sweeper reviving an expired lease.
     async fn requeue(&self, task_id: &TaskId, guard: &Requeue, lease: &Lease) -> PortResult<Task>;
 
-    /// Sets the cancel flag on a `running` task. `Conflict` if it is not running.
+    /// Puts a running task held by `owner` to sleep until `wake_at` (`sleeping`, with the
+    /// queue lease `lease`, which lapses a queue grace after `wake_at`), giving back its
+    /// attempt: a sleep is not a failure. `Conflict` when `owner` no longer holds it.
+    async fn suspend(
+        &self,
+        task_id: &TaskId,
+        owner: &str,
+        wake_at: DateTime<Utc>,
+        lease: &Lease,
+    ) -> PortResult<Task>;
+
+    /// Sets the cancel flag on a `running` or `sleeping` task. `Conflict` if it is neither.
     async fn request_cancel(&self, task_id: &TaskId, now: DateTime<Utc>) -> PortResult<Task>;
 
     /// Marks the result delivered (and clears `redeliver_at`). `Ok(false)` if it already was.
@@ -342,7 +358,13 @@ pub trait SecretStore: Send + Sync {
 pub trait WorkQueue: Send + Sync {
     /// Sends a work message, which a worker invocation will receive.
     async fn send(&self, message: &WorkMessage) -> PortResult<()>;
+    /// Sends a work message that a worker receives `delay` from now — or sooner, after
+    /// [`MAX_QUEUE_DELAY`] at the most (SQS's limit): the worker sends an early one on.
+    async fn send_after(&self, message: &WorkMessage, delay: Duration) -> PortResult<()>;
 }
+
+/// The longest a queue holds a message back (SQS `DelaySeconds` at most 900).
+pub const MAX_QUEUE_DELAY: Duration = Duration::from_secs(900);
 
 /// The delivery queue: the worker sends, delivery receives.
 #[async_trait]

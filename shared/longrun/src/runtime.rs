@@ -293,6 +293,7 @@ impl Runtime {
             cap_s: self.cap_seconds(spec.long_running),
             cancel_requested: false,
             created_at: now,
+            wake_at: None,
             started_at: None,
             heartbeat_at: None,
             finished_at: None,

@@ -135,7 +135,32 @@ pub(crate) struct StepLog {
     budget: Duration,
     handing_off: AtomicBool,
     hand_off: Notify,
+    /// When the run asked to wake, once it suspended itself (`ctx.sleep`, `ctx.poll`).
+    wake_at: std::sync::Mutex<Option<DateTime<Utc>>>,
+    suspend: Notify,
     clock: Arc<dyn crate::ports::Clock>,
+}
+
+/// A sleep shorter than this waits in place: a suspension costs an invocation and a few
+/// writes, which a second of a small Lambda's time does not.
+pub const SLEEP_IN_PLACE: Duration = Duration::from_secs(1);
+
+/// The step name a `ctx.sleep` is recorded under.
+pub(crate) const SLEEP_STEP: &str = "longrun.sleep";
+
+/// What a `ctx.sleep` records: when it ends.
+#[derive(Debug, Serialize, Deserialize)]
+struct Slept {
+    until: DateTime<Utc>,
+}
+
+/// One check of [`Ctx::poll`](crate::Ctx::poll): the awaited value, or not yet.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Check<T> {
+    /// The wait is over, with this value (stored as the poll's step output).
+    Done(T),
+    /// Not yet: check again after the poll's interval.
+    Pending,
 }
 
 impl StepLog {
@@ -160,6 +185,8 @@ impl StepLog {
             budget,
             handing_off: AtomicBool::new(false),
             hand_off: Notify::new(),
+            wake_at: std::sync::Mutex::new(None),
+            suspend: Notify::new(),
             clock,
         }
     }
@@ -173,6 +200,104 @@ impl StepLog {
             return;
         }
         notified.await;
+    }
+
+    /// Resolves, with the moment to wake, once the run suspended itself.
+    pub(crate) async fn suspended(&self) -> DateTime<Utc> {
+        loop {
+            let notified = self.suspend.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(at) = *self.wake_at.lock().unwrap_or_else(|e| e.into_inner()) {
+                return at;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until `until`: in place if that is near, else by suspending the run (the worker
+    /// ends the invocation, and a later one replays the run to here). Never returns in the
+    /// latter case: the worker drops the run.
+    async fn wait_until(&self, until: DateTime<Utc>) {
+        let left = (until - self.clock.now()).to_std().unwrap_or_default();
+        if left < SLEEP_IN_PLACE {
+            tokio::time::sleep(left).await;
+            return;
+        }
+        tracing::info!(task_id = %self.lease.holder().task_id, %until, "suspending until");
+        *self.wake_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+        self.suspend.notify_waiters();
+        std::future::pending::<()>().await;
+    }
+
+    /// `ctx.sleep` in a task: a step that records when the sleep ends, then waits for it.
+    pub(crate) async fn sleep(&self, duration: Duration) -> Result<(), StepError> {
+        if duration < SLEEP_IN_PLACE {
+            // Decided by the duration alone, so a replay takes the same path.
+            tokio::time::sleep(duration).await;
+            return Ok(());
+        }
+        let seq = self.next.fetch_add(1, Ordering::SeqCst);
+        let slept: Slept = match self.recorded.iter().find(|r| r.seq == seq) {
+            Some(record) => self.replay(record, SLEEP_STEP)?,
+            None => {
+                let until = self.clock.now()
+                    + chrono::Duration::from_std(duration).unwrap_or(chrono::TimeDelta::MAX);
+                let value =
+                    serde_json::to_value(Slept { until }).map_err(|source| StepError::Serde {
+                        name: SLEEP_STEP.to_owned(),
+                        source,
+                    })?;
+                let stored = self.store(seq, SLEEP_STEP, value).await?;
+                self.replay(&stored, SLEEP_STEP)?
+            }
+        };
+        self.wait_until(slept.until).await;
+        Ok(())
+    }
+
+    /// `ctx.poll` in a task: `check` until it is done, sleeping `every` between checks; the
+    /// value is stored as the step `name`. A pending check stores nothing, so a resumed run
+    /// checks again where it left off.
+    pub(crate) async fn poll<T, F, Fut>(
+        &self,
+        name: &str,
+        every: Duration,
+        mut check: F,
+    ) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Check<T>>,
+    {
+        let seq = self.next.fetch_add(1, Ordering::SeqCst);
+        if let Some(record) = self.recorded.iter().find(|r| r.seq == seq) {
+            return self.replay(record, name);
+        }
+        loop {
+            let checked = tokio::time::timeout(self.budget, check())
+                .await
+                .map_err(|_| StepError::TimedOut {
+                    name: name.to_owned(),
+                    after: self.budget,
+                })?;
+            match checked {
+                Check::Done(output) => {
+                    let value = self.checked(name, &output)?;
+                    let stored = self.store(seq, name, value.clone()).await?;
+                    return if stored.output == value {
+                        Ok(output)
+                    } else {
+                        self.replay(&stored, name)
+                    };
+                }
+                Check::Pending => {
+                    let until = self.clock.now()
+                        + chrono::Duration::from_std(every).unwrap_or(chrono::TimeDelta::MAX);
+                    self.wait_until(until).await;
+                }
+            }
+        }
     }
 
     pub(crate) async fn step<T, F>(&self, name: &str, body: F) -> Result<T, StepError>
@@ -226,7 +351,20 @@ impl StepLog {
                     name: name.to_owned(),
                     after: self.budget,
                 })?;
-        let value = serde_json::to_value(&output).map_err(|source| StepError::Serde {
+        let value = self.checked(name, &output)?;
+        let stored = self.store(seq, name, value.clone()).await?;
+        if stored.output == value {
+            Ok(output)
+        } else {
+            // The table already held this position (written by a worker this one took over
+            // from, before it did): that output is the one every replay will see.
+            self.replay(&stored, name)
+        }
+    }
+
+    /// `output` as the JSON a step record can hold.
+    fn checked<T: Serialize>(&self, name: &str, output: &T) -> Result<Value, StepError> {
+        let value = serde_json::to_value(output).map_err(|source| StepError::Serde {
             name: name.to_owned(),
             source,
         })?;
@@ -244,33 +382,30 @@ impl StepLog {
             name: name.to_owned(),
             reason,
         })?;
+        Ok(value)
+    }
+
+    /// Stores step `seq`'s output while this run holds the lease; returns the record the
+    /// table holds at that position (an earlier worker's, if it got there first).
+    async fn store(&self, seq: u32, name: &str, output: Value) -> Result<StepRecord, StepError> {
         let record = StepRecord {
             seq,
             name: name.to_owned(),
-            output: value,
+            output,
             at: self.clock.now(),
         };
-        let stored = match self.tasks.record_step(self.lease.holder(), &record).await {
-            Ok(stored) => stored,
+        match self.tasks.record_step(self.lease.holder(), &record).await {
+            Ok(stored) => Ok(stored),
             Err(PortError::Conflict(_)) => {
                 self.lease.mark_lost();
-                return Err(StepError::LeaseLost {
+                Err(StepError::LeaseLost {
                     name: name.to_owned(),
-                });
+                })
             }
-            Err(source) => {
-                return Err(StepError::Store {
-                    name: name.to_owned(),
-                    source,
-                });
-            }
-        };
-        if stored == record {
-            Ok(output)
-        } else {
-            // The table already held this position (written by a worker this one took over
-            // from, before it did): that output is the one every replay will see.
-            self.replay(&stored, name)
+            Err(source) => Err(StepError::Store {
+                name: name.to_owned(),
+                source,
+            }),
         }
     }
 
@@ -602,5 +737,197 @@ mod tests {
         );
         assert_eq!(ctx.step("s", async { 41 + 1 }).await.unwrap(), 42);
         assert_eq!(ctx.step("s", async { 7 }).await.unwrap(), 7);
+    }
+
+    /// The delays of the waiting work messages, in whole seconds.
+    fn delays(stack: &MemoryStack) -> Vec<u64> {
+        stack
+            .work
+            .pending_delays()
+            .into_iter()
+            .map(|(d, _)| d.as_secs_f64().round() as u64)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sleep_ends_the_invocation_and_the_task_resumes_after_it() {
+        // GIVEN a task that runs a step, then sleeps 10 minutes
+        let (stack, runs) = stack();
+        let params = json!({"delay_ms": 600_000});
+        let id = task_id_of(&stack.intake(call_event("sleeper", "u1", params)).await);
+        // WHEN a worker takes it
+        let started = Instant::now();
+        stack.work_once().await;
+        // THEN the invocation ends at once, the task sleeping with its wake time, its
+        // progress written and its message on the queue for when it wakes
+        assert!(started.elapsed() < SLEEP_IN_PLACE);
+        let sleeping = task(&stack, &id).await;
+        assert_eq!(sleeping.state, TaskState::Sleeping);
+        let wake_at = sleeping.wake_at.unwrap();
+        assert_eq!((wake_at - stack.rt.now()).num_seconds(), 600);
+        assert_eq!(sleeping.progress.message, "Started");
+        assert_eq!(sleeping.attempt, 0, "a sleep is not a failed attempt");
+        assert_eq!(delays(&stack), vec![600]);
+        assert_eq!(steps_of(&stack, &id).await, vec!["start", SLEEP_STEP]);
+        // AND the sweeper leaves it alone while it sleeps
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert_eq!(
+            crate::sweeper::sweep(&stack.rt).await.unwrap(),
+            crate::sweeper::SweepReport::default()
+        );
+        // WHEN it wakes
+        stack.drain(20).await;
+        // THEN it replays to the sleep, goes on and ends with one result
+        let done = task(&stack, &id).await;
+        assert_eq!(done.state, TaskState::Succeeded);
+        assert!(done.finished_at.unwrap() >= wake_at);
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 2);
+        assert_eq!(
+            steps_of(&stack, &id).await,
+            vec!["start", SLEEP_STEP, "finish"]
+        );
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::success(
+                "slept",
+                json!({"job": "job-1", "done": 2})
+            )]
+        );
+        // AND no reclaim or resume was reported: the task never lost a worker
+        let audit = audit_kinds(&stack, &id).await;
+        assert_eq!(count(&audit, AuditKind::Reclaimed), 0, "{audit:?}");
+        assert_eq!(count(&audit, AuditKind::Critical), 0, "{audit:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sleep_longer_than_the_queue_delay_is_chained() {
+        // GIVEN a task that sleeps 25 minutes (the queue delays 15 at most)
+        let (stack, runs) = stack();
+        let params = json!({"delay_ms": 1_500_000});
+        let id = task_id_of(&stack.intake(call_event("sleeper", "u1", params)).await);
+        stack.work_once().await;
+        assert_eq!(delays(&stack), vec![900]);
+        // WHEN the message arrives after 15 minutes
+        tokio::time::sleep(Duration::from_secs(900)).await;
+        stack.work_once().await;
+        // THEN it is sent on for the 10 minutes left, the handler not run
+        assert_eq!(delays(&stack), vec![600]);
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 1);
+        assert_eq!(task(&stack, &id).await.state, TaskState::Sleeping);
+        // AND after them the task finishes
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &id).await.state, TaskState::Succeeded);
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_during_a_sleep_ends_the_task_at_once_after_its_stop_hook() {
+        // GIVEN a task asleep for 10 minutes
+        let (stack, runs) = stack();
+        let params = json!({"delay_ms": 600_000});
+        let id = task_id_of(&stack.intake(call_event("sleeper", "u1", params)).await);
+        stack.work_once().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // WHEN the user cancels
+        let cancelled_at = Instant::now();
+        let response = stack
+            .intake(json!({"action": "cancel", "ext": EXT, "user": "u1", "task_id": id}))
+            .await;
+        assert_eq!(response.status, 200, "{response:?}");
+        while stack.work_once().await > 0 {}
+        while stack.deliver_once().await > 0 {}
+        // THEN it ends now, not at the end of the sleep, with one cancelled result that
+        // hands over its partial result, after the stop hook saw the started job
+        assert!(cancelled_at.elapsed() < SLEEP_IN_PLACE);
+        let ended = task(&stack, &id).await;
+        assert_eq!(ended.state, TaskState::Cancelled);
+        let results = results_in(&stack, "chat-u1");
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0].data, Some(json!({"partial": {"job": "job-1"}})));
+        assert_eq!(
+            *runs.stops.lock().unwrap(),
+            vec![(crate::StopReason::Cancelled, Some("job-1".to_owned()))]
+        );
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 1);
+        // AND the wake message, when it comes, changes nothing
+        stack.drain(20).await;
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+        assert_eq!(runs.stops.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sleep_past_the_cap_ends_the_task_timed_out_at_the_cap() {
+        // GIVEN a task with the 1800 s cap that sleeps an hour
+        let (stack, runs) = stack();
+        let params = json!({"delay_ms": 3_600_000});
+        let id = task_id_of(&stack.intake(call_event("sleeper", "u1", params)).await);
+        let started = Instant::now();
+        // WHEN it runs
+        stack.drain(20).await;
+        // THEN it wakes at its cap and ends timed out, its stop hook told so
+        let ended = task(&stack, &id).await;
+        assert_eq!(ended.state, TaskState::TimedOut);
+        assert_eq!(started.elapsed().as_secs(), 1800);
+        assert_eq!(
+            *runs.stops.lock().unwrap(),
+            vec![(crate::StopReason::TimedOut, Some("job-1".to_owned()))]
+        );
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sleeping_task_whose_wake_message_was_lost_is_sent_again_by_the_sweeper() {
+        // GIVEN a sleeping task whose delayed work message is lost
+        let (stack, _) = stack();
+        let params = json!({"delay_ms": 600_000});
+        let id = task_id_of(&stack.intake(call_event("sleeper", "u1", params)).await);
+        stack.work_once().await;
+        assert_eq!(stack.work.purge(), 1);
+        // WHEN the sweeper runs after its wake time and the queue grace
+        tokio::time::sleep(Duration::from_secs(600) + Settings::default().queue_grace).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let report = crate::sweeper::sweep(&stack.rt).await.unwrap();
+        // THEN the task is sent again and finishes
+        assert_eq!(report.requeued, 1);
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &id).await.state, TaskState::Succeeded);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_checks_in_short_invocations_and_stores_only_its_answer() {
+        // GIVEN a task that polls a job every 20 s until the fourth check finds it done
+        let (stack, runs) = stack();
+        let params = json!({"n": 4, "delay_ms": 20_000});
+        let id = task_id_of(&stack.intake(call_event("poller", "u1", params)).await);
+        let writes_before = stack.tasks.writes();
+        // WHEN it runs
+        stack.drain(20).await;
+        // THEN each check was one invocation, the job started once, and only the start and
+        // the answer are stored as steps
+        let done = task(&stack, &id).await;
+        assert_eq!(done.state, TaskState::Succeeded);
+        assert_eq!(runs.checks.load(AtomicOrdering::SeqCst), 4);
+        assert_eq!(runs.started.load(AtomicOrdering::SeqCst), 4);
+        assert_eq!(steps_of(&stack, &id).await, vec!["start", "wait"]);
+        assert_eq!(
+            results_in(&stack, "chat-u1"),
+            vec![ActionResult::success(
+                "polled",
+                json!({"job": "job-2", "checks": 4})
+            )]
+        );
+        // AND a check that reports the same progress writes none: one progress message
+        let progress = progress_in(&stack, "chat-u1");
+        assert_eq!(progress, vec![20], "{progress:?}");
+        // AND each further check costs two writes, a claim and a suspension: polling eight
+        // times writes eight more than polling four times
+        let writes = stack.tasks.writes() - writes_before;
+        let (longer, _) = crate::testing::fixture::stack();
+        let params = json!({"n": 8, "delay_ms": 20_000});
+        longer.intake(call_event("poller", "u1", params)).await;
+        let longer_before = longer.tasks.writes();
+        longer.drain(20).await;
+        assert_eq!(longer.tasks.writes() - longer_before, writes + 4 * 2);
     }
 }

@@ -74,6 +74,10 @@ pub enum TaskState {
     Queued,
     /// A worker holds its lease and runs the handler.
     Running,
+    /// The handler waits (`ctx.sleep`, or between `ctx.poll` checks) with no worker running:
+    /// its work message is on the queue, delayed until `wake_at`, when a worker claims it and
+    /// replays its finished steps. A cancel wakes it at once.
+    Sleeping,
     /// The handler returned an `ActionResult` (which may itself be an error the handler chose).
     Succeeded,
     /// The handler failed in a way it could not express: a returned error, a panic, a worker
@@ -108,6 +112,11 @@ impl TaskState {
             (Running, Succeeded | Failed | Cancelled | TimedOut) => true,
             // A continuation re-enqueues a running task before the Lambda deadline.
             (Running, Queued) => true,
+            // `ctx.sleep` suspends a running task; a worker claims it when it wakes (or is
+            // cancelled), the sweeper re-sends it if its work message was lost, and a
+            // dead-lettered work message ends it.
+            (Running, Sleeping) => true,
+            (Sleeping, Running | Queued | Failed) => true,
             _ => false,
         };
         if legal {
@@ -125,6 +134,7 @@ impl TaskState {
         match self {
             Self::Queued => "queued",
             Self::Running => "running",
+            Self::Sleeping => "sleeping",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
@@ -139,6 +149,7 @@ impl FromStr for TaskState {
         Ok(match s {
             "queued" => Self::Queued,
             "running" => Self::Running,
+            "sleeping" => Self::Sleeping,
             "succeeded" => Self::Succeeded,
             "failed" => Self::Failed,
             "cancelled" => Self::Cancelled,
@@ -264,6 +275,9 @@ pub struct Task {
     pub cancel_requested: bool,
     /// When intake accepted the task.
     pub created_at: DateTime<Utc>,
+    /// While the task sleeps: when it wakes (a worker claims it then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_at: Option<DateTime<Utc>>,
     /// When a worker first claimed the task; the cap counts from here.
     #[serde(default)]
     pub started_at: Option<DateTime<Utc>>,
@@ -437,7 +451,9 @@ mod tests {
     #[test]
     fn terminal_states_refuse_every_move() {
         for from in [Succeeded, Failed, Cancelled, TimedOut] {
-            for to in [Queued, Running, Succeeded, Failed, Cancelled, TimedOut] {
+            for to in [
+                Queued, Running, Sleeping, Succeeded, Failed, Cancelled, TimedOut,
+            ] {
                 assert!(
                     from.transition(to).is_err(),
                     "{from} → {to} must be illegal"
@@ -459,6 +475,20 @@ mod tests {
     }
 
     #[test]
+    fn a_task_sleeps_only_while_running_and_leaves_sleep_by_waking_requeue_or_abandon() {
+        assert_eq!(Running.transition(Sleeping), Ok(Sleeping));
+        for to in [Running, Queued, Failed] {
+            assert_eq!(Sleeping.transition(to), Ok(to));
+        }
+        // A sleeping task is cancelled or timed out by the worker that wakes it.
+        for to in [Succeeded, Cancelled, TimedOut, Sleeping] {
+            assert!(Sleeping.transition(to).is_err(), "sleeping → {to}");
+        }
+        assert!(Queued.transition(Sleeping).is_err());
+        assert!(!Sleeping.is_terminal());
+    }
+
+    #[test]
     fn caps_are_180_and_1800_seconds() {
         assert_eq!(Cap::for_long_running(false).seconds(), 180);
         assert_eq!(Cap::for_long_running(true).seconds(), 1800);
@@ -476,7 +506,9 @@ mod tests {
     #[test]
     fn states_round_trip_as_snake_case() {
         assert_eq!(serde_json::to_string(&TimedOut).unwrap(), "\"timed_out\"");
-        for s in [Queued, Running, Succeeded, Failed, Cancelled, TimedOut] {
+        for s in [
+            Queued, Running, Sleeping, Succeeded, Failed, Cancelled, TimedOut,
+        ] {
             assert_eq!(s.as_str().parse::<TaskState>().unwrap(), s);
         }
     }

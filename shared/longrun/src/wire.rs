@@ -322,6 +322,7 @@ impl WorkMessage {
             cap_s: self.cap_s,
             cancel_requested: false,
             created_at: self.created_at,
+            wake_at: None,
             started_at: None,
             heartbeat_at: None,
             finished_at: None,

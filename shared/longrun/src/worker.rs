@@ -9,12 +9,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
 use crate::SecretError;
 use crate::ctx::{Caller, ProgressError, ProgressSink, TaskRun};
+use crate::extension::{STOP_HOOK_BUDGET, StopReason, Stopped};
 use crate::lease::RunLease;
 use crate::outcome::{Outcome, panic_message};
 use crate::ports::{
@@ -162,6 +164,17 @@ pub async fn handle_message(
     }
     match claim {
         Claim::Claimed(task) => run(rt, task, lease, deadline).await,
+        Claim::Busy(task) if task.state == TaskState::Sleeping => {
+            // Early: a sleep longer than the queue's longest delay, or a copy of the message.
+            // Send it on for the rest of the sleep (one message in, one out).
+            let left = task
+                .wake_at
+                .map(|at| (at - rt.now()).to_std().unwrap_or_default())
+                .unwrap_or_default();
+            rt.services.work.send_after(&message, left).await?;
+            tracing::info!(%task_id, left_s = left.as_secs(), "sleeping task: work message sent on");
+            Ok(())
+        }
         Claim::Busy(_) => {
             tracing::info!(%task_id, "duplicate work message for a live lease dropped");
             Ok(())
@@ -225,6 +238,8 @@ enum Ending {
     LeaseLost,
     /// The invocation is about to end: hand the task to a fresh one.
     Continue,
+    /// The handler sleeps (`ctx.sleep`, `ctx.poll`) until this moment.
+    Sleep(DateTime<Utc>),
 }
 
 async fn run(
@@ -302,8 +317,16 @@ async fn run(
     };
     match ending {
         Ending::Done(outcome) => {
+            if let Some(reason) = match outcome.state {
+                TaskState::Cancelled => Some(StopReason::Cancelled),
+                TaskState::TimedOut => Some(StopReason::TimedOut),
+                _ => None,
+            } {
+                run_stop_hook(rt, &task, reason).await;
+            }
             end(rt, &task, FinishGuard::Owner(lease.owner.clone()), outcome).await
         }
+        Ending::Sleep(wake_at) => suspend(rt, &task, &lease, wake_at).await,
         Ending::LeaseLost => {
             tracing::warn!(task_id = %task.task_id, "lease lost; another worker carries on");
             Ok(())
@@ -318,6 +341,97 @@ async fn run(
             tracing::info!(task_id = %task.task_id, "handed on to a fresh invocation before the Lambda deadline");
             Ok(())
         }
+    }
+}
+
+/// Puts the task to sleep until `wake_at` (the cap's end at the latest, when the worker that
+/// takes it up ends it timed out) and sends its work message with the delay — none if a
+/// cancel arrived meanwhile, so that it ends now.
+async fn suspend(
+    rt: &Runtime,
+    task: &Task,
+    lease: &Lease,
+    wake_at: DateTime<Utc>,
+) -> Result<(), PortError> {
+    let wake_at = task.cap_deadline().map_or(wake_at, |cap| wake_at.min(cap));
+    let sleeping = match rt
+        .services
+        .tasks
+        .suspend(
+            &task.task_id,
+            &lease.owner,
+            wake_at,
+            &rt.queue_lease(wake_at),
+        )
+        .await
+    {
+        Ok(sleeping) => sleeping,
+        Err(PortError::Conflict(reason)) => {
+            tracing::warn!(task_id = %task.task_id, %reason, "lease lost before the sleep; another worker carries on");
+            return Ok(());
+        }
+        // The task keeps this worker's lease, which lapses; the sweeper or the redelivered
+        // message takes it up.
+        Err(err) => return Err(err),
+    };
+    let delay = if sleeping.cancel_requested {
+        Duration::ZERO
+    } else {
+        (wake_at - rt.now()).to_std().unwrap_or_default()
+    };
+    // If the send fails, the message is redelivered and finds the task sleeping (sent on
+    // then); failing that, the sweeper sends it a queue grace after `wake_at`.
+    rt.services
+        .work
+        .send_after(&WorkMessage::for_task(&sleeping), delay)
+        .await?;
+    tracing::info!(task_id = %task.task_id, %wake_at, "sleeping");
+    Ok(())
+}
+
+/// Runs the task's `on_stop` hook, if it has one, within [`STOP_HOOK_BUDGET`]. Its failure
+/// is logged: the task ends either way.
+async fn run_stop_hook(rt: &Runtime, task: &Task, reason: StopReason) {
+    let Some(hook) = rt
+        .extension()
+        .and_then(|e| e.stop_hook(task.kind, &task.function))
+    else {
+        return;
+    };
+    let steps = match rt.services.tasks.steps(&task.task_id).await {
+        Ok(steps) => steps,
+        Err(err) => {
+            tracing::warn!(task_id = %task.task_id, error = %err, "steps not read for the stop hook; it runs without them");
+            Vec::new()
+        }
+    };
+    let caller = Caller {
+        ext: task.ext.clone(),
+        user: task.user.clone(),
+        chat: task.chat.clone(),
+    };
+    let deadline = Instant::now() + STOP_HOOK_BUDGET;
+    let ctx = rt.ctx(
+        caller,
+        Some(deadline),
+        None,
+        Some(format!("stop:{}", task.task_id)),
+    );
+    let stopped = Stopped::new(reason, task.params.clone(), steps);
+    match tokio::time::timeout(
+        STOP_HOOK_BUDGET,
+        AssertUnwindSafe(hook(ctx, stopped)).catch_unwind(),
+    )
+    .await
+    {
+        Ok(Ok(Ok(()))) => tracing::info!(task_id = %task.task_id, ?reason, "stop hook ran"),
+        Ok(Ok(Err(err))) => {
+            tracing::warn!(task_id = %task.task_id, error = %err, "stop hook failed")
+        }
+        Ok(Err(panic)) => {
+            tracing::warn!(task_id = %task.task_id, panic = %panic_message(&*panic), "stop hook panicked")
+        }
+        Err(_) => tracing::warn!(task_id = %task.task_id, "stop hook ran out of time"),
     }
 }
 
@@ -397,6 +511,19 @@ async fn execute(
         _ = steps.handed_off() => {
             checkpoint.flush().await;
             return Ending::Continue;
+        }
+        wake_at = steps.suspended() => {
+            // Progress and the partial result go out before the task sleeps; the write also
+            // reads the cancel flag.
+            checkpoint.flush().await;
+            if run_lease.is_lost() {
+                return Ending::LeaseLost;
+            }
+            if checkpoint.is_cancelled() {
+                let cancelled = Outcome::cancelled(&task.function);
+                return Ending::Done(checkpoint.hand_over(cancelled).await);
+            }
+            return Ending::Sleep(wake_at);
         }
         stop = checkpoint.heartbeat() => match stop {
             Stop::LeaseLost => return Ending::LeaseLost,

@@ -158,6 +158,7 @@ pub(super) fn task_item(task: &Task, ttl: Duration) -> PortResult<Item> {
     }
     put("created_at", s(iso(task.created_at)));
     for (name, at) in [
+        ("wake_at", task.wake_at),
         ("started_at", task.started_at),
         ("heartbeat_at", task.heartbeat_at),
         ("finished_at", task.finished_at),
@@ -338,6 +339,7 @@ pub(super) fn task_from_item(item: &Item) -> PortResult<Task> {
         cap_s: f.n("cap_s")?,
         cancel_requested: f.flag("cancel_requested")?,
         created_at: f.time("created_at")?,
+        wake_at: f.opt_time("wake_at")?,
         started_at: f.opt_time("started_at")?,
         heartbeat_at: f.opt_time("heartbeat_at")?,
         finished_at: f.opt_time("finished_at")?,

@@ -569,13 +569,17 @@ impl TaskStore for DynamoTaskStore {
         let update = "SET #state = :running, #attempt = if_not_exists(#attempt, :zero) + :one, \
                       #lease_owner = :owner, #lease_until = :until, \
                       #started_at = if_not_exists(#started_at, :now), #heartbeat_at = :now, \
-                      #gsi2pk = :lease_pk, #gsi2sk = :lease_sk";
+                      #gsi2pk = :lease_pk, #gsi2sk = :lease_sk REMOVE #wake_at";
+        // ISO-8601 times in UTC with a fixed width compare as strings.
         let condition = format!(
-            "attribute_exists(#pk) AND (#state = :queued OR (#state = :running AND {LEASE_LAPSED}))"
+            "attribute_exists(#pk) AND (#state = :queued OR (#state = :running AND {LEASE_LAPSED}) \
+             OR (#state = :sleeping AND (#wake_at <= :now OR #cancel_requested = :true)))"
         );
         let values = [
             (":running".to_owned(), s(TaskState::Running.as_str())),
             (":queued".to_owned(), s(TaskState::Queued.as_str())),
+            (":sleeping".to_owned(), s(TaskState::Sleeping.as_str())),
+            (":true".to_owned(), AttributeValue::Bool(true)),
             (":zero".to_owned(), n(0)),
             (":one".to_owned(), n(1)),
             (":owner".to_owned(), s(&lease.owner)),
@@ -650,9 +654,8 @@ impl TaskStore for DynamoTaskStore {
         let from: &[TaskState] = match &finish.guard {
             FinishGuard::Owner(_) => &[TaskState::Running],
             FinishGuard::Queued => &[TaskState::Queued],
-            FinishGuard::ExpiredLease | FinishGuard::Abandoned => {
-                &[TaskState::Queued, TaskState::Running]
-            }
+            FinishGuard::ExpiredLease => &[TaskState::Queued, TaskState::Running],
+            FinishGuard::Abandoned => &[TaskState::Queued, TaskState::Sleeping, TaskState::Running],
         };
         // The guard names the states it accepts; keep only those the state machine lets move
         // to `finish.state`, so the write can never make an illegal move.
@@ -678,7 +681,7 @@ impl TaskStore for DynamoTaskStore {
             }
             FinishGuard::ExpiredLease => format!("{states} AND {LEASE_LAPSED}"),
             FinishGuard::Abandoned => {
-                // Queued as it is; running only once its worker's lease lapsed.
+                // Queued or sleeping as it is; running only once its worker's lease lapsed.
                 let parts: Vec<String> = values
                     .iter()
                     .map(|(name, value)| {
@@ -700,7 +703,7 @@ impl TaskStore for DynamoTaskStore {
         let update = "SET #state = :next, #result = :result, #finished_at = :now, \
                       #expires_at = :expires, #redeliver_at = :redeliver, \
                       #gsi2pk = :lease_pk, #gsi2sk = :redeliver_sk \
-                      REMOVE #lease_owner, #lease_until";
+                      REMOVE #lease_owner, #lease_until, #wake_at";
         values.extend([
             (":redeliver".to_owned(), s(iso(finish.redeliver_at))),
             (":lease_pk".to_owned(), s(lease_pk(task_id))),
@@ -745,7 +748,8 @@ impl TaskStore for DynamoTaskStore {
             }
             Requeue::Expired(now) => {
                 values.push((":now".to_owned(), s(iso(*now))));
-                format!("#state IN (:queued, :running) AND {LEASE_LAPSED}")
+                values.push((":sleeping".to_owned(), s(TaskState::Sleeping.as_str())));
+                format!("#state IN (:queued, :running, :sleeping) AND {LEASE_LAPSED}")
             }
             Requeue::Isolate(now) => {
                 update.push_str(", #isolated = :true");
@@ -754,6 +758,7 @@ impl TaskStore for DynamoTaskStore {
                 format!("#state = :running AND {LEASE_LAPSED}")
             }
         };
+        update.push_str(" REMOVE #wake_at");
         let request = self.update_task(task_id, &update, &condition, values);
         self.guarded(
             "UpdateItem requeue",
@@ -764,19 +769,57 @@ impl TaskStore for DynamoTaskStore {
         .await
     }
 
+    async fn suspend(
+        &self,
+        task_id: &TaskId,
+        owner: &str,
+        wake_at: DateTime<Utc>,
+        lease: &Lease,
+    ) -> PortResult<Task> {
+        // A sleep is not a failed attempt: the claim that wakes it counts this one again.
+        let update = "SET #state = :sleeping, #wake_at = :wake, #lease_owner = :new_owner, \
+                      #lease_until = :until, #gsi2pk = :lease_pk, #gsi2sk = :lease_sk, \
+                      #attempt = #attempt - :one";
+        let values = [
+            (":running".to_owned(), s(TaskState::Running.as_str())),
+            (":sleeping".to_owned(), s(TaskState::Sleeping.as_str())),
+            (":owner".to_owned(), s(owner)),
+            (":wake".to_owned(), s(iso(wake_at))),
+            (":new_owner".to_owned(), s(&lease.owner)),
+            (":until".to_owned(), s(iso(lease.until))),
+            (":lease_pk".to_owned(), s(lease_pk(task_id))),
+            (":lease_sk".to_owned(), s(lease_sk(lease.until, task_id))),
+            (":one".to_owned(), n(1)),
+        ];
+        let request = self.update_task(
+            task_id,
+            update,
+            "#state = :running AND #lease_owner = :owner",
+            values,
+        );
+        self.guarded("UpdateItem suspend", task_id, request, "lease not held")
+            .await
+    }
+
     async fn request_cancel(&self, task_id: &TaskId, _now: DateTime<Utc>) -> PortResult<Task> {
         let values = [
             (":running".to_owned(), s(TaskState::Running.as_str())),
+            (":sleeping".to_owned(), s(TaskState::Sleeping.as_str())),
             (":true".to_owned(), AttributeValue::Bool(true)),
         ];
         let request = self.update_task(
             task_id,
             "SET #cancel_requested = :true",
-            "#state = :running",
+            "#state IN (:running, :sleeping)",
             values,
         );
-        self.guarded("UpdateItem request_cancel", task_id, request, "not running")
-            .await
+        self.guarded(
+            "UpdateItem request_cancel",
+            task_id,
+            request,
+            "neither running nor sleeping",
+        )
+        .await
     }
 
     async fn mark_delivered(&self, task_id: &TaskId, now: DateTime<Utc>) -> PortResult<bool> {

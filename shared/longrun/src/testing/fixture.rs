@@ -46,6 +46,10 @@ pub struct Runs {
     pub flipped: AtomicBool,
     /// How many times `retry_step`'s flaky step body ran.
     pub flaky_runs: AtomicUsize,
+    /// How many checks `poller` made.
+    pub checks: AtomicUsize,
+    /// The stops `sleeper` and `poller`'s `on_stop` hook saw, with the step output it found.
+    pub stops: std::sync::Mutex<Vec<(crate::StopReason, Option<String>)>>,
 }
 
 impl Runs {
@@ -64,6 +68,20 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
     let chunks = Arc::clone(&runs);
     let unstable = Arc::clone(&runs);
     let flaky = Arc::clone(&runs);
+    let sleeper = Arc::clone(&runs);
+    let poller = Arc::clone(&runs);
+    let stop_hook = |runs: Arc<Runs>| {
+        move |_ctx: Ctx, stopped: crate::Stopped| {
+            let runs = Arc::clone(&runs);
+            async move {
+                let started: Option<String> = stopped.step("start");
+                runs.stops.lock().unwrap().push((stopped.reason, started));
+                Ok(())
+            }
+        }
+    };
+    let sleeper_stops = stop_hook(Arc::clone(&runs));
+    let poller_stops = stop_hook(Arc::clone(&runs));
     Extension::new(EXT)
         .budget("tokens", 100, "test tokens")
         .function(ChatFunction::new(
@@ -206,6 +224,61 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
             })
             .background(true)
             .long_running(true),
+        )
+        .function(
+            // A step, a durable sleep of `delay_ms`, a step: counts its runs in `started`.
+            ChatFunction::new("sleeper", move |ctx: Ctx, p: Params| {
+                let runs = Arc::clone(&sleeper);
+                async move {
+                    runs.started.fetch_add(1, Ordering::SeqCst);
+                    let job: String = ctx.step("start", async { "job-1".to_owned() }).await?;
+                    ctx.progress(10, "Started").await?;
+                    ctx.partial(json!({"job": job})).await?;
+                    ctx.sleep(Duration::from_millis(p.delay_ms)).await?;
+                    ctx.progress(60, "Woke up").await?;
+                    let done: u32 = ctx.step("finish", async { 2 }).await?;
+                    Ok(ActionResult::success(
+                        "slept",
+                        json!({"job": job, "done": done}),
+                    ))
+                }
+            })
+            .background(true)
+            .long_running(true)
+            .on_stop(sleeper_stops),
+        )
+        .function(
+            // Starts a job, then polls it every `delay_ms` until the `n`-th check finds it
+            // done; each check reports progress.
+            ChatFunction::new("poller", move |ctx: Ctx, p: Params| {
+                let runs = Arc::clone(&poller);
+                async move {
+                    runs.started.fetch_add(1, Ordering::SeqCst);
+                    let job: String = ctx.step("start", async { "job-2".to_owned() }).await?;
+                    let every = Duration::from_millis(p.delay_ms);
+                    let checks = ctx
+                        .poll("wait", every, || {
+                            let runs = Arc::clone(&runs);
+                            let ctx = ctx.clone();
+                            async move {
+                                let n = runs.checks.fetch_add(1, Ordering::SeqCst) + 1;
+                                let _ = ctx.progress(20, "Waiting on the provider").await;
+                                if n >= p.n as usize {
+                                    crate::Check::Done(n)
+                                } else {
+                                    crate::Check::Pending
+                                }
+                            }
+                        })
+                        .await?;
+                    Ok(ActionResult::success(
+                        "polled",
+                        json!({"job": job, "checks": checks}),
+                    ))
+                }
+            })
+            .background(true)
+            .on_stop(poller_stops),
         )
         .function(
             ChatFunction::new("big_step", |ctx: Ctx, _p: Params| async move {

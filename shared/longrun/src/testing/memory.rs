@@ -8,11 +8,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
+use tokio::time::Instant;
 
 use crate::ports::{
     Beat, ChatApi, ChatOutcome, Claim, Created, DeliveryQueue, Finish, FinishGuard, KvStore,
-    LeaseHolder, PortError, PortResult, RequestKey, Requeue, Secret, SecretStore, TaskStore,
-    UsageStore, WorkQueue,
+    LeaseHolder, MAX_QUEUE_DELAY, PortError, PortResult, RequestKey, Requeue, Secret, SecretStore,
+    TaskStore, UsageStore, WorkQueue,
 };
 use crate::step::StepRecord;
 use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskState};
@@ -216,6 +217,7 @@ impl TaskStore for MemoryTaskStore {
         let claimable = match task.state {
             TaskState::Queued => true,
             TaskState::Running => lease_lapsed(task, now),
+            TaskState::Sleeping => task.cancel_requested || task.wake_at.is_none_or(|at| at <= now),
             _ => return Ok(Claim::Finished(task.clone())),
         };
         if !claimable {
@@ -227,6 +229,7 @@ impl TaskStore for MemoryTaskStore {
             .map_err(|e| conflict(task_id, &e.to_string()))?;
         task.attempt += 1;
         task.lease = Some(lease.clone());
+        task.wake_at = None;
         task.started_at.get_or_insert(now);
         task.heartbeat_at = Some(now);
         let claimed = task.clone();
@@ -290,7 +293,7 @@ impl TaskStore for MemoryTaskStore {
                     && lease_lapsed(task, finish.at)
             }
             FinishGuard::Abandoned => {
-                task.state == TaskState::Queued
+                matches!(task.state, TaskState::Queued | TaskState::Sleeping)
                     || (task.state == TaskState::Running && lease_lapsed(task, finish.at))
             }
         };
@@ -332,8 +335,10 @@ impl TaskStore for MemoryTaskStore {
                     && task.lease.as_ref().is_some_and(|l| &l.owner == owner)
             }
             Requeue::Expired(now) => {
-                matches!(task.state, TaskState::Running | TaskState::Queued)
-                    && lease_lapsed(task, *now)
+                matches!(
+                    task.state,
+                    TaskState::Running | TaskState::Queued | TaskState::Sleeping
+                ) && lease_lapsed(task, *now)
             }
             Requeue::Isolate(now) => task.state == TaskState::Running && lease_lapsed(task, *now),
         };
@@ -349,9 +354,36 @@ impl TaskStore for MemoryTaskStore {
         }
         task.state = TaskState::Queued;
         task.lease = Some(lease.clone());
+        task.wake_at = None;
         let requeued = task.clone();
         t.writes += 1;
         Ok(requeued)
+    }
+
+    async fn suspend(
+        &self,
+        task_id: &TaskId,
+        owner: &str,
+        wake_at: DateTime<Utc>,
+        lease: &Lease,
+    ) -> PortResult<Task> {
+        let mut t = lock(&self.tables);
+        let task = t
+            .tasks
+            .get_mut(task_id)
+            .ok_or_else(|| PortError::NotFound(task_id.to_string()))?;
+        if !(task.state == TaskState::Running
+            && task.lease.as_ref().is_some_and(|l| l.owner == owner))
+        {
+            return Err(conflict(task_id, "lease not held"));
+        }
+        task.state = TaskState::Sleeping;
+        task.wake_at = Some(wake_at);
+        task.lease = Some(lease.clone());
+        task.attempt = task.attempt.saturating_sub(1);
+        let sleeping = task.clone();
+        t.writes += 1;
+        Ok(sleeping)
     }
 
     async fn request_cancel(&self, task_id: &TaskId, _now: DateTime<Utc>) -> PortResult<Task> {
@@ -360,7 +392,7 @@ impl TaskStore for MemoryTaskStore {
             .tasks
             .get_mut(task_id)
             .ok_or_else(|| PortError::NotFound(task_id.to_string()))?;
-        if task.state != TaskState::Running {
+        if !matches!(task.state, TaskState::Running | TaskState::Sleeping) {
             return Err(conflict(task_id, "not running"));
         }
         task.cancel_requested = true;
@@ -481,9 +513,10 @@ impl TaskStore for MemoryTaskStore {
     }
 }
 
-/// A queue in memory: FIFO, with a dead-letter list and an optional injected failure.
+/// A queue in memory: FIFO, with delayed messages (on tokio's clock, so a paused-clock test
+/// moves through a delay at once), a dead-letter list and an optional injected failure.
 pub struct MemoryQueue<M> {
-    messages: Mutex<VecDeque<M>>,
+    messages: Mutex<VecDeque<(Instant, M)>>,
     dead: Mutex<Vec<M>>,
     fail_sends: Mutex<u32>,
     sent: Mutex<u64>,
@@ -501,21 +534,55 @@ impl<M> Default for MemoryQueue<M> {
 }
 
 impl<M: Clone> MemoryQueue<M> {
-    /// Takes up to `max` messages.
+    /// Takes up to `max` messages whose delay is over.
     pub fn take(&self, max: usize) -> Vec<M> {
+        let now = Instant::now();
         let mut q = lock(&self.messages);
-        let n = max.min(q.len());
-        q.drain(..n).collect()
+        let mut taken = Vec::new();
+        q.retain(|(visible_at, m)| {
+            if taken.len() < max && *visible_at <= now {
+                taken.push(m.clone());
+                false
+            } else {
+                true
+            }
+        });
+        taken
     }
 
     /// Puts a message back (or in, as if sent).
     pub fn push(&self, message: M) {
-        lock(&self.messages).push_back(message);
+        lock(&self.messages).push_back((Instant::now(), message));
     }
 
-    /// The messages waiting.
+    /// The messages waiting, delayed ones included.
     pub fn pending(&self) -> Vec<M> {
-        lock(&self.messages).iter().cloned().collect()
+        lock(&self.messages)
+            .iter()
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    /// Loses every waiting message, delayed ones included; returns how many.
+    pub fn purge(&self) -> usize {
+        let mut q = lock(&self.messages);
+        let n = q.len();
+        q.clear();
+        n
+    }
+
+    /// The messages waiting with the time left until each is delivered.
+    pub fn pending_delays(&self) -> Vec<(Duration, M)> {
+        let now = Instant::now();
+        lock(&self.messages)
+            .iter()
+            .map(|(at, m)| (at.saturating_duration_since(now), m.clone()))
+            .collect()
+    }
+
+    /// When the next delayed message is delivered, if every waiting message is delayed.
+    pub fn next_delivery(&self) -> Option<Instant> {
+        lock(&self.messages).iter().map(|(at, _)| *at).min()
     }
 
     /// The dead-lettered messages.
@@ -533,7 +600,7 @@ impl<M: Clone> MemoryQueue<M> {
         *lock(&self.sent)
     }
 
-    fn accept(&self, message: &M) -> PortResult<()> {
+    fn accept(&self, message: &M, delay: Duration) -> PortResult<()> {
         {
             let mut fail = lock(&self.fail_sends);
             if *fail > 0 {
@@ -542,7 +609,7 @@ impl<M: Clone> MemoryQueue<M> {
             }
         }
         *lock(&self.sent) += 1;
-        lock(&self.messages).push_back(message.clone());
+        lock(&self.messages).push_back((Instant::now() + delay, message.clone()));
         Ok(())
     }
 }
@@ -550,14 +617,18 @@ impl<M: Clone> MemoryQueue<M> {
 #[async_trait]
 impl WorkQueue for MemoryQueue<WorkMessage> {
     async fn send(&self, message: &WorkMessage) -> PortResult<()> {
-        self.accept(message)
+        self.accept(message, Duration::ZERO)
+    }
+
+    async fn send_after(&self, message: &WorkMessage, delay: Duration) -> PortResult<()> {
+        self.accept(message, delay.min(MAX_QUEUE_DELAY))
     }
 }
 
 #[async_trait]
 impl DeliveryQueue for MemoryQueue<DeliveryMessage> {
     async fn send(&self, message: &DeliveryMessage) -> PortResult<()> {
-        self.accept(message)
+        self.accept(message, Duration::ZERO)
     }
 
     async fn dead_letter(&self, message: &DeliveryMessage) -> PortResult<()> {

@@ -102,7 +102,8 @@ impl MemoryStack {
 
     /// Pumps both queues until they are empty (at most `rounds` rounds). Delivery runs
     /// beside the worker, as the delivery Lambda does, so progress reaches the chat while the
-    /// task runs.
+    /// task runs. When only delayed work messages wait (sleeping tasks), it waits for the
+    /// next one — at once under a paused clock.
     pub async fn drain(&self, rounds: usize) {
         for _ in 0..rounds {
             let work = self.work_once();
@@ -121,7 +122,10 @@ impl MemoryStack {
                 }
             }
             if worked == 0 && delivered == 0 {
-                return;
+                match self.work.next_delivery() {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => return,
+                }
             }
         }
     }
