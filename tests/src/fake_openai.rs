@@ -16,6 +16,14 @@
 //! Every request is recorded with its body, whether its bearer key was the expected one (the
 //! key itself is never kept), and how it ended — answered, or dropped by the client before
 //! the answer (a cancelled task's worker aborting its call).
+//!
+//! It also speaks the Responses API's background mode: `POST /v1/responses` with
+//! `background: true` creates a response (status `queued`), `GET /v1/responses/{id}` reports
+//! `queued` at the first check, then `in_progress` until the response's `[[delay=MS]]` since
+//! its creation passed (forever with `[[hang]]`), then `completed` with the same completion;
+//! `POST /v1/responses/{id}/cancel` cancels it. `[[no_background]]` makes the create answer
+//! 404, as a server without the Responses API does; `[[status=CODE]]` makes it answer CODE.
+//! Each of these calls is recorded with its kind and the response's input.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,9 +48,24 @@ pub enum CallState {
     Dropped,
 }
 
+/// Which endpoint a request called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// `POST /v1/chat/completions`: a synchronous completion.
+    Chat,
+    /// `POST /v1/responses`: a background response created.
+    Create,
+    /// `GET /v1/responses/{id}`: a check of a background response.
+    Check,
+    /// `POST /v1/responses/{id}/cancel`.
+    Cancel,
+}
+
 /// One request the server received.
 #[derive(Debug, Clone)]
 pub struct AiCall {
+    /// The endpoint it called.
+    pub kind: CallKind,
     /// The request body as JSON (`Null` if it was not JSON).
     pub body: Value,
     /// `model` from the body.
@@ -61,6 +84,16 @@ pub struct AiCall {
 struct Inner {
     calls: Vec<AiCall>,
     expected_key: Option<String>,
+    responses: std::collections::HashMap<String, Background>,
+}
+
+/// A background response the server holds.
+struct Background {
+    input: String,
+    model: String,
+    created: tokio::time::Instant,
+    checks: u32,
+    cancelled: bool,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -86,6 +119,9 @@ impl FakeOpenAi {
         let inner: Shared = Arc::default();
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(completions))
+            .route("/v1/responses", post(create_response))
+            .route("/v1/responses/{id}", axum::routing::get(check_response))
+            .route("/v1/responses/{id}/cancel", post(cancel_response))
             .with_state(Arc::clone(&inner));
         let listener = tokio::net::TcpListener::bind((host, 0)).await?;
         let addr = listener.local_addr()?;
@@ -110,6 +146,14 @@ impl FakeOpenAi {
     /// Every request so far, in arrival order.
     pub fn calls(&self) -> Vec<AiCall> {
         self.lock().calls.clone()
+    }
+
+    /// The requests of `kind` whose input contains `needle`.
+    pub fn calls_of(&self, kind: CallKind, needle: &str) -> Vec<AiCall> {
+        self.calls_with(needle)
+            .into_iter()
+            .filter(|c| c.kind == kind)
+            .collect()
     }
 
     /// The requests whose input contains `needle`.
@@ -233,11 +277,7 @@ async fn completions(
         .unwrap_or_default()
         .to_owned();
     let model = body["model"].as_str().unwrap_or_default().to_owned();
-    let presented = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
+    let presented = bearer(&headers);
     let (index, key_ok) = {
         let mut state = inner.lock().unwrap_or_else(|p| p.into_inner());
         let key_ok = match &state.expected_key {
@@ -245,6 +285,7 @@ async fn completions(
             None => true,
         };
         state.calls.push(AiCall {
+            kind: CallKind::Chat,
             body: body.clone(),
             model: model.clone(),
             input: input.clone(),
@@ -302,6 +343,192 @@ async fn completions(
     };
     guard.finish();
     response
+}
+
+/// The bearer key a request presented.
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+}
+
+/// Records a Responses API call; returns whether its key was the expected one.
+fn record(
+    inner: &Shared,
+    kind: CallKind,
+    client: SocketAddr,
+    headers: &HeaderMap,
+    body: Value,
+    input: &str,
+    model: &str,
+) -> bool {
+    let mut state = inner.lock().unwrap_or_else(|p| p.into_inner());
+    let presented = bearer(headers);
+    let key_ok = match &state.expected_key {
+        Some(expected) => presented.as_deref() == Some(expected.as_str()),
+        None => true,
+    };
+    state.calls.push(AiCall {
+        kind,
+        body,
+        model: model.to_owned(),
+        input: input.to_owned(),
+        key_ok,
+        state: CallState::Answered,
+        client,
+    });
+    key_ok
+}
+
+/// A Responses API response object.
+fn response_object(id: &str, model: &str, status: &str, input: &str) -> Value {
+    let mut object = json!({"id": id, "object": "response", "status": status, "model": model,
+                            "output": [], "error": null});
+    if status == "completed" {
+        object["output"] = json!([{"type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": completion_for(input), "annotations": []}]}]);
+        object["usage"] = json!({"input_tokens": 10, "output_tokens": 10, "total_tokens": 20});
+    }
+    object
+}
+
+async fn create_response(
+    State(inner): State<Shared>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let input = body["input"].as_str().unwrap_or_default().to_owned();
+    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    if !record(
+        &inner,
+        CallKind::Create,
+        client,
+        &headers,
+        body.clone(),
+        &input,
+        &model,
+    ) {
+        return error(401, "Incorrect API key provided.");
+    }
+    let d = directives(&input);
+    if input.contains("[[no_background]]") {
+        return error(404, "Not Found");
+    }
+    if let Some(status) = d.status {
+        return error(status, "scripted failure");
+    }
+    if body["background"] != json!(true) {
+        return error(400, "this fake only serves background responses");
+    }
+    let id = format!("resp_{}", ulid::Ulid::new());
+    inner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .responses
+        .insert(
+            id.clone(),
+            Background {
+                input: input.clone(),
+                model: model.clone(),
+                created: tokio::time::Instant::now(),
+                checks: 0,
+                cancelled: false,
+            },
+        );
+    axum::Json(response_object(&id, &model, "queued", &input)).into_response()
+}
+
+async fn check_response(
+    State(inner): State<Shared>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let found = {
+        let mut state = inner.lock().unwrap_or_else(|p| p.into_inner());
+        state.responses.get_mut(&id).map(|r| {
+            r.checks += 1;
+            let d = directives(&r.input);
+            let done = !d.hang && r.created.elapsed() >= d.delay.unwrap_or_default();
+            let status = if r.cancelled {
+                "cancelled"
+            } else if r.checks == 1 {
+                "queued"
+            } else if done {
+                "completed"
+            } else {
+                "in_progress"
+            };
+            (r.input.clone(), r.model.clone(), status)
+        })
+    };
+    let Some((input, model, status)) = found else {
+        record(
+            &inner,
+            CallKind::Check,
+            client,
+            &headers,
+            Value::Null,
+            "",
+            "",
+        );
+        return error(404, "No response found");
+    };
+    if !record(
+        &inner,
+        CallKind::Check,
+        client,
+        &headers,
+        Value::Null,
+        &input,
+        &model,
+    ) {
+        return error(401, "Incorrect API key provided.");
+    }
+    axum::Json(response_object(&id, &model, status, &input)).into_response()
+}
+
+async fn cancel_response(
+    State(inner): State<Shared>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let found = {
+        let mut state = inner.lock().unwrap_or_else(|p| p.into_inner());
+        state.responses.get_mut(&id).map(|r| {
+            r.cancelled = true;
+            (r.input.clone(), r.model.clone())
+        })
+    };
+    let Some((input, model)) = found else {
+        record(
+            &inner,
+            CallKind::Cancel,
+            client,
+            &headers,
+            Value::Null,
+            "",
+            "",
+        );
+        return error(404, "No response found");
+    };
+    if !record(
+        &inner,
+        CallKind::Cancel,
+        client,
+        &headers,
+        Value::Null,
+        &input,
+        &model,
+    ) {
+        return error(401, "Incorrect API key provided.");
+    }
+    axum::Json(response_object(&id, &model, "cancelled", &input)).into_response()
 }
 
 fn error(status: u16, message: &str) -> Response {

@@ -1,7 +1,7 @@
 //! The reference extension plus the faults the end-to-end scenarios need and the reference
 //! extension cannot produce: a handler that panics, one that returns an error, one that
 //! outruns its cap without ever calling `ctx.progress`, one that kills its process, and probes that pass a caller's
-//! timeout to `ctx.http` and a caller's percentage to `ctx.progress`.
+//! timeout to `ctx.http` and a caller's percentage to `ctx.progress`, and a nap (`ctx.sleep`).
 //!
 //! `faults` (src/bin) is the Lambda `main` over this extension.
 
@@ -26,6 +26,13 @@ pub struct ProbeParams {
     /// The percentage to report with `ctx.progress` (any integer: the runtime checks it).
     #[serde(default)]
     pub pct: Option<i64>,
+}
+
+/// Params of `nap`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct NapParams {
+    /// How long to sleep.
+    pub seconds: u64,
 }
 
 /// The reference extension with the fault functions added.
@@ -64,6 +71,20 @@ pub fn extension() -> Extension {
                 std::process::abort()
             })
             .description("Kills its worker process (as a stack overflow or out-of-memory does).")
+            .background(true),
+        )
+        .function(
+            ChatFunction::new("nap", |ctx: Ctx, params: NapParams| async move {
+                let before: u32 = ctx.step("before", async { 1 }).await?;
+                ctx.progress(10, "Napping").await?;
+                ctx.sleep(Duration::from_secs(params.seconds)).await?;
+                ctx.progress(90, "Awake").await?;
+                Ok(ActionResult::success(
+                    "rested",
+                    json!({"before": before, "slept_s": params.seconds}),
+                ))
+            })
+            .description("Sleeps durably (ctx.sleep) between two steps.")
             .background(true),
         )
         .function(

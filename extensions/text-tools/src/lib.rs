@@ -7,6 +7,11 @@
 //!   `refine_job` job in the background with a custom acknowledgement.
 //! - `refine_document` (long-running, 1800 s cap): one AI call per chunk, each a checkpointed
 //!   `ctx.step`, so the task outlives a Lambda invocation without paying for a chunk twice.
+//! - `refine_offloaded` (long-running): the provider's background mode. The call starts at
+//!   the provider (`background: true`), and `ctx.poll` checks it every `OPENAI_POLL_SECONDS`
+//!   with durable sleeps in between, so no worker waits while the AI works; a cancel cancels
+//!   the provider's response (`on_stop`). Providers without the Responses API get the
+//!   synchronous call.
 //!
 //! All three call an OpenAI-compatible chat completions API at `OPENAI_BASE_URL` (default
 //! `https://api.openai.com/v1`) with the user's `openai_api_key` secret, and charge the tokens
@@ -20,11 +25,11 @@ use longrun::schemars::{self, JsonSchema};
 use longrun::serde_json::json;
 use longrun::{
     ActionResult, ActionType, BackgroundOptions, ChatFunction, Ctx, Extension, Job, PartialError,
-    Secret,
+    Secret, Stopped,
 };
 use serde::{Deserialize, Serialize};
 
-pub use openai::{Completion, OpenAi};
+pub use openai::{Completion, DEFAULT_POLL_EVERY, OpenAi, Started, Status};
 
 /// The extension's name: the `ext` of every request it serves.
 pub const NAME: &str = "text-tools";
@@ -91,6 +96,18 @@ pub fn extension_with(openai: OpenAi) -> Extension {
                 .event("document_refined")
                 .background(true)
                 .long_running(true),
+        )
+        .function(
+            ChatFunction::new("refine_offloaded", refine_offloaded)
+                .description(
+                    "Refine the given text via AI completion, run at the provider in the background.",
+                )
+                .action_type(ActionType::Write)
+                .event("text_refined")
+                .background(true)
+                .long_running(true)
+                .on_stop(cancel_at_provider)
+                .example(json!({"input": EXAMPLE_TEXT})),
         )
         .job(Job::new(REFINE_JOB, refine_job).event("text_refined"))
 }
@@ -315,6 +332,98 @@ async fn refine_output(ctx: Ctx, params: StartRefinementParams) -> longrun::Resu
         "Refined output ready! 🎉",
         json!({"text": text}),
     ))
+}
+
+/// The step that starts `refine_offloaded`'s provider call; its output names the response.
+const START_STEP: &str = "start";
+
+/// Pattern B with the provider's background mode: no worker waits while the AI works.
+///
+/// The call starts once (a step, so a resumed run polls the same response), then `ctx.poll`
+/// checks it every `poll_every`, each check a short invocation and the task `sleeping` in
+/// between. Progress follows the provider's status. If the user cancels, the `on_stop` hook
+/// cancels the response at the provider before the task ends.
+async fn refine_offloaded(
+    ctx: Ctx,
+    params: StartRefinementParams,
+) -> longrun::Result<ActionResult> {
+    let api_key = ctx.secrets.require(API_KEY_SECRET).await?;
+    let openai = ctx.state::<OpenAi>()?;
+    ctx.progress(10, "Sending to the AI provider").await?;
+    let started = ctx
+        .step(START_STEP, async {
+            openai
+                .start_background(
+                    &ctx,
+                    &api_key,
+                    &openai.model,
+                    SYSTEM_PROMPT,
+                    &params.input,
+                    4000,
+                )
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await?
+        .map_err(longrun::Error::msg)?;
+    let completion = match started {
+        Started::Background { id } => {
+            ctx.poll("response", openai.poll_every, || {
+                let (ctx, api_key, id) = (&ctx, &api_key, &id);
+                async move {
+                    match openai.check(ctx, api_key, id).await {
+                        Ok(Status::Queued) => {
+                            let _ = ctx.progress(20, "Queued at the AI provider").await;
+                            longrun::Check::Pending
+                        }
+                        Ok(Status::InProgress) => {
+                            let _ = ctx.progress(50, "The AI is writing").await;
+                            longrun::Check::Pending
+                        }
+                        // Asked again at the next check; the cap bounds the wait.
+                        Ok(Status::Unavailable) | Err(_) => longrun::Check::Pending,
+                        Ok(Status::Done(completion)) => longrun::Check::Done(completion),
+                    }
+                }
+            })
+            .await?
+        }
+        // No background mode at this provider: the synchronous call, in a step.
+        Started::Unsupported => {
+            ctx.progress(45, "Generating with AI").await?;
+            ctx.step("complete", async {
+                refine_long(openai, &ctx, &api_key, &params.input)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await?
+            .map_err(longrun::Error::msg)?
+        }
+        Started::Failed(result) => return Ok(result),
+    };
+    charge(&ctx, &completion).await?;
+    let text = match completion.into_text() {
+        Ok(text) => text,
+        Err(result) => return Ok(result),
+    };
+    ctx.progress(90, "Saving").await?;
+    ctx.store.set(LAST_REFINED, &text).await?;
+    Ok(ActionResult::success(
+        "Refined output ready! 🎉",
+        json!({"text": text}),
+    ))
+}
+
+/// `refine_offloaded`'s `on_stop` hook: cancels the provider's response, if one started.
+async fn cancel_at_provider(ctx: Ctx, stopped: Stopped) -> longrun::Result<()> {
+    let Some(Ok(Started::Background { id })) = stopped.step::<Result<Started, String>>(START_STEP)
+    else {
+        return Ok(());
+    };
+    let api_key = ctx.secrets.require(API_KEY_SECRET).await?;
+    let openai = ctx.state::<OpenAi>()?;
+    openai.cancel(&ctx, &api_key, &id).await?;
+    Ok(())
 }
 
 /// Pattern C: a fast synchronous path, or `refine_job` in the background with a custom ack.

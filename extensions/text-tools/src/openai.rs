@@ -15,7 +15,13 @@ pub struct OpenAi {
     pub model: String,
     /// `OPENAI_FAST_MODEL` (default `gpt-4o-mini`), for `start_refinement`'s fast path.
     pub fast_model: String,
+    /// How often `refine_offloaded` checks a background response: `OPENAI_POLL_SECONDS`
+    /// (default 10).
+    pub poll_every: Duration,
 }
+
+/// The default interval between two checks of a background response.
+pub const DEFAULT_POLL_EVERY: Duration = Duration::from_secs(10);
 
 impl OpenAi {
     /// OpenAI's API.
@@ -24,6 +30,7 @@ impl OpenAi {
             base_url: base_url.into().trim_end_matches('/').to_owned(),
             model: "gpt-4o".to_owned(),
             fast_model: "gpt-4o-mini".to_owned(),
+            poll_every: DEFAULT_POLL_EVERY,
         }
     }
 
@@ -39,7 +46,105 @@ impl OpenAi {
         if let Some(model) = var("OPENAI_FAST_MODEL") {
             openai.fast_model = model;
         }
+        if let Some(seconds) = var("OPENAI_POLL_SECONDS").and_then(|v| v.trim().parse().ok()) {
+            openai.poll_every = Duration::from_secs(seconds);
+        }
         openai
+    }
+
+    /// Starts a response in the provider's background mode (the Responses API's
+    /// `background: true`): the provider works on it while nobody waits, and
+    /// [`OpenAi::check`] asks how it is going. A provider without the Responses API (404,
+    /// 405, 501 — llama.cpp, Ollama and the like) answers [`Started::Unsupported`]: call
+    /// [`OpenAi::complete`] instead.
+    pub async fn start_background(
+        &self,
+        ctx: &Ctx,
+        api_key: &Secret,
+        model: &str,
+        instructions: &str,
+        input: &str,
+        max_tokens: u32,
+    ) -> Result<Started, HttpError> {
+        let response = ctx
+            .http
+            .post(format!("{}/responses", self.base_url))
+            .bearer_auth(api_key.expose())
+            .json(&json!({
+                "model": model,
+                "instructions": instructions,
+                "input": input,
+                "max_output_tokens": max_tokens,
+                "background": true,
+            }))
+            .send()
+            .await?;
+        match response.status() {
+            200 | 201 | 202 => {}
+            404 | 405 | 501 => return Ok(Started::Unsupported),
+            status => return Ok(Started::Failed(refused(status))),
+        }
+        let body: Value = response.json().unwrap_or(Value::Null);
+        Ok(match body["id"].as_str() {
+            Some(id) => Started::Background { id: id.to_owned() },
+            None => Started::Failed(malformed()),
+        })
+    }
+
+    /// Where the background response `id` is. A throttled or failing provider answers
+    /// [`Status::Unavailable`]: ask again later.
+    pub async fn check(&self, ctx: &Ctx, api_key: &Secret, id: &str) -> Result<Status, HttpError> {
+        let response = ctx
+            .http
+            .get(format!("{}/responses/{id}", self.base_url))
+            .bearer_auth(api_key.expose())
+            .send()
+            .await?;
+        let status = response.status();
+        if status == 429 || status >= 500 {
+            return Ok(Status::Unavailable);
+        }
+        if status != 200 {
+            return Ok(Status::Done(Completion::Failed(refused(status))));
+        }
+        let body: Value = match response.json() {
+            Ok(body) => body,
+            Err(_) => return Ok(Status::Unavailable),
+        };
+        Ok(match body["status"].as_str() {
+            Some("queued") => Status::Queued,
+            Some("in_progress") => Status::InProgress,
+            Some("completed") => Status::Done(match output_text(&body) {
+                Some(text) => Completion::Text {
+                    text,
+                    tokens: body["usage"]["total_tokens"].as_u64().unwrap_or(0),
+                },
+                None => Completion::Failed(malformed()),
+            }),
+            Some(other) => Status::Done(Completion::Failed(ActionResult::error(
+                format!(
+                    "OpenAI did not finish the response ({other}{})",
+                    body["error"]["message"]
+                        .as_str()
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default()
+                ),
+                other == "failed",
+            ))),
+            None => Status::Done(Completion::Failed(malformed())),
+        })
+    }
+
+    /// Asks the provider to cancel the background response `id`; returns the HTTP status it
+    /// answered (a response that already ended answers 4xx, which is no failure here).
+    pub async fn cancel(&self, ctx: &Ctx, api_key: &Secret, id: &str) -> Result<u16, HttpError> {
+        let response = ctx
+            .http
+            .post(format!("{}/responses/{id}/cancel", self.base_url))
+            .bearer_auth(api_key.expose())
+            .send()
+            .await?;
+        Ok(response.status())
     }
 
     /// One chat completion. An HTTP status other than 200, or a body without
@@ -62,11 +167,7 @@ impl OpenAi {
             .send()
             .await?;
         if response.status() != 200 {
-            let retryable = response.status() == 429 || response.status() >= 500;
-            return Ok(Completion::Failed(ActionResult::error(
-                format!("OpenAI returned {}", response.status()),
-                retryable,
-            )));
+            return Ok(Completion::Failed(refused(response.status())));
         }
         let body: Value = match response.json() {
             Ok(body) => body,
@@ -81,6 +182,53 @@ impl OpenAi {
             None => Completion::Failed(malformed()),
         })
     }
+}
+
+/// The error result for an HTTP status other than 200.
+fn refused(status: u16) -> ActionResult {
+    ActionResult::error(
+        format!("OpenAI returned {status}"),
+        status == 429 || status >= 500,
+    )
+}
+
+/// The text of a Responses API response: its `output_text` parts, joined.
+fn output_text(body: &Value) -> Option<String> {
+    let parts: Vec<&str> = body["output"]
+        .as_array()?
+        .iter()
+        .filter(|item| item["type"] == "message")
+        .filter_map(|item| item["content"].as_array())
+        .flatten()
+        .filter(|part| part["type"] == "output_text")
+        .filter_map(|part| part["text"].as_str())
+        .collect();
+    (!parts.is_empty()).then(|| parts.concat())
+}
+
+/// How a background call started. Serializable: it is the output of the step that starts
+/// it, so a resumed run polls the same response.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Started {
+    /// The provider works on it in the background: check the response `id`.
+    Background { id: String },
+    /// The provider has no background mode.
+    Unsupported,
+    /// The provider refused the call.
+    Failed(ActionResult),
+}
+
+/// Where a background response is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    /// Waiting for the provider to start it.
+    Queued,
+    /// Being generated.
+    InProgress,
+    /// The provider could not be asked just now.
+    Unavailable,
+    /// Finished: the completion, or why there is none.
+    Done(Completion),
 }
 
 fn malformed() -> ActionResult {

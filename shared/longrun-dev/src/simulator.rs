@@ -2,6 +2,11 @@
 //! completions server on loopback that takes a realistic while to answer and returns a
 //! plausibly "refined" version of the user's text. It is not a model: every answer starts
 //! with [`LABEL`], and the model it reports is `longrun-simulator`.
+//!
+//! It also serves the Responses API's background mode — `POST /v1/responses` with
+//! `background: true`, `GET /v1/responses/{id}` and `POST /v1/responses/{id}/cancel` — so
+//! `refine_offloaded` can be tried locally: a response is `queued` for its first second,
+//! `in_progress` for the rest of its sampled latency, then `completed`.
 
 use std::hash::{BuildHasher, Hasher};
 use std::str::FromStr;
@@ -95,8 +100,14 @@ impl Simulator {
         let addr = listener.local_addr()?;
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(complete))
+            .route("/v1/responses", post(create_response))
+            .route("/v1/responses/{id}", get(check_response))
+            .route("/v1/responses/{id}/cancel", post(cancel_response))
             .route("/v1/models", get(models))
-            .with_state(latency);
+            .with_state(SimState {
+                latency,
+                responses: std::sync::Arc::default(),
+            });
         let server = tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, app).await {
                 tracing::warn!(error = %err, "model simulator stopped");
@@ -113,6 +124,158 @@ impl Drop for Simulator {
     fn drop(&mut self) {
         self.server.abort();
     }
+}
+
+/// The simulator's state: its latency, and the background responses it holds.
+#[derive(Clone)]
+struct SimState {
+    latency: Latency,
+    responses: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, SimResponse>>>,
+}
+
+/// A background response being "generated".
+struct SimResponse {
+    model: String,
+    text: String,
+    words: usize,
+    created: tokio::time::Instant,
+    takes: Duration,
+    cancelled: bool,
+}
+
+impl axum::extract::FromRef<SimState> for Latency {
+    fn from_ref(state: &SimState) -> Self {
+        state.latency
+    }
+}
+
+/// A bearer key is present (any will do).
+fn authorized(headers: &HeaderMap) -> bool {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|key| !key.trim().is_empty())
+}
+
+fn unauthorized() -> Response {
+    openai_error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        "You didn't provide an API key.",
+    )
+}
+
+/// `usage` for an input of `words` words.
+fn usage(words: usize) -> Value {
+    json!({"prompt_tokens": words + 12, "completion_tokens": words + 4, "total_tokens": 2 * words + 16,
+           "input_tokens": words + 12, "output_tokens": words + 4})
+}
+
+fn response_object(id: &str, r: &SimResponse, status: &str) -> Value {
+    let mut object = json!({"id": id, "object": "response", "status": status, "model": r.model,
+                            "output": [], "error": null});
+    if status == "completed" {
+        object["output"] = json!([{"type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": r.text, "annotations": []}]}]);
+        object["usage"] = usage(r.words);
+    }
+    object
+}
+
+async fn create_response(
+    axum::extract::State(state): axum::extract::State<SimState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&headers) {
+        return unauthorized();
+    }
+    let Some(request) = serde_json::from_slice::<Value>(&body).ok() else {
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "The body is not valid JSON.",
+        );
+    };
+    let Some(input) = request["input"].as_str() else {
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "'input' must be text.",
+        );
+    };
+    let max_tokens = request["max_output_tokens"]
+        .as_u64()
+        .unwrap_or(1000)
+        .clamp(1, 100_000);
+    let id = format!("resp_sim_{}", ulid::Ulid::new());
+    let response = SimResponse {
+        model: request["model"]
+            .as_str()
+            .map_or(MODEL.to_owned(), |m| format!("{MODEL} (as {m})")),
+        text: format!("{LABEL} {}", refine(input, max_tokens as usize * 4)),
+        words: input.split_whitespace().count(),
+        created: tokio::time::Instant::now(),
+        takes: state.latency.sample(),
+        cancelled: false,
+    };
+    let object = response_object(&id, &response, "queued");
+    state
+        .responses
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, response);
+    Json(object).into_response()
+}
+
+async fn check_response(
+    axum::extract::State(state): axum::extract::State<SimState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&headers) {
+        return unauthorized();
+    }
+    let responses = state.responses.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(r) = responses.get(&id) else {
+        return openai_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "No such response.",
+        );
+    };
+    let elapsed = r.created.elapsed();
+    let status = if r.cancelled {
+        "cancelled"
+    } else if elapsed >= r.takes {
+        "completed"
+    } else if elapsed < Duration::from_secs(1) {
+        "queued"
+    } else {
+        "in_progress"
+    };
+    Json(response_object(&id, r, status)).into_response()
+}
+
+async fn cancel_response(
+    axum::extract::State(state): axum::extract::State<SimState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&headers) {
+        return unauthorized();
+    }
+    let mut responses = state.responses.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(r) = responses.get_mut(&id) else {
+        return openai_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "No such response.",
+        );
+    };
+    r.cancelled = true;
+    Json(response_object(&id, r, "cancelled")).into_response()
 }
 
 fn openai_error(status: StatusCode, kind: &str, message: &str) -> Response {
@@ -134,17 +297,8 @@ async fn complete(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let authorized = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|key| !key.trim().is_empty());
-    if !authorized {
-        return openai_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "You didn't provide an API key.",
-        );
+    if !authorized(&headers) {
+        return unauthorized();
     }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return openai_error(
@@ -184,7 +338,7 @@ async fn complete(
             "message": {"role": "assistant", "content": text},
             "finish_reason": "stop",
         }],
-        "usage": {"prompt_tokens": words + 12, "completion_tokens": words + 4, "total_tokens": 2 * words + 16},
+        "usage": usage(words),
     }))
     .into_response()
 }
