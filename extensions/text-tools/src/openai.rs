@@ -80,7 +80,7 @@ impl OpenAi {
             .send()
             .await?;
         match response.status() {
-            200 | 201 | 202 => {}
+            200..=202 => {}
             404 | 405 | 501 => return Ok(Started::Unsupported),
             status => return Ok(Started::Failed(refused(status))),
         }
