@@ -13,7 +13,8 @@ pub enum TasksCommand {
     List(ListArgs),
     /// One task: record, progress, timings and its whole audit trail.
     Show(IdArgs),
-    /// Cancel a task: a queued one ends at once, a running one at its next heartbeat.
+    /// Cancel a task: a queued one ends at once, a sleeping one is woken to end now, a
+    /// running one ends at its next heartbeat.
     Cancel(IdArgs),
     /// Run a finished task again as a new task (same user, chat, function and params).
     Retry(IdArgs),
@@ -28,7 +29,8 @@ pub struct ListArgs {
     /// The user whose tasks to list.
     #[arg(long)]
     pub user: String,
-    /// Only tasks in this state (queued, running, succeeded, failed, cancelled, timed_out).
+    /// Only tasks in this state (queued, running, sleeping, succeeded, failed, cancelled,
+    /// timed_out).
     #[arg(long)]
     pub state: Option<TaskState>,
     /// Fetch at most this many of the newest tasks (clamped to 1–1000); --state filters those.
@@ -82,10 +84,12 @@ pub async fn run(aws: &AwsArgs, command: TasksCommand) -> Result<(), Failure> {
             if args.json {
                 print_json(&task)?;
             } else {
-                let note = if task.state == TaskState::Running {
-                    " (cancel requested; the worker stops it at its next heartbeat)"
-                } else {
-                    ""
+                let note = match task.state {
+                    TaskState::Running => {
+                        " (cancel requested; the worker stops it at its next heartbeat)"
+                    }
+                    TaskState::Sleeping => " (cancel requested; woken to end now)",
+                    _ => "",
                 };
                 println!("{} {}{note}", task.task_id, task.state);
             }
@@ -178,6 +182,9 @@ fn print_task(t: &Task, audit: &[AuditItem]) {
     println!("created    {}", time(Some(t.created_at)));
     println!("started    {}", time(t.started_at));
     println!("heartbeat  {}", time(t.heartbeat_at));
+    if let Some(wake_at) = t.wake_at {
+        println!("wakes      {}", time(Some(wake_at)));
+    }
     println!("finished   {}", time(t.finished_at));
     println!("delivered  {}", time(t.delivered_at));
     if let Some(lease) = &t.lease {

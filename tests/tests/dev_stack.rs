@@ -211,6 +211,55 @@ async fn a_background_task_goes_from_ack_to_progress_to_a_chat_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_serves_the_providers_background_mode() {
+    // GIVEN a dev stack whose simulated model takes 3 s on a response
+    let dir = TempDir::new("offload");
+    let model = Model::Simulated(Latency {
+        min: Duration::from_millis(3000),
+        max: Duration::from_millis(3000),
+    });
+    let stack = DevStack::builder(text_tools::extension_at)
+        .options(options(&dir.0, model))
+        .start()
+        .await
+        .unwrap();
+    let url = stack.url().to_owned();
+    // WHEN the page calls the function that runs the AI call at the provider
+    let (status, answer) = post_intake(
+        &url,
+        call("refine_offloaded", json!({"input": "thx, u r great"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let task_id = answer["result"]["data"]["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // THEN the chat sees the provider's status as progress, then the simulated answer
+    let events = read_events(&url, |events| {
+        events
+            .iter()
+            .any(|e| e["kind"] == "result" && e["task_id"] == task_id.as_str())
+    })
+    .await;
+    let messages: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "progress")
+        .filter_map(|e| e["progress"]["message"].as_str())
+        .collect();
+    assert!(
+        messages.contains(&"Queued at the AI provider"),
+        "{messages:?}"
+    );
+    let result = events.iter().find(|e| e["kind"] == "result").unwrap();
+    assert_eq!(result["result"]["ok"], true, "{result}");
+    let text = result["result"]["data"]["text"].as_str().unwrap();
+    assert!(text.starts_with(LABEL), "{text}");
+    assert!(text.ends_with("Thanks, you are great."), "{text}");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_demo_without_a_key_answers_openai_key_not_connected() {
     let dir = TempDir::new("no-key");
     let stack = DevStack::builder(text_tools::extension_at)

@@ -70,6 +70,21 @@ async fn a_cancel_during_a_sleep_ends_the_task_within_seconds() {
         .start_task("hal", "chat-hal", "nap", json!({"seconds": 600}))
         .await;
     sleeping(&stack, &task_id).await;
+    // AND the operator's CLI shows it sleeping, and when it wakes
+    let ext = stack.options.ext.clone();
+    let listed = stack
+        .cli(&["tasks", "list", "--ext", &ext, "--user", "hal"], None)
+        .await;
+    assert_eq!(listed.code, Some(0), "{}", listed.stderr);
+    let row = listed
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&task_id))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(row.contains("sleeping"), "{}", listed.stdout);
+    let shown = stack.cli(&["tasks", "show", &task_id], None).await;
+    assert!(shown.stdout.contains("wakes "), "{}", shown.stdout);
     // WHEN the user cancels
     let cancelled = stack.ask("cancel", "hal", &task_id).await;
     assert_eq!(cancelled["status"], 200, "{cancelled}");

@@ -45,16 +45,27 @@ pub fn extension() -> Extension {
 }
 
 /// The extension talking to the OpenAI-compatible API at `base_url`, or configured from the
-/// environment when `None` — the form `longrun_dev::main` takes.
+/// environment when `None` — the form `longrun_dev::main` takes. With a `base_url` (the dev
+/// stack's simulator or a local model), background responses are checked every 2 s unless
+/// `OPENAI_POLL_SECONDS` says otherwise: locally a check costs nothing.
 pub fn extension_at(base_url: Option<&str>) -> Extension {
     match base_url {
-        Some(url) => extension_with(OpenAi {
-            base_url: url.trim_end_matches('/').to_owned(),
-            ..OpenAi::from_env()
-        }),
+        Some(url) => {
+            let mut openai = OpenAi {
+                base_url: url.trim_end_matches('/').to_owned(),
+                ..OpenAi::from_env()
+            };
+            if std::env::var_os("OPENAI_POLL_SECONDS").is_none() {
+                openai.poll_every = LOCAL_POLL_EVERY;
+            }
+            extension_with(openai)
+        }
         None => extension(),
     }
 }
+
+/// How often the dev stack checks a background response.
+pub const LOCAL_POLL_EVERY: Duration = Duration::from_secs(2);
 
 /// The text the examples ask to refine.
 pub const EXAMPLE_TEXT: &str = "hey team, so basically we're gonna ship the new search on friday. pls review the doc and lmk what u think asap";
@@ -106,8 +117,7 @@ pub fn extension_with(openai: OpenAi) -> Extension {
                 .event("text_refined")
                 .background(true)
                 .long_running(true)
-                .on_stop(cancel_at_provider)
-                .example(json!({"input": EXAMPLE_TEXT})),
+                .on_stop(cancel_at_provider),
         )
         .job(Job::new(REFINE_JOB, refine_job).event("text_refined"))
 }
