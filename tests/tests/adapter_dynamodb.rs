@@ -172,6 +172,8 @@ fn finish(state: TaskState, at: DateTime<Utc>, guard: FinishGuard) -> Finish {
         guard,
         redeliver_at: at + secs(120),
         audit: Vec::new(),
+        progress: None,
+        partial: None,
     }
 }
 
@@ -1710,4 +1712,37 @@ async fn a_sleeping_task_wakes_on_time_and_is_revived_or_abandoned_when_its_mess
         .unwrap();
     assert_eq!(ended.state, TaskState::Failed);
     assert_eq!(ended.wake_at, None);
+}
+
+#[tokio::test]
+async fn a_finish_stores_the_runs_last_checkpoint_with_it() {
+    // GIVEN a running task whose run reported progress and a partial result it did not write
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    let progress = Progress {
+        pct: 90,
+        message: "Saving".to_owned(),
+    };
+    // WHEN it ends with them
+    let ended = f
+        .store
+        .finish(
+            &task.task_id,
+            &Finish {
+                progress: Some(progress.clone()),
+                partial: Some(json!({"text": "so far"})),
+                ..finish(
+                    TaskState::Succeeded,
+                    t0() + secs(5),
+                    FinishGuard::Owner(held.owner),
+                )
+            },
+        )
+        .await
+        .unwrap();
+    // THEN the one write stored them, without counting a progress message
+    assert_eq!(ended.progress, progress);
+    assert_eq!(ended.partial, Some(json!({"text": "so far"})));
+    assert_eq!(ended.progress_seq, task.progress_seq);
+    assert_eq!(f.store.get(&task.task_id).await.unwrap().unwrap(), ended);
 }

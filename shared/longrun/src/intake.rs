@@ -334,6 +334,8 @@ pub async fn cancel_task(rt: &Runtime, task: Task) -> Result<Task, IntakeError> 
                     now,
                     "cancelled before start",
                 )],
+                progress: None,
+                partial: None,
             };
             match tasks.finish(&task.task_id, &finish).await {
                 Ok(ended) => {

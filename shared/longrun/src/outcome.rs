@@ -13,6 +13,16 @@ pub(crate) struct Outcome {
     pub result: ActionResult,
     /// `Some(detail)` when the end deserves a critical audit item; `detail` is for operators.
     pub critical: Option<Critical>,
+    /// The run's last checkpoint (progress, partial result) not written yet: written with
+    /// the end rather than in a write of its own just before it.
+    pub checkpoint: Option<LastCheckpoint>,
+}
+
+/// What a run reported after its last checkpoint write.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(crate) struct LastCheckpoint {
+    pub progress: Option<crate::task::Progress>,
+    pub partial: Option<serde_json::Value>,
 }
 
 /// A critical audit item's id suffix and detail.
@@ -29,6 +39,7 @@ impl Outcome {
             state: TaskState::Succeeded,
             result,
             critical: None,
+            checkpoint: None,
         }
     }
 
@@ -38,6 +49,7 @@ impl Outcome {
             state: TaskState::Cancelled,
             result: cancelled_result(function),
             critical: None,
+            checkpoint: None,
         }
     }
 
@@ -57,6 +69,7 @@ impl Outcome {
                 retryable,
             ),
             critical: Some(Critical { reason, detail }),
+            checkpoint: None,
         }
     }
 
@@ -84,6 +97,7 @@ impl Outcome {
                 reason: "cap_exceeded",
                 detail: format!("task cap of {cap_s} s exceeded"),
             }),
+            checkpoint: None,
         }
     }
 }

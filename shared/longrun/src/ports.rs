@@ -148,6 +148,11 @@ pub struct Finish {
     /// Audit items that say how the task ended (`critical#…`, `cancelled`): written with the
     /// end itself, atomically, so they exist exactly when the end happened.
     pub audit: Vec<AuditItem>,
+    /// The run's last progress, if it was not written yet: stored with the end (no progress
+    /// message goes to the chat for it; the result follows).
+    pub progress: Option<Progress>,
+    /// The run's last partial result, if it was not written yet: stored with the end.
+    pub partial: Option<Value>,
 }
 
 /// The task table: records, leases, checkpoints, audit items and request keys.

@@ -18,7 +18,7 @@ use crate::SecretError;
 use crate::ctx::{Caller, ProgressError, ProgressSink, TaskRun};
 use crate::extension::{STOP_HOOK_BUDGET, StopReason, Stopped};
 use crate::lease::RunLease;
-use crate::outcome::{Outcome, panic_message};
+use crate::outcome::{LastCheckpoint, Outcome, panic_message};
 use crate::ports::{
     Claim, Created, Finish, FinishGuard, LeaseHolder, PortError, RequestKey, Requeue,
 };
@@ -543,9 +543,9 @@ async fn execute(
             }
         },
     };
-    checkpoint.flush().await;
     // How the run ended is decided from what the runtime itself saw, not from the handler's
-    // error: a lost lease, a replay that met another step than the record holds.
+    // error: a lost lease, a replay that met another step than the record holds. The last
+    // progress and partial result are written with the end (`hand_over`), not before it.
     if run_lease.is_lost() {
         return Ending::LeaseLost;
     }
@@ -643,6 +643,7 @@ pub(crate) async fn end(
             "",
         ));
     }
+    let checkpoint = outcome.checkpoint.unwrap_or_default();
     let finish = Finish {
         state: outcome.state,
         result: outcome.result,
@@ -650,6 +651,8 @@ pub(crate) async fn end(
         guard,
         redeliver_at: rt.redeliver_at(now),
         audit,
+        progress: checkpoint.progress,
+        partial: checkpoint.partial,
     };
     match rt.services.tasks.finish(&task.task_id, &finish).await {
         Ok(ended) => {
@@ -900,9 +903,16 @@ impl Checkpoint {
     }
 
     /// `outcome`, with the last partial result the handler recorded (written or not) if it
-    /// is a cancelled or timed-out end.
+    /// is a cancelled or timed-out end, and the checkpoint not written yet, to be written
+    /// with the end.
     async fn hand_over(&self, outcome: Outcome) -> Outcome {
-        outcome.with_partial(self.state.lock().await.partial.as_ref())
+        let state = self.state.lock().await;
+        let mut outcome = outcome.with_partial(state.partial.as_ref());
+        outcome.checkpoint = Some(LastCheckpoint {
+            progress: (state.reported != state.written).then(|| state.reported.clone()),
+            partial: state.partial.clone().filter(|_| !state.partial_stored),
+        });
+        outcome
     }
 }
 

@@ -700,10 +700,22 @@ impl TaskStore for DynamoTaskStore {
             .map_err(|e| PortError::Permanent(format!("task {task_id}: result: {e}")))?;
         // The task stays in the sweeper's index, keyed by when its result is due again, until
         // delivery marks it delivered.
-        let update = "SET #state = :next, #result = :result, #finished_at = :now, \
-                      #expires_at = :expires, #redeliver_at = :redeliver, \
-                      #gsi2pk = :lease_pk, #gsi2sk = :redeliver_sk \
-                      REMOVE #lease_owner, #lease_until, #wake_at";
+        let mut set = "SET #state = :next, #result = :result, #finished_at = :now, \
+                       #expires_at = :expires, #redeliver_at = :redeliver, \
+                       #gsi2pk = :lease_pk, #gsi2sk = :redeliver_sk"
+            .to_owned();
+        // The run's last checkpoint, when it was not written yet, goes with the end.
+        if let Some(progress) = &finish.progress {
+            set.push_str(", #progress_pct = :pct, #progress_message = :message");
+            values.push((":pct".to_owned(), n(progress.pct)));
+            values.push((":message".to_owned(), s(&progress.message)));
+        }
+        if let Some(partial) = &finish.partial {
+            set.push_str(", #partial = :partial");
+            values.push((":partial".to_owned(), json_to_attribute(partial)));
+        }
+        let update = format!("{set} REMOVE #lease_owner, #lease_until, #wake_at");
+        let update = update.as_str();
         values.extend([
             (":redeliver".to_owned(), s(iso(finish.redeliver_at))),
             (":lease_pk".to_owned(), s(lease_pk(task_id))),

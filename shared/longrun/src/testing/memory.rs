@@ -305,6 +305,12 @@ impl TaskStore for MemoryTaskStore {
             .transition(finish.state)
             .map_err(|e| conflict(task_id, &e.to_string()))?;
         task.result = Some(finish.result.clone());
+        if let Some(progress) = &finish.progress {
+            task.progress = progress.clone();
+        }
+        if let Some(partial) = &finish.partial {
+            task.partial = Some(partial.clone());
+        }
         task.finished_at = Some(finish.at);
         task.redeliver_at = Some(finish.redeliver_at);
         task.lease = None;
