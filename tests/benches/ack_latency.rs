@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use longrun::config::Config;
-use longrun::task::{Task, TaskId};
-use longrun::worker::QueueRecord;
+use longrun::task::TaskId;
 use longrun::{Runtime, Secret, Settings};
 use longrun_aws::AwsClients;
 use longrun_aws::chat::HttpChat;
+use longrun_tests::cost::{ASSUMPTIONS, Bill, Phase, Role, drain, every_task, price};
 use longrun_tests::counting::RequestCounter;
 use longrun_tests::dynamo::Dynoxide;
 use longrun_tests::fake_chat::FakeChat;
@@ -39,16 +39,9 @@ const TASKS: usize = 20;
 const KEY: &str = "sk-bench-not-a-real-key";
 const USER: &str = "bench-user";
 
-// List prices, us-east-1.
-const LAMBDA_PER_REQUEST: f64 = 0.20 / 1e6;
-const LAMBDA_PER_GB_S: f64 = 0.000_016_666_7;
-const DYNAMODB_PER_WRU: f64 = 0.625 / 1e6;
-const DYNAMODB_PER_RRU: f64 = 0.125 / 1e6;
-const SQS_PER_REQUEST: f64 = 0.40 / 1e6;
-const SECRETS_PER_CALL: f64 = 0.05 / 10_000.0;
 /// Memory of the functions in template.yaml, in GB.
 const INTAKE_GB: f64 = 0.25;
-const WORKER_GB: f64 = 0.5;
+const WORKER_GB: f64 = 0.125;
 const DELIVERY_GB: f64 = 0.25;
 
 fn main() {
@@ -129,7 +122,8 @@ async fn run() {
     if purged.is_err() {
         eprintln!("(could not purge the work queue; the cost run drains it anyway)");
     }
-    cost(&rt, &clients, &config, &counter, &chat).await;
+    let poll = aws_sdk_sqs::Client::new(&moto_sdk);
+    cost(&rt, &poll, &config, &counter, &chat).await;
 }
 
 fn call_event(i: usize) -> Value {
@@ -236,16 +230,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// What one phase of the pipeline did.
-struct Phase {
-    requests: BTreeMap<String, u64>,
-    invocations: usize,
-    busy: Duration,
-}
-
 async fn cost(
     rt: &Runtime,
-    clients: &AwsClients,
+    poll: &aws_sdk_sqs::Client,
     config: &Config,
     counter: &RequestCounter,
     chat: &FakeChat,
@@ -270,25 +257,26 @@ async fn cost(
         invocations: TASKS,
         busy: started.elapsed(),
     };
-
+    let limit = Duration::from_secs(60);
     // Worker: the work queue played as Lambda's poller does, batches of up to 10.
     let worker = drain(
         rt,
-        clients,
+        poll,
         counter,
         &config.work_queue_url,
         Role::Worker,
+        limit,
         || every_task(rt, &ids, |t| t.state.is_terminal()),
     )
     .await;
-
     // Delivery: progress and results to the chat.
     let delivery = drain(
         rt,
-        clients,
+        poll,
         counter,
         &config.delivery_queue_url,
         Role::Delivery,
+        limit,
         || every_task(rt, &ids, |t| t.delivered_at.is_some()),
     )
     .await;
@@ -300,189 +288,76 @@ async fn cost(
         delivered, TASKS,
         "every task's result reached the chat once"
     );
-
     print_cost(&intake, &worker, &delivery);
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Worker,
-    Delivery,
-}
-
-/// Polls `url` like Lambda's event source mapping (ReceiveMessage of up to 10, the function,
-/// DeleteMessageBatch of what succeeded) until `done` says so, or 60 s pass.
-async fn drain<F, Fut>(
-    rt: &Runtime,
-    clients: &AwsClients,
-    counter: &RequestCounter,
-    url: &str,
-    role: Role,
-    done: F,
-) -> Phase
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let before = counter.snapshot();
-    let mut busy = Duration::ZERO;
-    let mut invocations = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let messages = longrun_aws::sqs::receive(&clients.sqs, url, 10, 1, None)
-            .await
-            .expect("ReceiveMessage");
-        if messages.is_empty() {
-            if done().await {
-                break;
-            }
-            continue;
-        }
-        let records: Vec<QueueRecord> = messages.iter().map(QueueRecord::from).collect();
-        let started = Instant::now();
-        let failed = match role {
-            Role::Worker => longrun::worker::handle_batch(rt, records, None).await,
-            Role::Delivery => longrun::delivery::handle_batch(rt, records, None).await,
-        };
-        busy += started.elapsed();
-        invocations += 1;
-        let entries: Vec<_> = messages
-            .iter()
-            .filter(|m| !failed.contains(&m.message_id))
-            .enumerate()
-            .filter_map(|(i, m)| {
-                aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(&m.receipt_handle)
-                    .build()
-                    .ok()
-            })
-            .collect();
-        if !entries.is_empty() {
-            clients
-                .sqs
-                .delete_message_batch()
-                .queue_url(url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .expect("DeleteMessageBatch");
-        }
-    }
-    Phase {
-        requests: counter.since(&before),
-        invocations,
-        busy,
-    }
-}
-
-/// Write and read units an operation costs, under the printed assumptions.
-fn units(operation: &str) -> (f64, f64) {
-    match operation.rsplit('.').next().unwrap_or_default() {
-        "PutItem" | "UpdateItem" | "DeleteItem" => (1.0, 0.0),
-        // A transaction costs 2 WRU per item; intake's create writes the task and its
-        // request key.
-        "TransactWriteItems" => (4.0, 0.0),
-        "GetItem" | "Query" => (0.0, 1.0),
-        _ => (0.0, 0.0),
-    }
-}
-
 fn print_cost(intake: &Phase, worker: &Phase, delivery: &Phase) {
-    let n = TASKS as f64;
     println!();
     println!("AWS requests per background task (refine_output, {TASKS} tasks, end to end)");
-    let mut total: BTreeMap<String, f64> = BTreeMap::new();
     for (name, phase) in [
         ("intake", intake),
         ("worker", worker),
         ("delivery", delivery),
     ] {
-        let per_task: Vec<String> = phase
-            .requests
-            .iter()
-            .map(|(op, count)| {
-                *total.entry(op.clone()).or_default() += *count as f64 / n;
-                format!("{} {:.2}", short(op), *count as f64 / n)
-            })
-            .collect();
+        let bill = Bill::of(&[(phase, 0.0)], TASKS);
         println!(
             "  {name:<8} {:.2} invocations/task; {}",
-            phase.invocations as f64 / n,
-            per_task.join(", ")
+            bill.invocations,
+            bill.requests_line()
         );
     }
-    let requests: f64 = total.values().sum();
-    println!("  total    {requests:.2} AWS requests per task");
-
-    let (mut wru, mut rru, mut sqs, mut secrets) = (0.0, 0.0, 0.0, 0.0);
-    for (op, count) in &total {
-        let (w, r) = units(op);
-        wru += w * count;
-        rru += r * count;
-        if op.starts_with("AmazonSQS") {
-            sqs += count;
-        }
-        if op.starts_with("secretsmanager") {
-            secrets += count;
-        }
-    }
-    let invocations = (intake.invocations + worker.invocations + delivery.invocations) as f64 / n;
-    let gb_s = (intake.busy.as_secs_f64() * INTAKE_GB
-        + worker.busy.as_secs_f64() * WORKER_GB
-        + delivery.busy.as_secs_f64() * DELIVERY_GB)
-        / n;
-    let million = 1e6;
-    let dynamodb = (wru * DYNAMODB_PER_WRU + rru * DYNAMODB_PER_RRU) * million;
-    let sqs_cost = sqs * SQS_PER_REQUEST * million;
-    let secrets_cost = secrets * SECRETS_PER_CALL * million;
-    let lambda_requests = invocations * LAMBDA_PER_REQUEST * million;
-    let lambda_duration = gb_s * LAMBDA_PER_GB_S * million;
-    let per_minute_of_ai =
-        60.0 * WORKER_GB * LAMBDA_PER_GB_S * million + 12.0 * DYNAMODB_PER_WRU * million;
+    let bill = Bill::of(
+        &[
+            (intake, INTAKE_GB),
+            (worker, WORKER_GB),
+            (delivery, DELIVERY_GB),
+        ],
+        TASKS,
+    );
+    println!(
+        "  total    {:.2} AWS requests per task",
+        bill.total_requests()
+    );
     println!();
     println!("dollars per million background tasks, list price (us-east-1)");
-    println!("  DynamoDB   ${dynamodb:>8.2}  ({wru:.1} WRU + {rru:.1} RRU per task)");
-    println!("  SQS        ${sqs_cost:>8.2}  ({sqs:.2} requests per task, the poller's included)");
-    println!("  Secrets    ${secrets_cost:>8.2}  ({secrets:.2} GetSecretValue per task)");
-    println!("  Lambda req ${lambda_requests:>8.2}  ({invocations:.2} invocations per task)");
     println!(
-        "  Lambda GB-s${lambda_duration:>8.2}  ({:.4} GB-s per task, measured here)",
-        gb_s
+        "  DynamoDB   ${:>8.2}  ({:.1} WRU + {:.1} RRU per task)",
+        bill.dynamodb_dollars(),
+        bill.wru,
+        bill.rru
+    );
+    println!(
+        "  SQS        ${:>8.2}  ({:.2} requests per task, the poller's included)",
+        bill.sqs_dollars(),
+        bill.sqs
+    );
+    println!(
+        "  Secrets    ${:>8.2}  ({:.2} GetSecretValue per task)",
+        bill.secrets_dollars(),
+        bill.secrets
+    );
+    println!(
+        "  Lambda req ${:>8.2}  ({:.2} invocations per task)",
+        bill.lambda_request_dollars(),
+        bill.invocations
+    );
+    println!(
+        "  Lambda GB-s${:>8.2}  ({:.4} GB-s per task, measured here)",
+        bill.lambda_duration_dollars(),
+        bill.gb_s
     );
     println!(
         "  total      ${:>8.2}  per million tasks, before the AI call's own time",
-        dynamodb + sqs_cost + secrets_cost + lambda_requests + lambda_duration
+        bill.total_dollars()
     );
+    let per_minute_of_ai = 60.0 * WORKER_GB * price::LAMBDA_PER_GB_S * 1e6;
     println!(
         "  + ${per_minute_of_ai:.2} per million tasks for each minute the worker waits on the AI \
-         (512 MB × 60 s, and 12 heartbeat writes)"
+         ({} MB × 60 s; see the wait_cost bench)",
+        (WORKER_GB * 1024.0) as u32
     );
     println!(
-        "assumptions: on-demand DynamoDB at $0.625/M WRU and $0.125/M RRU, 1 WRU per write \
-              (items under 1 KB; a larger record costs 1 WRU per started KB), 2 WRU per item in a \
-              transaction, 1 RRU per strongly consistent read under 4 KB; SQS $0.40/M requests \
-              (the poller's ReceiveMessage and DeleteMessageBatch counted, its empty polls not); \
-              Secrets Manager $0.05 per 10,000 calls (a warm worker caches a user's secrets for 5 \
-              minutes, so real traffic calls it less); Lambda $0.20/M requests and \
-              $0.0000166667 per GB-s (x86), memory as in template.yaml (256/512/256 MB), duration \
-              as measured here in process against the emulators, batches of up to 10; the \
-              sweeper runs once a minute whatever the traffic and is not counted per task; the \
-              default settings (heartbeat every 5 s, progress coalesced to one write per heartbeat)."
+        "assumptions: {ASSUMPTIONS}; memory as in template.yaml; batches of up to 10; the default \
+         settings (heartbeat every 5 s, progress coalesced to one write per heartbeat)."
     );
-}
-
-fn short(operation: &str) -> &str {
-    operation.rsplit('.').next().unwrap_or(operation)
-}
-
-/// Whether every task of `ids` exists and satisfies `done`.
-async fn every_task(rt: &Runtime, ids: &[TaskId], done: impl Fn(&Task) -> bool) -> bool {
-    for id in ids {
-        match rt.services.tasks.get(id).await {
-            Ok(Some(task)) if done(&task) => {}
-            _ => return false,
-        }
-    }
-    true
 }

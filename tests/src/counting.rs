@@ -9,6 +9,10 @@ use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::error::BoxError;
 
+/// The suffix of the count of items in `TransactWriteItems` requests
+/// (`DynamoDB_20120810.TransactWriteItems#items`): DynamoDB bills 2 write units per item.
+pub const TRANSACT_ITEMS: &str = "#items";
+
 /// Requests by operation, shared by every client it is attached to.
 #[derive(Debug, Clone, Default)]
 pub struct RequestCounter {
@@ -78,12 +82,20 @@ impl Intercept for RequestCounter {
             .get("x-amz-target")
             .unwrap_or("unknown")
             .to_owned();
-        *self
-            .counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(operation)
-            .or_default() += 1;
+        // A transaction is billed by its items: count them too.
+        let items = operation
+            .ends_with(".TransactWriteItems")
+            .then(|| context.request().body().bytes())
+            .flatten()
+            .and_then(|body| serde_json::from_slice::<serde_json::Value>(body).ok())
+            .and_then(|body| body["TransactItems"].as_array().map(Vec::len));
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(items) = items {
+            *counts
+                .entry(format!("{operation}{TRANSACT_ITEMS}"))
+                .or_default() += items as u64;
+        }
+        *counts.entry(operation).or_default() += 1;
         Ok(())
     }
 }

@@ -5,6 +5,7 @@
 //! as one deployment. Every server and process stops when its handle is dropped, also when a
 //! test fails.
 
+pub mod cost;
 pub mod counting;
 pub mod dynamo;
 pub mod e2e;

@@ -359,7 +359,8 @@ async fn refine_offloaded(
 ) -> longrun::Result<ActionResult> {
     let api_key = ctx.secrets.require(API_KEY_SECRET).await?;
     let openai = ctx.state::<OpenAi>()?;
-    ctx.progress(10, "Sending to the AI provider").await?;
+    // Progress follows the provider's status; each change is a chat message (and its
+    // writes), so there is none for the start itself: the ack just said it.
     let started = ctx
         .step(START_STEP, async {
             openai

@@ -1453,6 +1453,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_stop_hook_that_never_returns_is_cut_off_at_its_budget() {
+        // GIVEN a running task whose stop hook hangs
+        let (stack, _) = stack();
+        let task_id = task_id_of(&stack.intake(call_event("stubborn", "u1", json!({}))).await);
+        let worker = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // WHEN the user cancels
+        let cancelled_at = Instant::now();
+        assert_eq!(cancel(&stack, "u1", &task_id).await, 200);
+        worker.await.unwrap();
+        // THEN the task ends cancelled once the hook's budget is spent, with one result
+        let settings = Settings::default();
+        assert!(
+            cancelled_at.elapsed()
+                <= settings.heartbeat + settings.cancel_grace + crate::STOP_HOOK_BUDGET
+        );
+        stack.drain(20).await;
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Cancelled);
+        assert_eq!(results_in(&stack, "chat-u1").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_table_that_refuses_heartbeats_is_tried_once_a_heartbeat() {
         // GIVEN a handler reporting progress every second, and a table that refuses every
         // heartbeat and progress write

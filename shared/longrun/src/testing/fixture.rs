@@ -281,6 +281,19 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
             .on_stop(poller_stops),
         )
         .function(
+            // Works for an hour; its stop hook never returns.
+            ChatFunction::new("stubborn", |ctx: Ctx, _p: Params| async move {
+                ctx.progress(1, "Starting").await?;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(ActionResult::success("done", ()))
+            })
+            .background(true)
+            .on_stop(|_ctx: Ctx, _stopped: crate::Stopped| async move {
+                std::future::pending::<()>().await;
+                Ok(())
+            }),
+        )
+        .function(
             ChatFunction::new("big_step", |ctx: Ctx, _p: Params| async move {
                 let blob: String = ctx.step("big", async { "x".repeat(400 * 1024) }).await?;
                 Ok(ActionResult::success(format!("{} bytes", blob.len()), ()))
