@@ -10,8 +10,8 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use chrono::{DateTime, Utc};
 use longrun::ActionResult;
 use longrun::ports::{
-    Claim, Created, Finish, FinishGuard, KvStore, LeaseHolder, PortError, RequestKey, Requeue,
-    TaskStore, UsageStore,
+    Claim, Created, Finish, FinishGuard, KvStore, LeaseHolder, Peek, PortError, RequestKey,
+    Requeue, TaskStore, UsageStore,
 };
 use longrun::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskKind, TaskState};
 use longrun_aws::dynamodb::{
@@ -1745,4 +1745,37 @@ async fn a_finish_stores_the_runs_last_checkpoint_with_it() {
     assert_eq!(ended.partial, Some(json!({"text": "so far"})));
     assert_eq!(ended.progress_seq, task.progress_seq);
     assert_eq!(f.store.get(&task.task_id).await.unwrap().unwrap(), ended);
+}
+
+#[tokio::test]
+async fn a_peek_reads_the_state_the_lease_holder_and_the_cancel_flag() {
+    // GIVEN a running task held by w1
+    let f = fixture().await;
+    let (task, held) = f.running("w1", t0()).await;
+    // WHEN a worker peeks at it, THEN it sees itself holding it, no cancel asked
+    let peek = f.store.peek(&task.task_id).await.unwrap().unwrap();
+    assert_eq!(
+        peek,
+        Peek {
+            state: TaskState::Running,
+            lease_owner: Some(held.owner.clone()),
+            cancel_requested: false,
+        }
+    );
+    // AND once the user cancels, the flag
+    f.store
+        .request_cancel(&task.task_id, t0() + secs(1))
+        .await
+        .unwrap();
+    assert!(
+        f.store
+            .peek(&task.task_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .cancel_requested
+    );
+    // AND a task that does not exist is None
+    let ghost = TaskId::generate(t0());
+    assert_eq!(f.store.peek(&ghost).await.unwrap(), None);
 }

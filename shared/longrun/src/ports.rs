@@ -88,6 +88,17 @@ pub struct Beat {
     pub progress_seq: u64,
 }
 
+/// The answer to [`TaskStore::peek`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peek {
+    /// Where the task is.
+    pub state: TaskState,
+    /// Who holds its lease, if anyone.
+    pub lease_owner: Option<String>,
+    /// The user asked to cancel.
+    pub cancel_requested: bool,
+}
+
 /// Who may end a task, checked by the conditional write in [`TaskStore::finish`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FinishGuard {
@@ -191,6 +202,11 @@ pub trait TaskStore: Send + Sync {
     /// task that is not due is `Busy`.
     async fn claim(&self, task_id: &TaskId, lease: &Lease, now: DateTime<Utc>)
     -> PortResult<Claim>;
+
+    /// One consistent read of what a running worker checks between lease renewals: the
+    /// task's state, who holds its lease, and whether the user asked to cancel. `None` if the
+    /// task does not exist.
+    async fn peek(&self, task_id: &TaskId) -> PortResult<Option<Peek>>;
 
     /// One conditional write: renews the lease held by `lease.owner`, records the heartbeat
     /// and, when `progress` is given, the checkpoint (bumping `progress_seq`); when `partial`

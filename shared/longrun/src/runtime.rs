@@ -48,7 +48,8 @@ pub struct Services {
 pub struct Settings {
     /// How long a lease lasts without renewal.
     pub lease: Duration,
-    /// How often a running task's lease is renewed and its cancel flag read.
+    /// How often a running task's cancel flag and lease are checked: a read, or the write
+    /// that renews the lease when one is due ([`Settings::renew_every`]) or progress waits.
     pub heartbeat: Duration,
     /// The least time between two progress writes; bursts in between are coalesced. Equal to
     /// the heartbeat, so a progress write stands in for a heartbeat and writes per task do not
@@ -103,6 +104,13 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// How often a running task's lease is renewed by a write when nothing else writes: a
+    /// third of the lease (two renewals may fail before it lapses), and never more often than
+    /// the heartbeat. Between renewals the heartbeat only reads.
+    pub fn renew_every(&self) -> Duration {
+        (self.lease / 3).max(self.heartbeat)
+    }
+
     /// The defaults, with any of these set in the environment (for tests and demos, where a
     /// 180 s cap or a 60 s lease would make every run slow): `LONGRUN_CAP_S`,
     /// `LONGRUN_LEASE_MS`, `LONGRUN_HEARTBEAT_MS`, `LONGRUN_PROGRESS_INTERVAL_MS`,

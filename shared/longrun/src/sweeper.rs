@@ -37,12 +37,13 @@ pub const SWEEP_LIMIT: usize = 100;
 /// Running tasks whose worker process died with others in it (an out-of-memory or a crash
 /// any of them may have caused) are requeued [isolated](Task::isolated), that death not
 /// counted against their attempts; they are handled once every one of them has lapsed. A
-/// process's leases lapse within one heartbeat of each other, so the sweep also reads those
-/// that lapse within the next heartbeat, to see each process's tasks together.
+/// process's leases lapse within one renewal period of each other
+/// ([`Settings::renew_every`](crate::Settings::renew_every)), so the sweep also reads those
+/// that lapse within the next one, to see each process's tasks together.
 pub async fn sweep(rt: &Runtime) -> Result<SweepReport, PortError> {
     let now = rt.now();
     let mut report = SweepReport::default();
-    let horizon = now + to_chrono(rt.settings.heartbeat);
+    let horizon = now + to_chrono(rt.settings.renew_every());
     let seen = rt
         .services
         .tasks

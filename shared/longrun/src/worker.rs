@@ -693,6 +693,8 @@ struct Written {
     /// When the last write (progress or heartbeat) was made — or tried: a table that fails
     /// is tried again a period later, not in a tight loop.
     at: Instant,
+    /// When the cancel flag and lease were last read without a write.
+    checked: Instant,
     /// The last partial result the handler recorded (`ctx.partial`)...
     partial: Option<serde_json::Value>,
     /// ...and whether the table holds it.
@@ -739,6 +741,7 @@ impl Checkpoint {
                 at: Instant::now()
                     .checked_sub(rt.settings.progress_interval)
                     .unwrap_or_else(Instant::now),
+                checked: Instant::now(),
                 partial: task.partial.clone(),
                 partial_stored: true,
                 moved_at: Instant::now(),
@@ -812,18 +815,13 @@ impl Checkpoint {
                         tracing::warn!(task_id = %self.task.task_id, error = %err, "progress message not sent");
                     }
                 }
-                if beat.cancel_requested && !self.cancelled.swap(true, Ordering::SeqCst) {
-                    tracing::info!(task_id = %self.task.task_id, "cancel observed");
-                    // An HTTP call in flight (the AI call, typically) stops now, not after
-                    // the grace period.
-                    self.cancel_signal.send_replace(true);
-                    self.stopped.notify_waiters();
+                if beat.cancel_requested {
+                    self.observe_cancel();
                 }
             }
             Err(PortError::Conflict(reason)) => {
                 tracing::debug!(task_id = %self.task.task_id, %reason, "heartbeat refused");
-                self.run_lease.mark_lost();
-                self.stopped.notify_waiters();
+                self.lose_lease();
             }
             Err(err) => {
                 // The lease outlives several heartbeats; the next one tries again.
@@ -832,24 +830,77 @@ impl Checkpoint {
         }
     }
 
-    /// Renews the lease until the task is cancelled or the lease is lost: one write a
-    /// `heartbeat` after the last write of any kind, so the cancel flag is read at least once
-    /// a heartbeat and a progress write stands in for a heartbeat (no extra writes).
+    /// One read between renewals: the cancel flag, and whether this worker still holds the
+    /// lease. A read costs a fraction of a write, so the cancel flag is checked as often as
+    /// ever while the lease is renewed less often.
+    async fn check_in(&self, state: &mut Written) {
+        state.checked = Instant::now();
+        match self.rt.services.tasks.peek(&self.task.task_id).await {
+            Ok(Some(peek))
+                if peek.state == TaskState::Running
+                    && peek.lease_owner.as_deref() == Some(self.lease.owner.as_str()) =>
+            {
+                if peek.cancel_requested {
+                    self.observe_cancel();
+                }
+            }
+            Ok(_) => {
+                tracing::debug!(task_id = %self.task.task_id, "lease found taken over at a heartbeat");
+                self.lose_lease();
+            }
+            Err(err) => {
+                tracing::warn!(task_id = %self.task.task_id, error = %err, "heartbeat read failed");
+            }
+        }
+    }
+
+    fn observe_cancel(&self) {
+        if !self.cancelled.swap(true, Ordering::SeqCst) {
+            tracing::info!(task_id = %self.task.task_id, "cancel observed");
+            // An HTTP call in flight (the AI call, typically) stops now, not after the grace
+            // period.
+            self.cancel_signal.send_replace(true);
+            self.stopped.notify_waiters();
+        }
+    }
+
+    fn lose_lease(&self) {
+        self.run_lease.mark_lost();
+        self.stopped.notify_waiters();
+    }
+
+    /// Watches the task until it is cancelled or the lease is lost: a `heartbeat` after the
+    /// last write or read, it writes — renewing the lease — when a renewal is due
+    /// ([`Settings::renew_every`](crate::Settings::renew_every)) or progress or a partial
+    /// result waits, and otherwise only reads the cancel flag and the lease. So the flag is
+    /// read at least once a heartbeat, a progress write stands in for a heartbeat, and a
+    /// silent task writes once a renewal period.
     async fn heartbeat(&self) -> Stop {
         let every = self.rt.settings.heartbeat;
-        // The claim renewed the lease just now: the first heartbeat is one period away.
+        let renew = self.rt.settings.renew_every();
+        // The claim renewed the lease just now: the first heartbeat is one period away, the
+        // first renewal a renewal period.
         let claimed = Instant::now();
         loop {
             let stopped = self.stopped.notified();
             tokio::pin!(stopped);
-            let due = self.state.lock().await.at.max(claimed) + every;
+            let due = {
+                let state = self.state.lock().await;
+                state.at.max(state.checked).max(claimed) + every
+            };
             tokio::select! {
                 _ = tokio::time::sleep_until(due) => {
                     let mut state = self.state.lock().await;
                     // A progress write since `due` was set moved the next one on; a
                     // coalesced progress value goes out with this one.
-                    if state.at.elapsed() >= every {
-                        self.write(&mut state).await;
+                    if state.at.elapsed() >= every && state.checked.elapsed() >= every {
+                        let unwritten =
+                            state.reported != state.written || !state.partial_stored;
+                        if unwritten || state.at.max(claimed).elapsed() >= renew {
+                            self.write(&mut state).await;
+                        } else {
+                            self.check_in(&mut state).await;
+                        }
                     }
                     self.notice_stall(&mut state).await;
                 }
@@ -1450,6 +1501,26 @@ mod tests {
         // the finish with its cancelled audit item, and the release of the user's
         // active-task count
         assert!(writes <= 6, "{writes} writes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_task_renews_its_lease_a_third_of_a_lease_apart_and_reads_in_between() {
+        // GIVEN a handler silent for 120 s after its first progress call
+        let (stack, _) = stack();
+        let params = json!({"steps_ms": [120_000]});
+        let task_id = task_id_of(&stack.intake(call_event("hushed", "u1", params)).await);
+        let (writes, peeks) = (stack.tasks.writes(), stack.tasks.peeks());
+        // WHEN it runs
+        stack.work_once().await;
+        // THEN the lease was renewed once every 20 s (a third of the 60 s lease), not at every
+        // 5 s heartbeat: the claim, the progress, 6 renewals and the end (with the release of
+        // the user's count) — and the cancel flag was read at the heartbeats in between
+        assert_eq!(Settings::default().renew_every(), Duration::from_secs(20));
+        let writes = stack.tasks.writes() - writes;
+        assert!(writes <= 2 + 6 + 2, "{writes} writes");
+        let peeks = stack.tasks.peeks() - peeks;
+        assert!((16..=19).contains(&peeks), "{peeks} reads");
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
     }
 
     #[tokio::test(start_paused = true)]

@@ -267,7 +267,7 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| self.garbled(name, "is missing"))
     }
 
-    fn flag(&self, name: &str) -> PortResult<bool> {
+    pub(super) fn flag(&self, name: &str) -> PortResult<bool> {
         match self.item.get(name) {
             None => Ok(false),
             Some(AttributeValue::Bool(b)) => Ok(*b),

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use crate::ports::{
     Beat, ChatApi, ChatOutcome, Claim, Created, DeliveryQueue, Finish, FinishGuard, KvStore,
-    LeaseHolder, MAX_QUEUE_DELAY, PortError, PortResult, RequestKey, Requeue, Secret, SecretStore,
-    TaskStore, UsageStore, WorkQueue,
+    LeaseHolder, MAX_QUEUE_DELAY, Peek, PortError, PortResult, RequestKey, Requeue, Secret,
+    SecretStore, TaskStore, UsageStore, WorkQueue,
 };
 use crate::step::StepRecord;
 use crate::task::{AuditItem, AuditKind, Lease, Progress, Task, TaskId, TaskState};
@@ -32,6 +32,7 @@ struct Tables {
     audit: BTreeMap<TaskId, Vec<AuditItem>>,
     steps: BTreeMap<TaskId, BTreeMap<u32, StepRecord>>,
     writes: u64,
+    reads: u64,
     step_write_delay: std::time::Duration,
     fail_beats: u32,
     /// Each (ext, user)'s active tasks, as the limit counts them.
@@ -57,13 +58,18 @@ impl MemoryTaskStore {
         lock(&self.tables).writes
     }
 
+    /// How many heartbeat reads ([`TaskStore::peek`]) the store answered.
+    pub fn peeks(&self) -> u64 {
+        lock(&self.tables).reads
+    }
+
     /// Makes the next `n` task creations fail with a transient error.
     pub fn fail_next_writes(&self, n: u32) {
         lock(&self.tables).fail_writes = n;
     }
 
-    /// Makes the next `n` heartbeat and progress writes fail with a transient error (a
-    /// worker that cannot reach the table, so its lease lapses).
+    /// Makes the next `n` heartbeats (reads and writes) and progress writes fail with a
+    /// transient error (a worker that cannot reach the table, so its lease lapses).
     pub fn fail_next_beats(&self, n: u32) {
         lock(&self.tables).fail_beats = n;
     }
@@ -235,6 +241,20 @@ impl TaskStore for MemoryTaskStore {
         let claimed = task.clone();
         t.writes += 1;
         Ok(Claim::Claimed(claimed))
+    }
+
+    async fn peek(&self, task_id: &TaskId) -> PortResult<Option<Peek>> {
+        let mut t = lock(&self.tables);
+        if t.fail_beats > 0 {
+            t.fail_beats -= 1;
+            return Err(PortError::Transient("injected heartbeat failure".into()));
+        }
+        t.reads += 1;
+        Ok(t.tasks.get(task_id).map(|task| Peek {
+            state: task.state,
+            lease_owner: task.lease.as_ref().map(|l| l.owner.clone()),
+            cancel_requested: task.cancel_requested,
+        }))
     }
 
     async fn beat(
