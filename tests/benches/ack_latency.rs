@@ -14,13 +14,12 @@
 //! Bounded: a fixed number of rounds, every wait capped; it needs moto (`pip install
 //! 'moto[server]'`) and says so if it is missing.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use longrun::config::Config;
 use longrun::task::TaskId;
-use longrun::{Runtime, Secret, Settings};
+use longrun::{Runtime, Settings};
 use longrun_aws::AwsClients;
 use longrun_aws::chat::HttpChat;
 use longrun_tests::cost::{ASSUMPTIONS, Bill, Phase, Role, drain, every_task, price};
@@ -63,40 +62,14 @@ async fn run() {
     openai.expect_key(KEY);
     let chat = FakeChat::start().await.expect("fake chat");
 
+    let (config, moto_sdk, dynamo_sdk) =
+        longrun_tests::cost::deploy("bench", &moto, &dynoxide, &chat.url, USER, KEY).await;
     let counter = RequestCounter::default();
-    let moto_sdk = moto.sdk_config().await;
-    let dynamo_sdk = longrun_tests::moto::sdk_config(&dynoxide.endpoint).await;
     let clients = AwsClients {
         dynamodb: counter.dynamodb(&dynamo_sdk),
         sqs: counter.sqs(&moto_sdk),
         secrets: counter.secrets(&moto_sdk),
     };
-    let table = "bench-tasks";
-    longrun_aws::dynamodb::ensure_table(&clients.dynamodb, table)
-        .await
-        .expect("table");
-    let queues = longrun_aws::sqs::ensure_queues(&clients.sqs, "bench")
-        .await
-        .expect("queues");
-    longrun_aws::secrets::put_secret(
-        &clients.secrets,
-        "longrun",
-        text_tools::NAME,
-        USER,
-        text_tools::API_KEY_SECRET,
-        &Secret::new(KEY),
-    )
-    .await
-    .expect("the user's key");
-    let vars: BTreeMap<&str, String> = BTreeMap::from([
-        ("LONGRUN_TABLE", table.to_owned()),
-        ("LONGRUN_WORK_QUEUE_URL", queues.work.clone()),
-        ("LONGRUN_DELIVERY_QUEUE_URL", queues.delivery.clone()),
-        ("LONGRUN_WORK_DLQ_URL", queues.work_dlq.clone()),
-        ("LONGRUN_DELIVERY_DLQ_URL", queues.delivery_dlq.clone()),
-        ("LONGRUN_CHAT_API_URL", chat.url.clone()),
-    ]);
-    let config = Config::from_lookup(|name| vars.get(name).cloned()).expect("config");
     let chat_api = Arc::new(HttpChat::new(
         reqwest::Client::new(),
         chat.url.clone(),

@@ -18,13 +18,13 @@
 //!
 //! Needs moto (`pip install 'moto[server]'`) and says so if it is missing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use longrun::config::Config;
 use longrun::task::TaskId;
-use longrun::{Runtime, Secret, Settings};
+use longrun::{Runtime, Settings};
 use longrun_aws::AwsClients;
 use longrun_aws::chat::HttpChat;
 use longrun_tests::cost::{ASSUMPTIONS, Bill, Phase, Role, drain, every_task};
@@ -125,39 +125,16 @@ impl Pipeline {
         openai: &FakeOpenAi,
         chat: &FakeChat,
     ) -> Self {
-        let moto_sdk = moto.sdk_config().await;
-        let dynamo_sdk = longrun_tests::moto::sdk_config(&dynoxide.endpoint).await;
-        let setup = AwsClients {
-            dynamodb: aws_sdk_dynamodb::Client::new(&dynamo_sdk),
-            ..AwsClients::new(&moto_sdk)
-        };
-        let table = format!("cost-{name}");
-        longrun_aws::dynamodb::ensure_table(&setup.dynamodb, &table)
-            .await
-            .expect("table");
-        let queues = longrun_aws::sqs::ensure_queues(&setup.sqs, &format!("cost-{name}"))
-            .await
-            .expect("queues");
         let user = format!("bench-{name}");
-        longrun_aws::secrets::put_secret(
-            &setup.secrets,
-            "longrun",
-            text_tools::NAME,
+        let (config, moto_sdk, dynamo_sdk) = longrun_tests::cost::deploy(
+            &format!("cost-{name}"),
+            moto,
+            dynoxide,
+            &chat.url,
             &user,
-            text_tools::API_KEY_SECRET,
-            &Secret::new(KEY),
+            KEY,
         )
-        .await
-        .expect("the user's key");
-        let vars: BTreeMap<&str, String> = BTreeMap::from([
-            ("LONGRUN_TABLE", table.clone()),
-            ("LONGRUN_WORK_QUEUE_URL", queues.work.clone()),
-            ("LONGRUN_DELIVERY_QUEUE_URL", queues.delivery.clone()),
-            ("LONGRUN_WORK_DLQ_URL", queues.work_dlq.clone()),
-            ("LONGRUN_DELIVERY_DLQ_URL", queues.delivery_dlq.clone()),
-            ("LONGRUN_CHAT_API_URL", chat.url.clone()),
-        ]);
-        let config = Config::from_lookup(|name| vars.get(name).cloned()).expect("config");
+        .await;
         let function = || {
             let counter = RequestCounter::default();
             let clients = AwsClients {

@@ -28,6 +28,56 @@ pub mod price {
     pub const SECRETS_PER_CALL: f64 = 0.05 / 10_000.0;
 }
 
+/// A deployment on the emulators for a cost run: a table and queues named after `name`, and
+/// `user`'s OpenAI key (`key`) connected. Returns the configuration the functions read, and
+/// the SDK configurations of moto and dynoxide to build (counting) clients from.
+pub async fn deploy(
+    name: &str,
+    moto: &crate::moto::Moto,
+    dynoxide: &crate::dynamo::Dynoxide,
+    chat_url: &str,
+    user: &str,
+    key: &str,
+) -> (
+    longrun::config::Config,
+    aws_config::SdkConfig,
+    aws_config::SdkConfig,
+) {
+    let moto_sdk = moto.sdk_config().await;
+    let dynamo_sdk = crate::moto::sdk_config(&dynoxide.endpoint).await;
+    let dynamodb = aws_sdk_dynamodb::Client::new(&dynamo_sdk);
+    let sqs = aws_sdk_sqs::Client::new(&moto_sdk);
+    let secrets = aws_sdk_secretsmanager::Client::new(&moto_sdk);
+    let table = format!("{name}-tasks");
+    longrun_aws::dynamodb::ensure_table(&dynamodb, &table)
+        .await
+        .expect("table");
+    let queues = longrun_aws::sqs::ensure_queues(&sqs, name)
+        .await
+        .expect("queues");
+    longrun_aws::secrets::put_secret(
+        &secrets,
+        "longrun",
+        text_tools::NAME,
+        user,
+        text_tools::API_KEY_SECRET,
+        &longrun::Secret::new(key),
+    )
+    .await
+    .expect("the user's key");
+    let vars: BTreeMap<&str, String> = BTreeMap::from([
+        ("LONGRUN_TABLE", table),
+        ("LONGRUN_WORK_QUEUE_URL", queues.work),
+        ("LONGRUN_DELIVERY_QUEUE_URL", queues.delivery),
+        ("LONGRUN_WORK_DLQ_URL", queues.work_dlq),
+        ("LONGRUN_DELIVERY_DLQ_URL", queues.delivery_dlq),
+        ("LONGRUN_CHAT_API_URL", chat_url.to_owned()),
+    ]);
+    let config =
+        longrun::config::Config::from_lookup(|name| vars.get(name).cloned()).expect("config");
+    (config, moto_sdk, dynamo_sdk)
+}
+
 /// What one function did over a run: AWS requests by operation, invocations, time busy.
 #[derive(Debug, Clone, Default)]
 pub struct Phase {

@@ -448,48 +448,20 @@ async fn check_response(
     axum::extract::Path(id): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let found = {
-        let mut state = inner.lock().unwrap_or_else(|p| p.into_inner());
-        state.responses.get_mut(&id).map(|r| {
-            r.checks += 1;
-            let d = directives(&r.input);
-            let done = !d.hang && r.created.elapsed() >= d.delay.unwrap_or_default();
-            let status = if r.cancelled {
-                "cancelled"
-            } else if r.checks == 1 {
-                "queued"
-            } else if done {
-                "completed"
-            } else {
-                "in_progress"
-            };
-            (r.input.clone(), r.model.clone(), status)
-        })
-    };
-    let Some((input, model, status)) = found else {
-        record(
-            &inner,
-            CallKind::Check,
-            client,
-            &headers,
-            Value::Null,
-            "",
-            "",
-        );
-        return error(404, "No response found");
-    };
-    if !record(
-        &inner,
-        CallKind::Check,
-        client,
-        &headers,
-        Value::Null,
-        &input,
-        &model,
-    ) {
-        return error(401, "Incorrect API key provided.");
-    }
-    axum::Json(response_object(&id, &model, status, &input)).into_response()
+    respond(&inner, CallKind::Check, client, &headers, &id, |r| {
+        r.checks += 1;
+        let d = directives(&r.input);
+        let done = !d.hang && r.created.elapsed() >= d.delay.unwrap_or_default();
+        if r.cancelled {
+            "cancelled"
+        } else if r.checks == 1 {
+            "queued"
+        } else if done {
+            "completed"
+        } else {
+            "in_progress"
+        }
+    })
 }
 
 async fn cancel_response(
@@ -498,37 +470,37 @@ async fn cancel_response(
     axum::extract::Path(id): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    respond(&inner, CallKind::Cancel, client, &headers, &id, |r| {
+        r.cancelled = true;
+        "cancelled"
+    })
+}
+
+/// A call on the background response `id`: `act` updates it and names its status. Recorded
+/// with the response's input; 404 for an unknown id, 401 for a wrong key.
+fn respond(
+    inner: &Shared,
+    kind: CallKind,
+    client: SocketAddr,
+    headers: &HeaderMap,
+    id: &str,
+    act: impl FnOnce(&mut Background) -> &'static str,
+) -> Response {
     let found = {
         let mut state = inner.lock().unwrap_or_else(|p| p.into_inner());
-        state.responses.get_mut(&id).map(|r| {
-            r.cancelled = true;
-            (r.input.clone(), r.model.clone())
+        state.responses.get_mut(id).map(|r| {
+            let status = act(r);
+            (r.input.clone(), r.model.clone(), status)
         })
     };
-    let Some((input, model)) = found else {
-        record(
-            &inner,
-            CallKind::Cancel,
-            client,
-            &headers,
-            Value::Null,
-            "",
-            "",
-        );
+    let Some((input, model, status)) = found else {
+        record(inner, kind, client, headers, Value::Null, "", "");
         return error(404, "No response found");
     };
-    if !record(
-        &inner,
-        CallKind::Cancel,
-        client,
-        &headers,
-        Value::Null,
-        &input,
-        &model,
-    ) {
+    if !record(inner, kind, client, headers, Value::Null, &input, &model) {
         return error(401, "Incorrect API key provided.");
     }
-    axum::Json(response_object(&id, &model, "cancelled", &input)).into_response()
+    axum::Json(response_object(id, &model, status, &input)).into_response()
 }
 
 fn error(status: u16, message: &str) -> Response {

@@ -331,7 +331,13 @@ async fn refine_output(ctx: Ctx, params: StartRefinementParams) -> longrun::Resu
     ctx.progress(15, "Fetching context").await?;
     ctx.progress(45, "Generating with AI").await?;
     let completion = refine_long(openai, &ctx, &api_key, &params.input).await?;
-    charge(&ctx, &completion).await?;
+    refined(&ctx, completion).await
+}
+
+/// Charges a refinement's tokens, keeps its text as the user's last refined one and answers
+/// with it — or with the error the AI call ended in.
+async fn refined(ctx: &Ctx, completion: Completion) -> longrun::Result<ActionResult> {
+    charge(ctx, &completion).await?;
     let text = match completion.into_text() {
         Ok(text) => text,
         Err(result) => return Ok(result),
@@ -412,17 +418,7 @@ async fn refine_offloaded(
         }
         Started::Failed(result) => return Ok(result),
     };
-    charge(&ctx, &completion).await?;
-    let text = match completion.into_text() {
-        Ok(text) => text,
-        Err(result) => return Ok(result),
-    };
-    ctx.progress(90, "Saving").await?;
-    ctx.store.set(LAST_REFINED, &text).await?;
-    Ok(ActionResult::success(
-        "Refined output ready! 🎉",
-        json!({"text": text}),
-    ))
+    refined(&ctx, completion).await
 }
 
 /// `refine_offloaded`'s `on_stop` hook: cancels the provider's response, if one started.
@@ -478,16 +474,7 @@ async fn refine_job(ctx: Ctx, input: RefineJobInput) -> longrun::Result<ActionRe
     let openai = ctx.state::<OpenAi>()?;
     ctx.progress(50, "Generating with AI").await?;
     let completion = refine_long(openai, &ctx, &api_key, &input.input).await?;
-    charge(&ctx, &completion).await?;
-    let text = match completion.into_text() {
-        Ok(text) => text,
-        Err(result) => return Ok(result),
-    };
-    ctx.store.set(LAST_REFINED, &text).await?;
-    Ok(ActionResult::success(
-        "Refined output ready! 🎉",
-        json!({"text": text}),
-    ))
+    refined(&ctx, completion).await
 }
 
 #[cfg(test)]

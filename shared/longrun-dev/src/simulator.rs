@@ -234,28 +234,18 @@ async fn check_response(
     axum::extract::Path(id): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if !authorized(&headers) {
-        return unauthorized();
-    }
-    let responses = state.responses.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(r) = responses.get(&id) else {
-        return openai_error(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "No such response.",
-        );
-    };
-    let elapsed = r.created.elapsed();
-    let status = if r.cancelled {
-        "cancelled"
-    } else if elapsed >= r.takes {
-        "completed"
-    } else if elapsed < Duration::from_secs(1) {
-        "queued"
-    } else {
-        "in_progress"
-    };
-    Json(response_object(&id, r, status)).into_response()
+    respond(&state, &headers, &id, |r| {
+        let elapsed = r.created.elapsed();
+        if r.cancelled {
+            "cancelled"
+        } else if elapsed >= r.takes {
+            "completed"
+        } else if elapsed < Duration::from_secs(1) {
+            "queued"
+        } else {
+            "in_progress"
+        }
+    })
 }
 
 async fn cancel_response(
@@ -263,19 +253,32 @@ async fn cancel_response(
     axum::extract::Path(id): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if !authorized(&headers) {
+    respond(&state, &headers, &id, |r| {
+        r.cancelled = true;
+        "cancelled"
+    })
+}
+
+/// A call on the background response `id`: `act` updates it and names its status.
+fn respond(
+    state: &SimState,
+    headers: &HeaderMap,
+    id: &str,
+    act: impl FnOnce(&mut SimResponse) -> &'static str,
+) -> Response {
+    if !authorized(headers) {
         return unauthorized();
     }
     let mut responses = state.responses.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(r) = responses.get_mut(&id) else {
+    let Some(r) = responses.get_mut(id) else {
         return openai_error(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "No such response.",
         );
     };
-    r.cancelled = true;
-    Json(response_object(&id, r, "cancelled")).into_response()
+    let status = act(r);
+    Json(response_object(id, r, status)).into_response()
 }
 
 fn openai_error(status: StatusCode, kind: &str, message: &str) -> Response {

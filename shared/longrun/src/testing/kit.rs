@@ -137,7 +137,8 @@ impl TestStack {
     }
 
     /// Runs the worker and delivery until both queues are empty: every queued task runs (and
-    /// resumes, if it hands itself on), and every result and progress message is posted.
+    /// resumes, if it hands itself on or sleeps — under tokio's paused clock a `ctx.sleep`
+    /// passes at once), and every result and progress message is posted.
     pub async fn run_until_idle(&self) {
         self.stack.drain(MAX_ROUNDS).await;
     }
