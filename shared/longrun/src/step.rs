@@ -930,4 +930,45 @@ mod tests {
         longer.drain(20).await;
         assert_eq!(longer.tasks.writes() - longer_before, writes + 4 * 2);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_resumed_once_is_not_announced_as_resumed_again_at_each_wake() {
+        // GIVEN a sleeping task whose first worker died before it slept
+        let (stack, _) = stack();
+        let params = json!({"delay_ms": 60_000});
+        let id = task_id_of(&stack.intake(call_event("sleeper", "u1", params)).await);
+        stack.work.take(10);
+        let now = stack.rt.now();
+        let dead = crate::task::Lease {
+            owner: "dead-process/claim".into(),
+            until: now + chrono::Duration::seconds(60),
+        };
+        stack.tasks.claim(&id, &dead, now).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(crate::sweeper::sweep(&stack.rt).await.unwrap().requeued, 1);
+        // WHEN it runs and sleeps: the chat is told it resumed
+        stack.work_once().await;
+        assert_eq!(task(&stack, &id).await.state, TaskState::Sleeping);
+        while stack.deliver_once().await > 0 {}
+        // AND it wakes and runs to its end
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        stack.work_once().await;
+        // THEN the wake sent no second notice, only the result
+        assert_eq!(task(&stack, &id).await.state, TaskState::Succeeded);
+        let sent = stack.delivery.pending();
+        assert!(
+            sent.iter()
+                .all(|m| !matches!(m, crate::wire::DeliveryMessage::Notice { .. })),
+            "{sent:?}"
+        );
+        stack.drain(20).await;
+        let resumed: Vec<String> = stack
+            .chat
+            .posted()
+            .into_iter()
+            .map(|p| p.idempotency_key)
+            .filter(|k| k.contains(":notice:resumed:"))
+            .collect();
+        assert_eq!(resumed, vec![format!("{id}:notice:resumed:2")]);
+    }
 }

@@ -282,6 +282,10 @@ pub struct WorkMessage {
     /// The task runs alone in its worker invocation ([`Task::isolated`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub isolated: bool,
+    /// The message wakes a sleeping task: its claim is no resumption after a stopped worker
+    /// (no "resuming" notice, no reclaim audit item).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub woken: bool,
 }
 
 impl WorkMessage {
@@ -301,6 +305,15 @@ impl WorkMessage {
             created_at: task.created_at,
             request_id: task.request_id.clone(),
             isolated: task.isolated,
+            woken: false,
+        }
+    }
+
+    /// The message that wakes `task` from its sleep.
+    pub fn waking(task: &Task) -> Self {
+        Self {
+            woken: true,
+            ..Self::for_task(task)
         }
     }
 

@@ -163,7 +163,7 @@ pub async fn handle_message(
         claim = rt.services.tasks.claim(&task_id, &lease, now).await?;
     }
     match claim {
-        Claim::Claimed(task) => run(rt, task, lease, deadline).await,
+        Claim::Claimed(task) => run(rt, task, lease, deadline, message.woken).await,
         Claim::Busy(task) if task.state == TaskState::Sleeping => {
             // Early: a sleep longer than the queue's longest delay, or a copy of the message.
             // Send it on for the rest of the sleep (one message in, one out).
@@ -247,9 +247,13 @@ async fn run(
     task: Task,
     lease: Lease,
     deadline: Option<Instant>,
+    woken: bool,
 ) -> Result<(), PortError> {
     let now = rt.now();
-    if task.attempt > 1 {
+    // A claim after a stopped worker (a sleep's wake-up gives its attempt back, as a hand-off
+    // does, so attempts above 1 may be old news then).
+    let resumed = task.attempt > 1 && !woken;
+    if resumed {
         let audit = AuditItem::new(
             &task,
             format!("reclaimed#{}", task.attempt),
@@ -291,7 +295,7 @@ async fn run(
                     return Err(err);
                 }
             };
-            if task.attempt > 1 {
+            if resumed {
                 // The previous worker stopped without finishing (a hand-off gives its attempt
                 // back): tell the chat once that the task goes on.
                 let message = DeliveryMessage::Notice {
@@ -383,7 +387,7 @@ async fn suspend(
     // then); failing that, the sweeper sends it a queue grace after `wake_at`.
     rt.services
         .work
-        .send_after(&WorkMessage::for_task(&sleeping), delay)
+        .send_after(&WorkMessage::waking(&sleeping), delay)
         .await?;
     tracing::info!(task_id = %task.task_id, %wake_at, "sleeping");
     Ok(())
