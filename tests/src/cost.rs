@@ -12,7 +12,7 @@ use longrun::worker::QueueRecord;
 
 use crate::counting::{RequestCounter, TRANSACT_ITEMS};
 
-/// List prices, us-east-1 (December 2026).
+/// List prices, us-east-1, as the README states them beside the figures.
 pub mod price {
     /// Lambda, per request.
     pub const LAMBDA_PER_REQUEST: f64 = 0.20 / 1e6;
