@@ -699,6 +699,9 @@ struct Written {
     at: Instant,
     /// When the cancel flag and lease were last read without a write.
     checked: Instant,
+    /// When the lease was last renewed (the claim, or a write that landed): a renewal that
+    /// failed is tried again at the next heartbeat, not a renewal period later.
+    renewed: Instant,
     /// The last partial result the handler recorded (`ctx.partial`)...
     partial: Option<serde_json::Value>,
     /// ...and whether the table holds it.
@@ -746,6 +749,7 @@ impl Checkpoint {
                     .checked_sub(rt.settings.progress_interval)
                     .unwrap_or_else(Instant::now),
                 checked: Instant::now(),
+                renewed: Instant::now(),
                 partial: task.partial.clone(),
                 partial_stored: true,
                 moved_at: Instant::now(),
@@ -781,7 +785,8 @@ impl Checkpoint {
 
     /// One conditional write: lease, heartbeat, and the checkpoint if it changed.
     async fn write(&self, state: &mut Written) {
-        state.at = Instant::now();
+        let started = Instant::now();
+        state.at = started;
         let now = self.rt.now();
         let lease = Lease {
             owner: self.lease.owner.clone(),
@@ -803,6 +808,7 @@ impl Checkpoint {
             .await
         {
             Ok(beat) => {
+                state.renewed = started;
                 state.seq = beat.progress_seq;
                 if partial.is_some() {
                     state.partial_stored = true;
@@ -900,7 +906,7 @@ impl Checkpoint {
                     if state.at.elapsed() >= every && state.checked.elapsed() >= every {
                         let unwritten =
                             state.reported != state.written || !state.partial_stored;
-                        if unwritten || state.at.max(claimed).elapsed() >= renew {
+                        if unwritten || state.renewed.elapsed() >= renew {
                             self.write(&mut state).await;
                         } else {
                             self.check_in(&mut state).await;
@@ -1524,6 +1530,33 @@ mod tests {
         assert!(writes <= 2 + 6 + 2, "{writes} writes");
         let peeks = stack.tasks.peeks() - peeks;
         assert!((16..=19).contains(&peeks), "{peeks} reads");
+        assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_renewal_is_tried_again_at_the_next_heartbeat() {
+        // GIVEN a silent task, and a table that refuses its first renewal (20 s in): the
+        // reads at 5, 10 and 15 s pass, the write at 20 s fails
+        let (stack, _) = stack();
+        let params = json!({"steps_ms": [40_000]});
+        let task_id = task_id_of(&stack.intake(call_event("hushed", "u1", params)).await);
+        let worker = tokio::spawn({
+            let stack = stack.clone();
+            async move { stack.work_once().await }
+        });
+        tokio::time::sleep(Duration::from_secs(17)).await;
+        let renewed_before = task(&stack, &task_id).await.heartbeat_at;
+        stack.tasks.fail_next_beats(1);
+        // WHEN 26 s have passed
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        // THEN the renewal landed at the heartbeat after the failure (25 s), not 20 s later
+        assert_eq!(stack.tasks.beat_failures_left(), 0);
+        let renewed = task(&stack, &task_id).await.heartbeat_at;
+        assert!(
+            renewed > renewed_before,
+            "{renewed:?} vs {renewed_before:?}"
+        );
+        worker.await.unwrap();
         assert_eq!(task(&stack, &task_id).await.state, TaskState::Succeeded);
     }
 
