@@ -40,7 +40,7 @@ fn work_message(params: Value) -> WorkMessage {
         created_at,
         request_id: Some("r1".into()),
         isolated: false,
-        woken: false,
+        carry_on: false,
     }
 }
 

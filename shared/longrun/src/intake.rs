@@ -381,7 +381,12 @@ async fn request_running_cancel(rt: &Runtime, task: &Task) -> Result<Task, Intak
                 .map_err(port_error)?;
             if updated.state == TaskState::Sleeping {
                 // Wake it now: the worker that takes it up runs its stop hook and ends it.
-                if let Err(err) = rt.services.work.send(&WorkMessage::waking(&updated)).await {
+                if let Err(err) = rt
+                    .services
+                    .work
+                    .send(&WorkMessage::carrying_on(&updated))
+                    .await
+                {
                     tracing::warn!(task_id = %updated.task_id, error = %err, "sleeping task not woken; it ends cancelled when it wakes");
                 }
             }

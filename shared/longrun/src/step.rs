@@ -971,4 +971,52 @@ mod tests {
             .collect();
         assert_eq!(resumed, vec![format!("{id}:notice:resumed:2")]);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_resumed_once_is_not_announced_as_resumed_again_at_each_hand_off() {
+        // GIVEN a nine-step task whose first worker died, on invocations of 45 s (three steps)
+        let (stack, _) = stack_with(short_lambda());
+        let id = task_id_of(
+            &stack
+                .intake(call_event("chunks", "u1", json!({"n": 9})))
+                .await,
+        );
+        stack.work.take(10);
+        let now = stack.rt.now();
+        let dead = crate::task::Lease {
+            owner: "dead-process/claim".into(),
+            until: now + chrono::Duration::seconds(60),
+        };
+        stack.tasks.claim(&id, &dead, now).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(crate::sweeper::sweep(&stack.rt).await.unwrap().requeued, 1);
+        // WHEN it runs to its end over three invocations, handing on twice
+        let mut notices = 0;
+        loop {
+            let batch = stack.work.take(10);
+            if batch.is_empty() {
+                break;
+            }
+            let records: Vec<QueueRecord> = batch
+                .iter()
+                .map(|m| QueueRecord::new("m", serde_json::to_string(m).unwrap()))
+                .collect();
+            let deadline = Instant::now() + Duration::from_secs(45);
+            assert!(
+                handle_batch(&stack.rt, records, Some(deadline))
+                    .await
+                    .is_empty()
+            );
+            notices += stack
+                .delivery
+                .pending()
+                .iter()
+                .filter(|m| matches!(m, crate::wire::DeliveryMessage::Notice { .. }))
+                .count();
+            while stack.deliver_once().await > 0 {}
+        }
+        // THEN the chat was told once that it resumed
+        assert_eq!(task(&stack, &id).await.state, TaskState::Succeeded);
+        assert_eq!(notices, 1);
+    }
 }

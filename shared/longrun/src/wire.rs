@@ -282,10 +282,11 @@ pub struct WorkMessage {
     /// The task runs alone in its worker invocation ([`Task::isolated`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub isolated: bool,
-    /// The message wakes a sleeping task: its claim is no resumption after a stopped worker
-    /// (no "resuming" notice, no reclaim audit item).
+    /// The message carries on a task its last worker handed on — before the Lambda deadline,
+    /// or to sleep: its claim is no resumption after a stopped worker (no "resuming" notice,
+    /// no reclaim audit item).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub woken: bool,
+    pub carry_on: bool,
 }
 
 impl WorkMessage {
@@ -305,14 +306,15 @@ impl WorkMessage {
             created_at: task.created_at,
             request_id: task.request_id.clone(),
             isolated: task.isolated,
-            woken: false,
+            carry_on: false,
         }
     }
 
-    /// The message that wakes `task` from its sleep.
-    pub fn waking(task: &Task) -> Self {
+    /// The message that carries `task` on in a fresh invocation: after a hand-off, or when it
+    /// wakes from a sleep.
+    pub fn carrying_on(task: &Task) -> Self {
         Self {
-            woken: true,
+            carry_on: true,
             ..Self::for_task(task)
         }
     }

@@ -163,7 +163,7 @@ pub async fn handle_message(
         claim = rt.services.tasks.claim(&task_id, &lease, now).await?;
     }
     match claim {
-        Claim::Claimed(task) => run(rt, task, lease, deadline, message.woken).await,
+        Claim::Claimed(task) => run(rt, task, lease, deadline, message.carry_on).await,
         Claim::Busy(task) if task.state == TaskState::Sleeping => {
             // Early: a sleep longer than the queue's longest delay, or a copy of the message.
             // Send it on for the rest of the sleep (one message in, one out).
@@ -247,12 +247,12 @@ async fn run(
     task: Task,
     lease: Lease,
     deadline: Option<Instant>,
-    woken: bool,
+    carry_on: bool,
 ) -> Result<(), PortError> {
     let now = rt.now();
-    // A claim after a stopped worker (a sleep's wake-up gives its attempt back, as a hand-off
-    // does, so attempts above 1 may be old news then).
-    let resumed = task.attempt > 1 && !woken;
+    // A claim after a stopped worker. A hand-off or a sleep gives its attempt back, so after
+    // one the attempts above 1 are old news: its message says it carries the task on.
+    let resumed = task.attempt > 1 && !carry_on;
     if resumed {
         let audit = AuditItem::new(
             &task,
@@ -341,7 +341,10 @@ async fn run(
                 .tasks
                 .requeue(&task.task_id, &guard, &rt.queue_lease(rt.now()))
                 .await?;
-            rt.services.work.send(&WorkMessage::for_task(&task)).await?;
+            rt.services
+                .work
+                .send(&WorkMessage::carrying_on(&task))
+                .await?;
             tracing::info!(task_id = %task.task_id, "handed on to a fresh invocation before the Lambda deadline");
             Ok(())
         }
@@ -387,7 +390,7 @@ async fn suspend(
     // then); failing that, the sweeper sends it a queue grace after `wake_at`.
     rt.services
         .work
-        .send_after(&WorkMessage::waking(&sleeping), delay)
+        .send_after(&WorkMessage::carrying_on(&sleeping), delay)
         .await?;
     tracing::info!(task_id = %task.task_id, %wake_at, "sleeping");
     Ok(())
