@@ -931,21 +931,26 @@ mod tests {
         assert_eq!(longer.tasks.writes() - longer_before, writes + 4 * 2);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_task_resumed_once_is_not_announced_as_resumed_again_at_each_wake() {
-        // GIVEN a sleeping task whose first worker died before it slept
-        let (stack, _) = stack();
-        let params = json!({"delay_ms": 60_000});
-        let id = task_id_of(&stack.intake(call_event("sleeper", "u1", params)).await);
+    /// The task's first worker claims it and dies; the sweeper requeues it after its lease.
+    async fn die_once(stack: &MemoryStack, id: &TaskId) {
         stack.work.take(10);
         let now = stack.rt.now();
         let dead = crate::task::Lease {
             owner: "dead-process/claim".into(),
             until: now + chrono::Duration::seconds(60),
         };
-        stack.tasks.claim(&id, &dead, now).await.unwrap();
+        stack.tasks.claim(id, &dead, now).await.unwrap();
         tokio::time::sleep(Duration::from_secs(61)).await;
         assert_eq!(crate::sweeper::sweep(&stack.rt).await.unwrap().requeued, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_resumed_once_is_not_announced_as_resumed_again_at_each_wake() {
+        // GIVEN a sleeping task whose first worker died before it slept
+        let (stack, _) = stack();
+        let params = json!({"delay_ms": 60_000});
+        let id = task_id_of(&stack.intake(call_event("sleeper", "u1", params)).await);
+        die_once(&stack, &id).await;
         // WHEN it runs and sleeps: the chat is told it resumed
         stack.work_once().await;
         assert_eq!(task(&stack, &id).await.state, TaskState::Sleeping);
@@ -981,15 +986,7 @@ mod tests {
                 .intake(call_event("chunks", "u1", json!({"n": 9})))
                 .await,
         );
-        stack.work.take(10);
-        let now = stack.rt.now();
-        let dead = crate::task::Lease {
-            owner: "dead-process/claim".into(),
-            until: now + chrono::Duration::seconds(60),
-        };
-        stack.tasks.claim(&id, &dead, now).await.unwrap();
-        tokio::time::sleep(Duration::from_secs(61)).await;
-        assert_eq!(crate::sweeper::sweep(&stack.rt).await.unwrap().requeued, 1);
+        die_once(&stack, &id).await;
         // WHEN it runs to its end over three invocations, handing on twice
         let mut notices = 0;
         loop {
