@@ -45,6 +45,18 @@ impl Error {
             )
     }
 
+    /// The result the user gets for an error the runtime can explain to them — a secret not
+    /// connected, a daily budget used up — instead of the fallback "failed unexpectedly".
+    pub(crate) fn user_result(&self) -> Option<crate::ActionResult> {
+        if let Some(missing) = self.downcast_ref::<crate::SecretError>() {
+            return Some(missing.to_result());
+        }
+        match self.downcast_ref::<crate::ChargeError>() {
+            Some(over @ crate::ChargeError::OverBudget { .. }) => Some(over.to_result()),
+            _ => None,
+        }
+    }
+
     /// The underlying error, if it is of type `E`.
     pub fn downcast_ref<E: StdError + 'static>(&self) -> Option<&E> {
         self.inner.downcast_ref::<E>()

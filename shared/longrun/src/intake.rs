@@ -228,15 +228,7 @@ async fn call(rt: &Runtime, req: CallRequest) -> Result<IntakeResponse, IntakeEr
     let run = AssertUnwindSafe(function.call(ctx, req.params)).catch_unwind();
     let result = match tokio::time::timeout_at(deadline, run).await {
         Ok(Ok(Ok(result))) => result,
-        Ok(Ok(Err(ref err))) if let Some(missing) = err.downcast_ref::<crate::SecretError>() => {
-            missing.to_result()
-        }
-        Ok(Ok(Err(ref err)))
-            if let Some(over @ crate::ChargeError::OverBudget { .. }) =
-                err.downcast_ref::<crate::ChargeError>() =>
-        {
-            over.to_result()
-        }
+        Ok(Ok(Err(ref err))) if let Some(result) = err.user_result() => result,
         Ok(Ok(Err(ref err)))
             if let Some(limited @ crate::BackgroundError::TooManyTasks { .. }) =
                 err.downcast_ref::<crate::BackgroundError>() =>

@@ -14,7 +14,6 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
-use crate::SecretError;
 use crate::ctx::{Caller, ProgressError, ProgressSink, TaskRun};
 use crate::extension::{STOP_HOOK_BUDGET, StopReason, Stopped};
 use crate::lease::RunLease;
@@ -592,15 +591,7 @@ async fn execute(
         Ok(Err(err)) if err.is_cancelled() || checkpoint.is_cancelled() => {
             Outcome::cancelled(&task.function)
         }
-        Ok(Err(ref err)) if let Some(missing) = err.downcast_ref::<SecretError>() => {
-            Outcome::returned(missing.to_result())
-        }
-        Ok(Err(ref err))
-            if let Some(over @ crate::ChargeError::OverBudget { .. }) =
-                err.downcast_ref::<crate::ChargeError>() =>
-        {
-            Outcome::returned(over.to_result())
-        }
+        Ok(Err(ref err)) if let Some(result) = err.user_result() => Outcome::returned(result),
         Ok(Err(err)) => Outcome::failed(&task.function, "handler_error", err.to_string(), true),
         Err(panic) => Outcome::failed(
             &task.function,
