@@ -417,6 +417,17 @@ pub struct Caller {
     pub chat: String,
 }
 
+impl From<&crate::task::Task> for Caller {
+    /// The task's owner and chat: whom its handler runs for.
+    fn from(task: &crate::task::Task) -> Self {
+        Self {
+            ext: task.ext.clone(),
+            user: task.user.clone(),
+            chat: task.chat.clone(),
+        }
+    }
+}
+
 /// What a handler running as a background task reaches beyond an inline call: its
 /// checkpoints, its steps and its lease.
 pub(crate) struct TaskRun {

@@ -402,11 +402,7 @@ impl Runtime {
     /// params (`longrun tasks retry`).
     pub async fn resubmit(&self, task: &Task) -> Result<TaskId, EnqueueError> {
         let spec = TaskSpec {
-            caller: Caller {
-                ext: task.ext.clone(),
-                user: task.user.clone(),
-                chat: task.chat.clone(),
-            },
+            caller: Caller::from(task),
             function: task.function.clone(),
             kind: task.kind,
             event: task.event.clone(),

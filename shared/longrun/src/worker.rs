@@ -411,11 +411,7 @@ async fn run_stop_hook(rt: &Runtime, task: &Task, reason: StopReason) {
             Vec::new()
         }
     };
-    let caller = Caller {
-        ext: task.ext.clone(),
-        user: task.user.clone(),
-        chat: task.chat.clone(),
-    };
+    let caller = Caller::from(task);
     let deadline = Instant::now() + STOP_HOOK_BUDGET;
     let ctx = rt.ctx(
         caller,
@@ -471,11 +467,7 @@ async fn execute(
         lease.clone(),
         Arc::clone(&run_lease),
     ));
-    let caller = Caller {
-        ext: task.ext.clone(),
-        user: task.user.clone(),
-        chat: task.chat.clone(),
-    };
+    let caller = Caller::from(task);
     let yield_at = lambda_deadline
         .map(|d| d.checked_sub(rt.settings.deadline_margin).unwrap_or(d))
         .filter(|d| *d < cap_deadline);
@@ -708,6 +700,21 @@ struct Written {
     noticed: Option<u64>,
 }
 
+impl Written {
+    /// The progress and partial result the run reported that the table does not hold yet.
+    fn unwritten(&self) -> LastCheckpoint {
+        LastCheckpoint {
+            progress: (self.reported != self.written).then(|| self.reported.clone()),
+            partial: self.partial.clone().filter(|_| !self.partial_stored),
+        }
+    }
+
+    /// Whether anything the run reported waits to be written.
+    fn has_unwritten(&self) -> bool {
+        self.reported != self.written || !self.partial_stored
+    }
+}
+
 /// The running task's checkpoint writer: the single place progress, heartbeats, lease renewal
 /// and the cancel flag meet. Progress bursts are coalesced to one write per
 /// `progress_interval`; the last value is written by the next heartbeat or at the end.
@@ -786,8 +793,7 @@ impl Checkpoint {
             owner: self.lease.owner.clone(),
             until: now + to_chrono(self.rt.settings.lease),
         };
-        let progress = (state.reported != state.written).then(|| state.reported.clone());
-        let partial = state.partial.clone().filter(|_| !state.partial_stored);
+        let LastCheckpoint { progress, partial } = state.unwritten();
         match self
             .rt
             .services
@@ -882,15 +888,14 @@ impl Checkpoint {
     async fn heartbeat(&self) -> Stop {
         let every = self.rt.settings.heartbeat;
         let renew = self.rt.settings.renew_every();
-        // The claim renewed the lease just now: the first heartbeat is one period away, the
-        // first renewal a renewal period.
-        let claimed = Instant::now();
+        // `checked` and `renewed` start at the claim, which renewed the lease: the first
+        // heartbeat is one period away, the first renewal a renewal period.
         loop {
             let stopped = self.stopped.notified();
             tokio::pin!(stopped);
             let due = {
                 let state = self.state.lock().await;
-                state.at.max(state.checked).max(claimed) + every
+                state.at.max(state.checked) + every
             };
             tokio::select! {
                 _ = tokio::time::sleep_until(due) => {
@@ -898,9 +903,7 @@ impl Checkpoint {
                     // A progress write since `due` was set moved the next one on; a
                     // coalesced progress value goes out with this one.
                     if state.at.elapsed() >= every && state.checked.elapsed() >= every {
-                        let unwritten =
-                            state.reported != state.written || !state.partial_stored;
-                        if unwritten || state.renewed.elapsed() >= renew {
+                        if state.has_unwritten() || state.renewed.elapsed() >= renew {
                             self.write(&mut state).await;
                         } else {
                             self.check_in(&mut state).await;
@@ -952,7 +955,7 @@ impl Checkpoint {
     /// Writes the last reported progress and partial result if they were not written yet.
     async fn flush(&self) {
         let mut state = self.state.lock().await;
-        if (state.reported != state.written || !state.partial_stored) && !self.is_lease_lost() {
+        if state.has_unwritten() && !self.is_lease_lost() {
             self.write(&mut state).await;
         }
     }
@@ -963,10 +966,7 @@ impl Checkpoint {
     async fn hand_over(&self, outcome: Outcome) -> Outcome {
         let state = self.state.lock().await;
         let mut outcome = outcome.with_partial(state.partial.as_ref());
-        outcome.checkpoint = Some(LastCheckpoint {
-            progress: (state.reported != state.written).then(|| state.reported.clone()),
-            partial: state.partial.clone().filter(|_| !state.partial_stored),
-        });
+        outcome.checkpoint = Some(state.unwritten());
         outcome
     }
 }
