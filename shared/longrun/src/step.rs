@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use crate::http::MAX_HTTP_TIMEOUT;
 use crate::lease::RunLease;
 use crate::ports::{PortError, TaskStore};
+use crate::runtime::to_chrono;
 
 /// Room left for storing a step's output: the worker stops handing out new steps this long
 /// before a step started then, running its whole budget, would reach the hard yield — so the
@@ -238,18 +239,11 @@ impl StepLog {
             return Ok(());
         }
         let seq = self.next.fetch_add(1, Ordering::SeqCst);
-        let slept: Slept = match self.recorded.iter().find(|r| r.seq == seq) {
+        let slept: Slept = match self.recorded_at(seq) {
             Some(record) => self.replay(record, SLEEP_STEP)?,
             None => {
-                let until = self.clock.now()
-                    + chrono::Duration::from_std(duration).unwrap_or(chrono::TimeDelta::MAX);
-                let value =
-                    serde_json::to_value(Slept { until }).map_err(|source| StepError::Serde {
-                        name: SLEEP_STEP.to_owned(),
-                        source,
-                    })?;
-                let stored = self.store(seq, SLEEP_STEP, value).await?;
-                self.replay(&stored, SLEEP_STEP)?
+                let until = self.clock.now() + to_chrono(duration);
+                self.keep(seq, SLEEP_STEP, Slept { until }).await?
             }
         };
         self.wait_until(slept.until).await;
@@ -271,7 +265,7 @@ impl StepLog {
         Fut: Future<Output = Check<T>>,
     {
         let seq = self.next.fetch_add(1, Ordering::SeqCst);
-        if let Some(record) = self.recorded.iter().find(|r| r.seq == seq) {
+        if let Some(record) = self.recorded_at(seq) {
             return self.replay(record, name);
         }
         loop {
@@ -282,20 +276,8 @@ impl StepLog {
                     after: self.budget,
                 })?;
             match checked {
-                Check::Done(output) => {
-                    let value = self.checked(name, &output)?;
-                    let stored = self.store(seq, name, value.clone()).await?;
-                    return if stored.output == value {
-                        Ok(output)
-                    } else {
-                        self.replay(&stored, name)
-                    };
-                }
-                Check::Pending => {
-                    let until = self.clock.now()
-                        + chrono::Duration::from_std(every).unwrap_or(chrono::TimeDelta::MAX);
-                    self.wait_until(until).await;
-                }
+                Check::Done(output) => return self.keep(seq, name, output).await,
+                Check::Pending => self.wait_until(self.clock.now() + to_chrono(every)).await,
             }
         }
     }
@@ -306,7 +288,7 @@ impl StepLog {
         F: Future<Output = T>,
     {
         let seq = self.next.fetch_add(1, Ordering::SeqCst);
-        if let Some(record) = self.recorded.iter().find(|r| r.seq == seq) {
+        if let Some(record) = self.recorded_at(seq) {
             return self.replay(record, name);
         }
         // A new step. If it might not finish before the invocation ends, stop here and let
@@ -351,6 +333,19 @@ impl StepLog {
                     name: name.to_owned(),
                     after: self.budget,
                 })?;
+        self.keep(seq, name, output).await
+    }
+
+    /// The record at position `seq`, if the run already passed it.
+    fn recorded_at(&self, seq: u32) -> Option<&StepRecord> {
+        self.recorded.iter().find(|r| r.seq == seq)
+    }
+
+    /// Checks and stores step `seq`'s output, and returns the output the run goes on with.
+    async fn keep<T>(&self, seq: u32, name: &str, output: T) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
         let value = self.checked(name, &output)?;
         let stored = self.store(seq, name, value.clone()).await?;
         if stored.output == value {
