@@ -243,7 +243,9 @@ impl StepLog {
             Some(record) => self.replay(record, SLEEP_STEP)?,
             None => {
                 let until = self.clock.now() + to_chrono(duration);
-                self.keep(seq, SLEEP_STEP, Slept { until }).await?
+                self.keep(seq, SLEEP_STEP, Slept { until })
+                    .await
+                    .map_err(|err| self.give_back(seq, err))?
             }
         };
         self.wait_until(slept.until).await;
@@ -269,14 +271,20 @@ impl StepLog {
             return self.replay(record, name);
         }
         loop {
-            let checked = tokio::time::timeout(self.budget, check())
-                .await
-                .map_err(|_| StepError::TimedOut {
+            let Ok(checked) = tokio::time::timeout(self.budget, check()).await else {
+                let timed_out = StepError::TimedOut {
                     name: name.to_owned(),
                     after: self.budget,
-                })?;
+                };
+                return Err(self.give_back(seq, timed_out));
+            };
             match checked {
-                Check::Done(output) => return self.keep(seq, name, output).await,
+                Check::Done(output) => {
+                    return self
+                        .keep(seq, name, output)
+                        .await
+                        .map_err(|err| self.give_back(seq, err));
+                }
                 Check::Pending => self.wait_until(self.clock.now() + to_chrono(every)).await,
             }
         }
@@ -307,17 +315,19 @@ impl StepLog {
                 self.ran_here.fetch_add(1, Ordering::SeqCst);
                 Ok(output)
             }
-            Err(err) => {
-                // A failed step leaves nothing in the record, so it gives its position back:
-                // a handler that tries the same step again gets the same position, as it will
-                // on replay. (Unless another step started meanwhile — steps run concurrently
-                // keep the order they were started in.)
-                let _ =
-                    self.next
-                        .compare_exchange(seq + 1, seq, Ordering::SeqCst, Ordering::SeqCst);
-                Err(err)
-            }
+            Err(err) => Err(self.give_back(seq, err)),
         }
+    }
+
+    /// A step, poll or sleep at `seq` that failed leaves nothing in the record, so it gives
+    /// its position back: a handler that tries it again gets the same position, as it will
+    /// on replay. (Unless another one started meanwhile — steps run concurrently keep the
+    /// order they were started in.) Returns `err`.
+    fn give_back(&self, seq: u32, err: StepError) -> StepError {
+        let _ = self
+            .next
+            .compare_exchange(seq + 1, seq, Ordering::SeqCst, Ordering::SeqCst);
+        err
     }
 
     /// Runs a step that is not in the record yet, checks its output and stores it.
@@ -628,6 +638,39 @@ mod tests {
         let ended = task(&stack, &id).await;
         assert_eq!(ended.state, TaskState::Succeeded, "{:?}", ended.result);
         assert_eq!(ended.result.unwrap().data.unwrap()["sum"], 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_retried_after_it_failed_keeps_its_position() {
+        // GIVEN a handler whose poll's first check runs past the step budget, and which polls
+        // again, then takes a step
+        let (stack, runs) = stack_with(Settings {
+            step_budget: Duration::from_secs(30),
+            ..Settings::default()
+        });
+        let id = task_id_of(
+            &stack
+                .intake(call_event("retry_poll", "u1", json!({})))
+                .await,
+        );
+        // WHEN it runs
+        stack.drain(20).await;
+        // THEN the retried poll took the failed one's position, as a retried step does, so a
+        // replay meets each record where the run put it
+        assert_eq!(runs.flaky_runs.load(AtomicOrdering::SeqCst), 2);
+        let positions: Vec<(u32, String)> = stack
+            .tasks
+            .steps(&id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.seq, s.name))
+            .collect();
+        assert_eq!(
+            positions,
+            vec![(0, "flaky".to_owned()), (1, "after".to_owned())]
+        );
+        assert_eq!(task(&stack, &id).await.state, TaskState::Succeeded);
     }
 
     #[tokio::test(start_paused = true)]

@@ -68,6 +68,7 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
     let chunks = Arc::clone(&runs);
     let unstable = Arc::clone(&runs);
     let flaky = Arc::clone(&runs);
+    let flaky_poll = Arc::clone(&runs);
     let sleeper = Arc::clone(&runs);
     let poller = Arc::clone(&runs);
     let stop_hook = |runs: Arc<Runs>| {
@@ -292,6 +293,41 @@ pub fn extension(runs: Arc<Runs>) -> Extension {
                 std::future::pending::<()>().await;
                 Ok(())
             }),
+        )
+        .function(
+            // Polls with a check that hangs past the step budget the first time; retries the
+            // poll, then takes one step.
+            ChatFunction::new("retry_poll", move |ctx: Ctx, _p: Params| {
+                let runs = Arc::clone(&flaky_poll);
+                async move {
+                    let first: u32 = loop {
+                        let runs = Arc::clone(&runs);
+                        let attempt = ctx
+                            .poll("flaky", Duration::from_secs(5), move || {
+                                let runs = Arc::clone(&runs);
+                                async move {
+                                    if runs.flaky_runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                                        std::future::pending::<()>().await;
+                                    }
+                                    crate::Check::Done(1)
+                                }
+                            })
+                            .await;
+                        match attempt {
+                            Ok(value) => break value,
+                            Err(crate::StepError::TimedOut { .. }) => continue,
+                            Err(err) => return Err(err.into()),
+                        }
+                    };
+                    let second: u32 = ctx.step("after", async { 2 }).await?;
+                    Ok(ActionResult::success(
+                        "retried",
+                        json!({"sum": first + second}),
+                    ))
+                }
+            })
+            .background(true)
+            .long_running(true),
         )
         .function(
             ChatFunction::new("big_step", |ctx: Ctx, _p: Params| async move {
