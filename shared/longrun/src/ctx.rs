@@ -16,6 +16,7 @@ use crate::lease::RunLease;
 use crate::ports::{Clock, KvStore, PortError, Secret, SecretStore, UsageStore};
 use crate::step::{Check, StepError, StepLog};
 use crate::task::{Progress, TaskId};
+use crate::wire::Unfit;
 
 /// Why `ctx.progress` did not record a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -607,16 +608,13 @@ impl Ctx {
     pub async fn partial(&self, value: impl Serialize) -> Result<(), PartialError> {
         let value =
             serde_json::to_value(value).map_err(|e| PartialError::Serialize(e.to_string()))?;
-        let size = serde_json::to_vec(&value)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
-        if size > MAX_PARTIAL_BYTES {
-            return Err(PartialError::TooLarge {
+        crate::wire::fits(&value, MAX_PARTIAL_BYTES).map_err(|unfit| match unfit {
+            Unfit::TooLarge { size } => PartialError::TooLarge {
                 size,
                 limit: MAX_PARTIAL_BYTES,
-            });
-        }
-        crate::wire::check_storable(&value).map_err(PartialError::Unstorable)?;
+            },
+            Unfit::Unstorable(reason) => PartialError::Unstorable(reason),
+        })?;
         if let Some(sink) = &self.progress {
             sink.partial(value).await;
         }

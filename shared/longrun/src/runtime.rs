@@ -17,7 +17,7 @@ use crate::ports::{
     UsageStore, WorkQueue,
 };
 use crate::task::{Cap, Lease, Progress, Task, TaskId, TaskKind, TaskState};
-use crate::wire::{MAX_PARAMS_BYTES, WorkMessage};
+use crate::wire::{MAX_PARAMS_BYTES, Unfit, WorkMessage};
 use crate::{ActionResult, Ctx, Extension};
 
 /// The adapters a pipeline step talks to.
@@ -514,14 +514,13 @@ impl Launcher for TaskLauncher {
             .and_then(|e| e.get_job(job_name))
             .ok_or_else(|| BackgroundError::UnknownJob(job_name.to_owned()))?;
         job.validate(&input)?;
-        let size = serde_json::to_vec(&input)?.len();
-        if size > MAX_PARAMS_BYTES {
-            return Err(BackgroundError::TooLarge {
+        crate::wire::fits(&input, MAX_PARAMS_BYTES).map_err(|unfit| match unfit {
+            Unfit::TooLarge { size } => BackgroundError::TooLarge {
                 size,
                 limit: MAX_PARAMS_BYTES,
-            });
-        }
-        crate::wire::check_storable(&input).map_err(BackgroundError::Unstorable)?;
+            },
+            Unfit::Unstorable(reason) => BackgroundError::Unstorable(reason),
+        })?;
         let n = self.launched.fetch_add(1, Ordering::SeqCst);
         let request_id = self.request_id.as_ref().map(|r| format!("{r}#{n}"));
         let request = request_id.clone().map(|request_id| RequestKey {

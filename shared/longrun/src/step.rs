@@ -25,6 +25,7 @@ use crate::http::MAX_HTTP_TIMEOUT;
 use crate::lease::RunLease;
 use crate::ports::{PortError, TaskStore};
 use crate::runtime::to_chrono;
+use crate::wire::Unfit;
 
 /// Room left for storing a step's output: the worker stops handing out new steps this long
 /// before a step started then, running its whole budget, would reach the hard yield — so the
@@ -373,21 +374,18 @@ impl StepLog {
             name: name.to_owned(),
             source,
         })?;
-        let size = serde_json::to_vec(&value)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
-        if size > MAX_STEP_OUTPUT_BYTES {
-            return Err(StepError::TooLarge {
+        match crate::wire::fits(&value, MAX_STEP_OUTPUT_BYTES) {
+            Ok(()) => Ok(value),
+            Err(Unfit::TooLarge { size }) => Err(StepError::TooLarge {
                 name: name.to_owned(),
                 size,
                 limit: MAX_STEP_OUTPUT_BYTES,
-            });
+            }),
+            Err(Unfit::Unstorable(reason)) => Err(StepError::Unstorable {
+                name: name.to_owned(),
+                reason,
+            }),
         }
-        crate::wire::check_storable(&value).map_err(|reason| StepError::Unstorable {
-            name: name.to_owned(),
-            reason,
-        })?;
-        Ok(value)
     }
 
     /// Stores step `seq`'s output while this run holds the lease; returns the record the

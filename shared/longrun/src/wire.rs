@@ -33,6 +33,27 @@ const MAX_NUMBER_MAGNITUDE: f64 = 1e126;
 /// Smallest non-zero number magnitude DynamoDB stores.
 const MIN_NUMBER_MAGNITUDE: f64 = 1e-130;
 
+/// Why a value cannot be kept in the task table: [`fits`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Unfit {
+    /// Its JSON takes `size` bytes, more than the limit.
+    TooLarge { size: usize },
+    /// DynamoDB would refuse it ([`check_storable`]).
+    Unstorable(String),
+}
+
+/// Whether `value` takes at most `limit` bytes as JSON and the task table can store it: the
+/// check of a step output, a partial result and a job input.
+pub(crate) fn fits(value: &Value, limit: usize) -> Result<(), Unfit> {
+    let size = serde_json::to_vec(value)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > limit {
+        return Err(Unfit::TooLarge { size });
+    }
+    check_storable(value).map_err(Unfit::Unstorable)
+}
+
 /// Why DynamoDB would refuse to store `value` although it is valid JSON: nesting deeper than
 /// [`MAX_NESTING_LEVELS`], or a number outside DynamoDB's range (1E-130 to 9.99E+125 in
 /// magnitude; JSON allows up to about 1.8E+308). Integers of 64 bits always fit.
