@@ -159,7 +159,7 @@ async fn send_one(client: &Client, url: &str, body: String) -> PortResult<()> {
 pub fn delay_seconds(delay: Duration) -> i32 {
     let capped = delay.min(MAX_QUEUE_DELAY);
     let whole = capped.as_secs() + u64::from(capped.subsec_nanos() > 0);
-    i32::try_from(whole.min(MAX_QUEUE_DELAY.as_secs())).unwrap_or(0)
+    i32::try_from(whole).unwrap_or(0)
 }
 
 async fn send_delayed(client: &Client, url: &str, body: String, delay_s: i32) -> PortResult<()> {

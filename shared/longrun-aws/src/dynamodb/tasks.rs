@@ -604,6 +604,7 @@ impl TaskStore for DynamoTaskStore {
     }
 
     async fn peek(&self, task_id: &TaskId) -> PortResult<Option<Peek>> {
+        const PEEKED: &str = "#state, #lease_owner, #cancel_requested";
         // Read units are billed by the whole item, projected or not; a consistent read of a
         // task record under 4 KB is one unit, a fifth of the price of the write it replaces.
         let out = self
@@ -611,10 +612,8 @@ impl TaskStore for DynamoTaskStore {
             .get_item()
             .table_name(&self.table)
             .set_key(Some(task_key(task_id)))
-            .projection_expression("#state, #lease_owner, #cancel_requested")
-            .expression_attribute_names("#state", "state")
-            .expression_attribute_names("#lease_owner", "lease_owner")
-            .expression_attribute_names("#cancel_requested", "cancel_requested")
+            .projection_expression(PEEKED)
+            .set_expression_attribute_names(Some(names_in(&[PEEKED])))
             .consistent_read(true)
             .send()
             .await
