@@ -277,24 +277,19 @@ async fn completions(
         .unwrap_or_default()
         .to_owned();
     let model = body["model"].as_str().unwrap_or_default().to_owned();
-    let presented = bearer(&headers);
-    let (index, key_ok) = {
-        let mut state = inner.lock().unwrap_or_else(|p| p.into_inner());
-        let key_ok = match &state.expected_key {
-            Some(expected) => presented.as_deref() == Some(expected.as_str()),
-            None => true,
-        };
-        state.calls.push(AiCall {
+    let (index, key_ok) = record(
+        &inner,
+        &headers,
+        AiCall {
             kind: CallKind::Chat,
             body: body.clone(),
             model: model.clone(),
             input: input.clone(),
-            key_ok,
+            key_ok: false,
             state: CallState::InFlight,
             client,
-        });
-        (state.calls.len() - 1, key_ok)
-    };
+        },
+    );
     let guard = CallGuard {
         inner,
         index,
@@ -354,32 +349,30 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Records a Responses API call; returns whether its key was the expected one.
-fn record(
-    inner: &Shared,
-    kind: CallKind,
-    client: SocketAddr,
-    headers: &HeaderMap,
-    body: Value,
-    input: &str,
-    model: &str,
-) -> bool {
+/// Records `call`, its key judged against the expected one; returns its index and whether
+/// the key was right.
+fn record(inner: &Shared, headers: &HeaderMap, mut call: AiCall) -> (usize, bool) {
     let mut state = inner.lock().unwrap_or_else(|p| p.into_inner());
-    let presented = bearer(headers);
-    let key_ok = match &state.expected_key {
-        Some(expected) => presented.as_deref() == Some(expected.as_str()),
+    call.key_ok = match &state.expected_key {
+        Some(expected) => bearer(headers).as_deref() == Some(expected.as_str()),
         None => true,
     };
-    state.calls.push(AiCall {
+    let key_ok = call.key_ok;
+    state.calls.push(call);
+    (state.calls.len() - 1, key_ok)
+}
+
+/// A Responses API call, answered at once.
+fn answered(kind: CallKind, client: SocketAddr, body: Value, input: &str, model: &str) -> AiCall {
+    AiCall {
         kind,
         body,
         model: model.to_owned(),
         input: input.to_owned(),
-        key_ok,
+        key_ok: false,
         state: CallState::Answered,
         client,
-    });
-    key_ok
+    }
 }
 
 /// A Responses API response object.
@@ -403,15 +396,8 @@ async fn create_response(
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let input = body["input"].as_str().unwrap_or_default().to_owned();
     let model = body["model"].as_str().unwrap_or_default().to_owned();
-    if !record(
-        &inner,
-        CallKind::Create,
-        client,
-        &headers,
-        body.clone(),
-        &input,
-        &model,
-    ) {
+    let call = answered(CallKind::Create, client, body.clone(), &input, &model);
+    if !record(&inner, &headers, call).1 {
         return error(401, "Incorrect API key provided.");
     }
     let d = directives(&input);
@@ -494,10 +480,11 @@ fn respond(
         })
     };
     let Some((input, model, status)) = found else {
-        record(inner, kind, client, headers, Value::Null, "", "");
+        record(inner, headers, answered(kind, client, Value::Null, "", ""));
         return error(404, "No response found");
     };
-    if !record(inner, kind, client, headers, Value::Null, &input, &model) {
+    let call = answered(kind, client, Value::Null, &input, &model);
+    if !record(inner, headers, call).1 {
         return error(401, "Incorrect API key provided.");
     }
     axum::Json(response_object(id, &model, status, &input)).into_response()
