@@ -149,6 +149,20 @@ impl axum::extract::FromRef<SimState> for Latency {
     }
 }
 
+/// The simulated answer to `input`, at most `max_tokens` (a request's token limit, 1000 when
+/// absent) long.
+fn answer(input: &str, max_tokens: &Value) -> String {
+    let max_tokens = max_tokens.as_u64().unwrap_or(1000).clamp(1, 100_000);
+    format!("{LABEL} {}", refine(input, max_tokens as usize * 4))
+}
+
+/// The model an answer reports: the simulator, as the model the request named.
+fn model_of(request: &Value) -> String {
+    request["model"]
+        .as_str()
+        .map_or(MODEL.to_owned(), |m| format!("{MODEL} (as {m})"))
+}
+
 /// A bearer key is present (any will do).
 fn authorized(headers: &HeaderMap) -> bool {
     headers
@@ -205,16 +219,10 @@ async fn create_response(
             "'input' must be text.",
         );
     };
-    let max_tokens = request["max_output_tokens"]
-        .as_u64()
-        .unwrap_or(1000)
-        .clamp(1, 100_000);
     let id = format!("resp_sim_{}", ulid::Ulid::new());
     let response = SimResponse {
-        model: request["model"]
-            .as_str()
-            .map_or(MODEL.to_owned(), |m| format!("{MODEL} (as {m})")),
-        text: format!("{LABEL} {}", refine(input, max_tokens as usize * 4)),
+        model: model_of(&request),
+        text: answer(input, &request["max_output_tokens"]),
         words: input.split_whitespace().count(),
         created: tokio::time::Instant::now(),
         takes: state.latency.sample(),
@@ -323,11 +331,7 @@ async fn complete(
             "'messages' must hold a user message with text content.",
         );
     };
-    let max_tokens = request["max_tokens"]
-        .as_u64()
-        .unwrap_or(1000)
-        .clamp(1, 100_000);
-    let text = format!("{LABEL} {}", refine(input, max_tokens as usize * 4));
+    let text = answer(input, &request["max_tokens"]);
     tokio::time::sleep(latency.sample()).await;
     let created = chrono::Utc::now().timestamp();
     let words = input.split_whitespace().count();
@@ -335,7 +339,7 @@ async fn complete(
         "id": format!("chatcmpl-sim-{}", ulid::Ulid::new()),
         "object": "chat.completion",
         "created": created,
-        "model": request["model"].as_str().map_or(MODEL.to_owned(), |m| format!("{MODEL} (as {m})")),
+        "model": model_of(&request),
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": text},
