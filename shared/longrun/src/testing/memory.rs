@@ -113,10 +113,14 @@ fn conflict(task_id: &TaskId, what: &str) -> PortError {
 
 /// Whether `holder` holds its task's lease: the task is running under that owner.
 fn holds_lease(tasks: &HashMap<TaskId, Task>, holder: &LeaseHolder) -> bool {
-    tasks.get(&holder.task_id).is_some_and(|task| {
-        task.state == TaskState::Running
-            && task.lease.as_ref().is_some_and(|l| l.owner == holder.owner)
-    })
+    tasks
+        .get(&holder.task_id)
+        .is_some_and(|task| runs_under(task, &holder.owner))
+}
+
+/// Whether `task` is running under the lease owner `owner`.
+fn runs_under(task: &Task, owner: &str) -> bool {
+    task.state == TaskState::Running && task.lease.as_ref().is_some_and(|l| l.owner == owner)
 }
 
 fn lease_lapsed(task: &Task, now: DateTime<Utc>) -> bool {
@@ -274,9 +278,7 @@ impl TaskStore for MemoryTaskStore {
             .tasks
             .get_mut(task_id)
             .ok_or_else(|| PortError::NotFound(task_id.to_string()))?;
-        let holds = task.state == TaskState::Running
-            && task.lease.as_ref().is_some_and(|l| l.owner == lease.owner);
-        if !holds {
+        if !runs_under(task, &lease.owner) {
             return Err(conflict(task_id, "lease not held"));
         }
         task.lease = Some(lease.clone());
@@ -303,10 +305,7 @@ impl TaskStore for MemoryTaskStore {
             .get_mut(task_id)
             .ok_or_else(|| PortError::NotFound(task_id.to_string()))?;
         let allowed = match &finish.guard {
-            FinishGuard::Owner(owner) => {
-                task.state == TaskState::Running
-                    && task.lease.as_ref().is_some_and(|l| &l.owner == owner)
-            }
+            FinishGuard::Owner(owner) => runs_under(task, owner),
             FinishGuard::Queued => task.state == TaskState::Queued,
             FinishGuard::ExpiredLease => {
                 matches!(task.state, TaskState::Running | TaskState::Queued)
@@ -356,10 +355,7 @@ impl TaskStore for MemoryTaskStore {
             .get_mut(task_id)
             .ok_or_else(|| PortError::NotFound(task_id.to_string()))?;
         let allowed = match guard {
-            Requeue::Owner(owner) => {
-                task.state == TaskState::Running
-                    && task.lease.as_ref().is_some_and(|l| &l.owner == owner)
-            }
+            Requeue::Owner(owner) => runs_under(task, owner),
             Requeue::Expired(now) => {
                 matches!(
                     task.state,
@@ -398,9 +394,7 @@ impl TaskStore for MemoryTaskStore {
             .tasks
             .get_mut(task_id)
             .ok_or_else(|| PortError::NotFound(task_id.to_string()))?;
-        if !(task.state == TaskState::Running
-            && task.lease.as_ref().is_some_and(|l| l.owner == owner))
-        {
+        if !runs_under(task, owner) {
             return Err(conflict(task_id, "lease not held"));
         }
         task.state = TaskState::Sleeping;
